@@ -1,0 +1,7 @@
+//! Shared by the controller, the host agent and the CLI.
+
+pub mod agent_api;
+pub mod api;
+pub mod error;
+pub mod signing;
+pub mod tls;

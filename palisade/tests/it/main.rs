@@ -1,0 +1,5 @@
+//! All of Palisade's integration tests, in one binary (one link of the dependency tree).
+//! They run the real `palisade` binary against real QEMU, real files and a real SQLite file,
+//! and need root (chroot, setuid, cgroups).
+
+mod support;
