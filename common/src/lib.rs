@@ -2,6 +2,7 @@
 
 pub mod agent_api;
 pub mod api;
+pub mod audit;
 pub mod error;
 pub mod signing;
 pub mod tls;

@@ -1,1 +1,76 @@
+//! The Palisade controller: the access layer (HTTPS API) and the service layer (identity,
+//! compute, audit) over one database. Host work is delegated to host agents over mutual TLS.
 
+pub mod access;
+pub mod agent_client;
+pub mod db;
+pub mod error;
+pub mod pki;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+/// `palisade controller` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArgs {
+    /// Directory holding the database, PKI and audit log (created if missing).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address of the HTTPS API.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Base URL of the local host agent (mutual TLS with certificates from the data dir).
+    #[arg(long, default_value = "https://127.0.0.1:8444")]
+    pub agent_url: String,
+    /// Guest image directory (with image.json) registered as a public image at start.
+    #[arg(long)]
+    pub guest_image: Option<PathBuf>,
+    /// Extra DNS names or IP addresses for the API server certificate.
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+    /// Seconds between reconciliation passes (a change also triggers one at once).
+    #[arg(long, default_value_t = 5)]
+    pub reconcile_interval_secs: u64,
+}
+
+/// Shared state of a running controller.
+pub struct Controller {
+    pub db: db::Db,
+    pub audit: service::audit::AuditLog,
+    pub compute: service::compute::Compute,
+    pub data_dir: PathBuf,
+}
+
+pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
+    palisade_common::tls::install_crypto_provider();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let pki = pki::ensure(&args.data_dir, &args.server_names)?;
+    let db = db::Db::open(&args.data_dir.join("palisade.db")).await?;
+    let audit = service::audit::AuditLog::open(&args.data_dir.join("audit"))?;
+
+    if let Some(password) = service::identity::bootstrap_admin(&db).await? {
+        // Shown once, on stdout only (never in a log): the operator must change it first.
+        println!("PALISADE-INITIAL-ADMIN-PASSWORD {password}");
+    }
+    if let Some(dir) = &args.guest_image {
+        service::compute::register_image_dir(&db, dir).await?;
+    }
+
+    let agent = agent_client::AgentClient::new(&args.agent_url, &pki)?;
+    let compute = service::compute::Compute::new(db.clone(), agent);
+    let controller = Arc::new(Controller {
+        db,
+        audit,
+        compute,
+        data_dir: args.data_dir.clone(),
+    });
+    controller
+        .compute
+        .spawn_reconciler(std::time::Duration::from_secs(args.reconcile_interval_secs));
+    access::server::run(controller, args.listen, &pki).await
+}

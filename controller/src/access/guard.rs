@@ -1,0 +1,337 @@
+//! The one authenticate → authorize → audit path every request takes.
+//!
+//! 1. The body is read up to [`MAX_BODY_BYTES`] (more → 413).
+//! 2. Unless the route is one of the two password routes, the RFC 9421-style signature is
+//!    verified (see `palisade_common::signing`): digest, Ed25519 signature against a known,
+//!    unrevoked key, creation time within the window, nonce never seen for that key.
+//! 3. The handler names its action and object, checks what it must, and calls
+//!    [`RequestCtx::permit`] *before* it acts: that appends the audit record and fails the
+//!    request if the append fails.
+//! 4. A request that never reached `permit` (refused, malformed, unknown route) gets its record
+//!    here, after the handler, with the refusal's code. Either way: one record per request.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use palisade_common::api::MAX_BODY_BYTES;
+use palisade_common::error::ErrorBody;
+use palisade_common::signing::{self, SignatureError, SIGNATURE_WINDOW_SECS};
+use tracing::Instrument;
+
+use crate::error::Error;
+use crate::service::audit::Entry;
+use crate::service::identity::{self, Principal};
+use crate::Controller;
+
+/// Per-request context, put into the request's extensions by the guard.
+#[derive(Clone)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub source: String,
+    pub principal: Option<Principal>,
+    controller: Arc<Controller>,
+    record: Arc<Mutex<RecordState>>,
+}
+
+#[derive(Default)]
+struct RecordState {
+    action: Option<String>,
+    object: Option<String>,
+    subject: Option<String>,
+    tenant_id: Option<String>,
+    written: bool,
+}
+
+impl RequestCtx {
+    /// Names what this request is about; used by its audit record, allowed or not.
+    pub fn describe(&self, action: &str, object: impl Into<String>) {
+        let mut state = self.lock();
+        state.action = Some(action.to_string());
+        state.object = Some(object.into());
+    }
+
+    /// For password routes: who the request proved to be, once the password checked out.
+    pub fn set_subject(&self, user_id: &str, tenant_id: Option<String>) {
+        let mut state = self.lock();
+        state.subject = Some(format!("user:{user_id}"));
+        state.tenant_id = tenant_id;
+    }
+
+    /// Records that the request is allowed and about to act. Must come before the action; if
+    /// the record cannot be made durable, the request fails and nothing is done.
+    pub async fn permit(&self) -> Result<(), Error> {
+        self.write("allowed", None).await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecordState> {
+        self.record
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn write(&self, result: &str, code: Option<&str>) -> Result<(), Error> {
+        let entry = {
+            let state = self.lock();
+            if state.written {
+                return Ok(());
+            }
+            let principal = self.principal.as_ref();
+            Entry {
+                request_id: self.request_id.clone(),
+                source: self.source.clone(),
+                subject: state
+                    .subject
+                    .clone()
+                    .or_else(|| principal.map(|p| format!("user:{}", p.user_id)))
+                    .unwrap_or_else(|| "anonymous".into()),
+                key_id: principal.map(|p| p.key_id.clone()),
+                tenant_id: state
+                    .tenant_id
+                    .clone()
+                    .or_else(|| principal.and_then(|p| p.tenant_id.clone())),
+                action: state.action.clone().unwrap_or_else(|| "http.request".into()),
+                object: state.object.clone().unwrap_or_default(),
+                result: result.to_string(),
+                code: code.map(str::to_string),
+            }
+        };
+        match self.controller.audit.append(entry).await {
+            Ok(_) => {
+                self.lock().written = true;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "audit append");
+                Err(Error::Unavailable {
+                    code: "audit_unavailable",
+                    message: "the audit log cannot be written; nothing was done".into(),
+                })
+            }
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestCtx {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<RequestCtx>()
+            .cloned()
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("request passed no guard")))
+    }
+}
+
+/// The stable error code of a refusal, carried from the handler's response to the guard.
+#[derive(Clone)]
+struct ErrorCode(&'static str);
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Error::Internal(source) = &self {
+            tracing::error!(error = %format!("{source:#}"), "internal error");
+        }
+        let body = ErrorBody::new(self.code(), self.to_string());
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(self.code()));
+        response
+    }
+}
+
+/// Routes a password (not a key) authenticates; they check it themselves.
+fn is_password_route(method: &Method, path: &str) -> bool {
+    method == Method::POST && (path == "/v1/auth/password" || path == "/v1/auth/keys")
+}
+
+pub async fn guard(
+    State(controller): State<Arc<Controller>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let ctx = RequestCtx {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        source: peer.to_string(),
+        principal: None,
+        controller: controller.clone(),
+        record: Arc::default(),
+    };
+    ctx.describe(&format!("http.{}", parts.method), parts.uri.path());
+    let span = tracing::info_span!("request", request_id = %ctx.request_id,
+        method = %parts.method, path = %parts.uri.path(), peer = %ctx.source);
+    guarded(controller, ctx, parts, body, next)
+        .instrument(span)
+        .await
+}
+
+async fn guarded(
+    controller: Arc<Controller>,
+    mut ctx: RequestCtx,
+    mut parts: Parts,
+    body: Body,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let outcome = async {
+        let body = read_body(&parts.headers, body).await?;
+        if !is_password_route(&parts.method, parts.uri.path()) {
+            let principal = authenticate(&controller, &parts, &body).await?;
+            if principal.1 {
+                ctx.principal = Some(principal.0);
+                return Err(Error::Forbidden {
+                    code: "password_change_required",
+                    message: "change the initial password first".into(),
+                });
+            }
+            ctx.principal = Some(principal.0);
+        }
+        Ok(body)
+    }
+    .await;
+
+    let response = match outcome {
+        Ok(body) => {
+            parts.extensions.insert(ctx.clone());
+            next.run(Request::from_parts(parts, Body::from(body))).await
+        }
+        Err(e) => e.into_response(),
+    };
+    let mut response = finish_record(&ctx, response).await;
+    add_headers(response.headers_mut(), &ctx.request_id);
+    tracing::info!(status = response.status().as_u16(),
+        latency_ms = started.elapsed().as_millis() as u64, "request done");
+    response
+}
+
+/// Writes the record of a request that did not reach `permit`. If even that fails, the caller
+/// learns that the platform could not audit (and no action ran, since none was permitted).
+async fn finish_record(ctx: &RequestCtx, response: Response) -> Response {
+    let status = response.status();
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.0).or(match status {
+        StatusCode::NOT_FOUND => Some("not_found"),
+        StatusCode::METHOD_NOT_ALLOWED => Some("method_not_allowed"),
+        _ => None,
+    });
+    let result = match status.as_u16() {
+        200..=399 => "allowed",
+        401 | 403 | 404 => "denied",
+        _ => "rejected",
+    };
+    match ctx.write(result, code).await {
+        Ok(()) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn add_headers(headers: &mut HeaderMap, request_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", value);
+    }
+    let fixed = [
+        ("cache-control", "no-store"),
+        ("x-content-type-options", "nosniff"),
+        ("strict-transport-security", "max-age=31536000"),
+        ("x-frame-options", "DENY"),
+        ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
+        ("referrer-policy", "no-referrer"),
+    ];
+    for (name, value) in fixed {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+}
+
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
+    let too_large = || Error::Invalid {
+        code: "body_too_large",
+        message: format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// Verifies the request's signature. Returns the principal and whether its password must still
+/// be changed.
+async fn authenticate(
+    controller: &Controller,
+    parts: &Parts,
+    body: &[u8],
+) -> Result<(Principal, bool), Error> {
+    let refuse = |e: SignatureError| Error::Unauthorized {
+        code: e.code(),
+        message: e.to_string(),
+    };
+    let header = |name: &str| -> Result<Option<&str>, Error> {
+        let mut values = parts.headers.get_all(name).iter();
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(refuse(SignatureError::Malformed("repeated signature header")));
+        }
+        first
+            .map(|v| v.to_str().map_err(|_| refuse(SignatureError::Malformed("non-ASCII header"))))
+            .transpose()
+    };
+    let (input, signature, digest) = match (
+        header(signing::HEADER_SIGNATURE_INPUT)?,
+        header(signing::HEADER_SIGNATURE)?,
+        header(signing::HEADER_CONTENT_DIGEST)?,
+    ) {
+        (None, None, _) => return Err(refuse(SignatureError::Missing)),
+        (Some(i), Some(s), Some(d)) => (i, s, d),
+        _ => return Err(refuse(SignatureError::Malformed("incomplete signature headers"))),
+    };
+    let params = signing::parse_signature_input(input).map_err(refuse)?;
+    let signature = signing::parse_signature(signature).map_err(refuse)?;
+
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if (params.created - now).abs() > SIGNATURE_WINDOW_SECS {
+        return Err(Error::Unauthorized {
+            code: "clock_skew",
+            message: format!(
+                "signature creation time is more than {SIGNATURE_WINDOW_SECS} s from server time"
+            ),
+        });
+    }
+    let key = identity::lookup_key(&controller.db, &params.keyid)
+        .await?
+        .ok_or(Error::Unauthorized {
+            code: "key_invalid",
+            message: "unknown or revoked key".into(),
+        })?;
+    let public_key = signing::parse_public_key(&key.public_key)
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("stored public key does not parse")))?;
+    signing::verify(
+        &public_key,
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.uri.query().unwrap_or(""),
+        body,
+        digest,
+        &params,
+        &signature,
+    )
+    .map_err(refuse)?;
+    // Only a verified request may spend a nonce, so nobody can fill the table without a key.
+    if !identity::remember_nonce(&controller.db, &params.keyid, &params.nonce, now).await? {
+        return Err(Error::Unauthorized {
+            code: "replayed",
+            message: "this signed request was already used".into(),
+        });
+    }
+    Ok((key.principal, key.must_change_password))
+}

@@ -1,0 +1,7 @@
+//! The access layer: the HTTPS server, request authentication, and the handlers that turn HTTP
+//! into service calls. Every request passes through [`guard::guard`], which authenticates it
+//! and makes sure it leaves exactly one audit record.
+
+pub mod guard;
+pub mod handlers;
+pub mod server;

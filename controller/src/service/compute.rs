@@ -1,0 +1,426 @@
+//! Compute: images, flavors, instances, quotas, and the reconciler that makes hosts match the
+//! database.
+//!
+//! API calls only change records (`desired` and a transitional `state`) and wake the
+//! reconciler; the reconciler alone tells agents what to do. Every agent call is idempotent, so
+//! after a crash of either side the next pass simply finishes what was started: no record stays
+//! in a transitional state and no QEMU process lives without a record.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use palisade_common::agent_api::{ImageSpec, InstanceSpec, PowerState};
+use palisade_common::api::{self, ConsoleOutput, Image, Instance};
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use tokio::sync::{Mutex, Notify};
+
+use crate::agent_client::{AgentClient, AgentError};
+use crate::db::{new_id, now, Db};
+use crate::error::{Error, Result};
+
+/// The host every instance is placed on until there is more than one (issue: multi-host).
+const LOCAL_HOST: &str = "local";
+
+#[derive(Clone)]
+pub struct Compute {
+    db: Db,
+    agent: AgentClient,
+    wake: Arc<Notify>,
+    pass: Arc<Mutex<()>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageManifest {
+    name: String,
+    kernel: String,
+    initrd: String,
+    #[serde(default)]
+    cmdline: String,
+    #[allow(dead_code)]
+    kernel_sha256: Option<String>,
+    #[allow(dead_code)]
+    initrd_sha256: Option<String>,
+    #[allow(dead_code)]
+    kernel_version: Option<String>,
+}
+
+/// Registers (or refreshes) the public image described by `<dir>/image.json`. The digests are
+/// computed here from the files themselves; agents re-check them before every boot.
+pub async fn register_image_dir(db: &Db, dir: &Path) -> anyhow::Result<()> {
+    let manifest_path = dir.join("image.json");
+    let manifest: ImageManifest = serde_json::from_slice(
+        &std::fs::read(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", manifest_path.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    let kernel = dir.join(&manifest.kernel);
+    let initrd = dir.join(&manifest.initrd);
+    let kernel_sha256 = sha256_file(&kernel)?;
+    let initrd_sha256 = sha256_file(&initrd)?;
+    sqlx::query(
+        "INSERT INTO images (id, name, kernel_path, kernel_sha256, initrd_path, initrd_sha256, \
+         cmdline, public, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8) \
+         ON CONFLICT (name) DO UPDATE SET kernel_path = excluded.kernel_path, \
+         kernel_sha256 = excluded.kernel_sha256, initrd_path = excluded.initrd_path, \
+         initrd_sha256 = excluded.initrd_sha256, cmdline = excluded.cmdline",
+    )
+    .bind(new_id())
+    .bind(&manifest.name)
+    .bind(kernel.display().to_string())
+    .bind(kernel_sha256)
+    .bind(initrd.display().to_string())
+    .bind(initrd_sha256)
+    .bind(&manifest.cmdline)
+    .bind(now())
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+const INSTANCE_COLUMNS: &str = "id, tenant_id, name, image_id, flavor, vcpus, memory_mib, \
+    disk_gib, desired, state, last_error, created_at, deleted_at, disk_erased_at";
+
+fn instance_from_row(row: &SqliteRow) -> Instance {
+    Instance {
+        id: row.get("id"),
+        tenant_id: row.get("tenant_id"),
+        name: row.get("name"),
+        image_id: row.get("image_id"),
+        flavor: row.get("flavor"),
+        vcpus: row.get::<i64, _>("vcpus") as u32,
+        memory_mib: row.get::<i64, _>("memory_mib") as u32,
+        disk_gib: row.get::<i64, _>("disk_gib") as u32,
+        state: row.get("state"),
+        last_error: row.get("last_error"),
+        created_at: row.get("created_at"),
+        deleted_at: row.get("deleted_at"),
+        disk_erased_at: row.get("disk_erased_at"),
+    }
+}
+
+fn image_from_row(row: &SqliteRow) -> Image {
+    Image {
+        id: row.get("id"),
+        name: row.get("name"),
+        kernel_sha256: row.get("kernel_sha256"),
+        initrd_sha256: row.get("initrd_sha256"),
+        public: row.get::<i64, _>("public") != 0,
+        created_at: row.get("created_at"),
+    }
+}
+
+impl Compute {
+    pub fn new(db: Db, agent: AgentClient) -> Compute {
+        Compute {
+            db,
+            agent,
+            wake: Arc::new(Notify::new()),
+            pass: Arc::new(Mutex::new(())),
+        }
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<Image>> {
+        let rows = sqlx::query("SELECT * FROM images WHERE public = 1 ORDER BY name")
+            .fetch_all(&self.db.pool)
+            .await?;
+        Ok(rows.iter().map(image_from_row).collect())
+    }
+
+    /// Creates an instance record within the tenant's quota, atomically: the quota check and
+    /// the insert are one statement, so parallel creates can never overshoot.
+    pub async fn create_instance(&self, tenant_id: &str, req: &api::InstanceCreate) -> Result<Instance> {
+        if !api::is_valid_name(&req.name) {
+            return Err(Error::invalid("instance name: 1-63 of A-Z a-z 0-9 - _ ."));
+        }
+        let flavor = api::flavors()
+            .into_iter()
+            .find(|f| f.name == req.flavor)
+            .ok_or_else(|| Error::Invalid {
+                code: "unknown_flavor",
+                message: "no such flavor (see GET /v1/flavors)".into(),
+            })?;
+        let image = sqlx::query("SELECT id FROM images WHERE public = 1 AND (id = $1 OR name = $1)")
+            .bind(&req.image)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .ok_or(Error::NotFound { what: "image" })?;
+        let image_id: String = image.get("id");
+        let id = new_id();
+        let created_at = now();
+        let inserted = sqlx::query(
+            "INSERT INTO instances (id, tenant_id, name, image_id, flavor, vcpus, memory_mib, \
+             disk_gib, host, desired, state, created_at, updated_at) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'running', 'starting', $10, $10 \
+             FROM tenants t WHERE t.id = $2 \
+             AND (SELECT COUNT(*) FROM instances i WHERE i.tenant_id = $2 \
+                  AND i.deleted_at IS NULL) < t.quota_instances \
+             AND (SELECT COALESCE(SUM(i.vcpus), 0) FROM instances i WHERE i.tenant_id = $2 \
+                  AND i.deleted_at IS NULL) + $6 <= t.quota_vcpus \
+             AND (SELECT COALESCE(SUM(i.memory_mib), 0) FROM instances i WHERE i.tenant_id = $2 \
+                  AND i.deleted_at IS NULL) + $7 <= t.quota_memory_mib",
+        )
+        .bind(&id)
+        .bind(tenant_id)
+        .bind(&req.name)
+        .bind(&image_id)
+        .bind(&flavor.name)
+        .bind(flavor.vcpus as i64)
+        .bind(flavor.memory_mib as i64)
+        .bind(flavor.disk_gib as i64)
+        .bind(LOCAL_HOST)
+        .bind(&created_at)
+        .execute(&self.db.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(Error::Conflict {
+                code: "quota_exceeded",
+                message: "the tenant's quota for instances, vCPUs or memory would be exceeded"
+                    .into(),
+            });
+        }
+        self.wake.notify_one();
+        self.get_instance(tenant_id, &id).await
+    }
+
+    pub async fn list_instances(&self, tenant_id: &str) -> Result<Vec<Instance>> {
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE tenant_id = $1 \
+             AND deleted_at IS NULL ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(tenant_id)
+            .fetch_all(&self.db.pool)
+            .await?;
+        Ok(rows.iter().map(instance_from_row).collect())
+    }
+
+    /// Another tenant's instance and a missing one give the same answer: 404.
+    pub async fn get_instance(&self, tenant_id: &str, id: &str) -> Result<Instance> {
+        let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1 AND tenant_id = $2");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(tenant_id)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .ok_or(Error::NotFound { what: "instance" })?;
+        Ok(instance_from_row(&row))
+    }
+
+    /// Sets what the tenant wants; the reconciler does it.
+    pub async fn set_desired(&self, tenant_id: &str, id: &str, desired: &str) -> Result<Instance> {
+        let current = self.get_instance(tenant_id, id).await?;
+        if current.deleted_at.is_some() || current.state == "deleting" {
+            return Err(Error::NotFound { what: "instance" });
+        }
+        let state = match desired {
+            "running" if current.state != "running" => "starting",
+            "stopped" if current.state != "stopped" => "stopping",
+            "deleted" => "deleting",
+            _ => current.state.as_str(),
+        };
+        sqlx::query(
+            "UPDATE instances SET desired = $1, state = $2, last_error = NULL, updated_at = $3 \
+             WHERE id = $4 AND tenant_id = $5 AND deleted_at IS NULL",
+        )
+        .bind(desired)
+        .bind(state)
+        .bind(now())
+        .bind(id)
+        .bind(tenant_id)
+        .execute(&self.db.pool)
+        .await?;
+        self.wake.notify_one();
+        self.get_instance(tenant_id, id).await
+    }
+
+    pub async fn console(&self, tenant_id: &str, id: &str, offset: u64) -> Result<ConsoleOutput> {
+        let instance = self.get_instance(tenant_id, id).await?;
+        if instance.deleted_at.is_some() {
+            return Err(Error::NotFound { what: "instance" });
+        }
+        match self.agent.console(id, offset).await {
+            Ok(chunk) => Ok(ConsoleOutput {
+                offset: chunk.offset,
+                next_offset: chunk.next_offset,
+                data: chunk.data,
+            }),
+            // Not started yet on its host: no output so far.
+            Err(AgentError::Refused { status: 404, .. }) => Ok(ConsoleOutput {
+                offset,
+                next_offset: offset,
+                data: String::new(),
+            }),
+            Err(e) => Err(agent_unavailable(e)),
+        }
+    }
+
+    /// Runs reconciliation passes: at once when woken by a change, and every `interval`.
+    pub fn spawn_reconciler(&self, interval: Duration) {
+        let compute = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = compute.reconcile_once().await {
+                    tracing::warn!(error = %format!("{e:#}"), "reconciliation pass failed");
+                }
+                let _ = tokio::time::timeout(interval, compute.wake.notified()).await;
+            }
+        });
+    }
+
+    /// One pass: bring every host instance in line with its record, and remove what has none.
+    pub async fn reconcile_once(&self) -> anyhow::Result<()> {
+        let _single = self.pass.lock().await;
+        let on_host: HashMap<String, PowerState> = self
+            .agent
+            .list()
+            .await?
+            .into_iter()
+            .map(|s| (s.id, s.state))
+            .collect();
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE deleted_at IS NULL ORDER BY created_at"
+        );
+        let live = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.db.pool)
+            .await?;
+        let mut known = std::collections::HashSet::new();
+        for row in &live {
+            let desired: String = row.get("desired");
+            let instance = instance_from_row(row);
+            known.insert(instance.id.clone());
+            let actual = on_host.get(&instance.id).copied();
+            if let Err(e) = self.reconcile_instance(&instance, &desired, actual).await {
+                tracing::warn!(instance = %instance.id, error = %format!("{e:#}"), "reconcile");
+            }
+        }
+        for id in on_host.keys().filter(|id| !known.contains(*id)) {
+            tracing::warn!(instance = %id, "removing an instance that has no live record");
+            self.agent.delete(id).await?;
+        }
+        Ok(())
+    }
+
+    async fn reconcile_instance(
+        &self,
+        instance: &Instance,
+        desired: &str,
+        actual: Option<PowerState>,
+    ) -> anyhow::Result<()> {
+        let running = actual == Some(PowerState::Running);
+        match desired {
+            "running" if running => self.set_state(&instance.id, "running", None).await,
+            "running" if instance.state == "running" => {
+                // It was running and is no more: it stopped or crashed on its own.
+                tracing::warn!(instance = %instance.id, "instance exited unexpectedly");
+                self.set_desired_state(&instance.id, "stopped", "stopped").await
+            }
+            "running" => match self.agent.start(&self.spec(instance).await?).await {
+                Ok(_) => self.set_state(&instance.id, "running", None).await,
+                Err(AgentError::Refused { code, message, .. }) => {
+                    tracing::warn!(instance = %instance.id, %code, %message, "start refused");
+                    self.set_desired_state(&instance.id, "stopped", "error").await?;
+                    self.set_state(&instance.id, "error", Some(&code)).await
+                }
+                Err(e) => Err(e.into()),
+            },
+            "stopped" => {
+                if running {
+                    self.agent.stop(&instance.id).await?;
+                }
+                if instance.state == "error" {
+                    return Ok(());
+                }
+                self.set_state(&instance.id, "stopped", None).await
+            }
+            "deleted" => {
+                let report = self.agent.delete(&instance.id).await?;
+                sqlx::query(
+                    "UPDATE instances SET state = 'deleted', deleted_at = $1, \
+                     disk_erased_at = $2, updated_at = $1 WHERE id = $3",
+                )
+                .bind(now())
+                .bind(report.disk_erased_at)
+                .bind(&instance.id)
+                .execute(&self.db.pool)
+                .await?;
+                Ok(())
+            }
+            other => anyhow::bail!("unknown desired state {other}"),
+        }
+    }
+
+    async fn spec(&self, instance: &Instance) -> anyhow::Result<InstanceSpec> {
+        let image = sqlx::query("SELECT * FROM images WHERE id = $1")
+            .bind(&instance.image_id)
+            .fetch_one(&self.db.pool)
+            .await?;
+        Ok(InstanceSpec {
+            id: instance.id.clone(),
+            vcpus: instance.vcpus,
+            memory_mib: instance.memory_mib,
+            disk_gib: instance.disk_gib,
+            image: ImageSpec {
+                kernel_path: image.get("kernel_path"),
+                kernel_sha256: image.get("kernel_sha256"),
+                initrd_path: image.get("initrd_path"),
+                initrd_sha256: image.get("initrd_sha256"),
+                cmdline: image.get("cmdline"),
+            },
+        })
+    }
+
+    async fn set_state(&self, id: &str, state: &str, error: Option<&str>) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE instances SET state = $1, last_error = COALESCE($2, last_error), \
+             updated_at = $3 WHERE id = $4 AND state <> $1",
+        )
+        .bind(state)
+        .bind(error)
+        .bind(now())
+        .bind(id)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_desired_state(&self, id: &str, desired: &str, state: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET desired = $1, state = $2, updated_at = $3 WHERE id = $4")
+            .bind(desired)
+            .bind(state)
+            .bind(now())
+            .bind(id)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+fn agent_unavailable(e: AgentError) -> Error {
+    tracing::warn!(error = %format!("{e:#}"), "host agent call failed");
+    Error::Unavailable {
+        code: "host_unavailable",
+        message: "the instance's host did not answer; try again".into(),
+    }
+}

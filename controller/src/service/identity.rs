@@ -1,0 +1,370 @@
+//! Identities: the platform administrator, tenants, users, passwords and API keys.
+//!
+//! Passwords are stored only as Argon2id PHC strings. API keys are Ed25519 key pairs made on the
+//! client; the server stores only the public half, so nothing in its database can sign.
+
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::Argon2;
+use base64::Engine;
+use palisade_common::api::{self, ApiKey, Quota, Tenant, User, UserCreated};
+use sqlx::Row;
+
+use crate::db::{new_id, now, Db};
+use crate::error::{Error, Result};
+
+pub const PLATFORM_ADMIN: &str = "platform_admin";
+pub const TENANT_MEMBER: &str = "tenant_member";
+const MIN_PASSWORD_LEN: usize = 12;
+const MAX_PASSWORD_LEN: usize = 1024;
+
+/// The authenticated principal behind a request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: String,
+    pub user_name: String,
+    pub tenant_id: Option<String>,
+    pub role: String,
+    pub key_id: String,
+}
+
+impl Principal {
+    pub fn is_platform_admin(&self) -> bool {
+        self.role == PLATFORM_ADMIN && self.tenant_id.is_none()
+    }
+}
+
+/// What signature verification needs to know about a key id.
+pub struct KeyRecord {
+    pub public_key: String,
+    pub principal: Principal,
+    pub must_change_password: bool,
+}
+
+/// Creates the platform administrator on first start. Returns the random initial password,
+/// which is shown once and works for nothing but changing itself.
+pub async fn bootstrap_admin(db: &Db) -> anyhow::Result<Option<String>> {
+    let exists = sqlx::query("SELECT 1 FROM users WHERE role = $1")
+        .bind(PLATFORM_ADMIN)
+        .fetch_optional(&db.pool)
+        .await?;
+    if exists.is_some() {
+        return Ok(None);
+    }
+    let password = random_password();
+    let hash = hash_password(password.clone()).await?;
+    sqlx::query(
+        "INSERT INTO users (id, name, tenant_id, role, password_hash, must_change_password, \
+         created_at) VALUES ($1, 'admin', NULL, $2, $3, 1, $4)",
+    )
+    .bind(new_id())
+    .bind(PLATFORM_ADMIN)
+    .bind(hash)
+    .bind(now())
+    .execute(&db.pool)
+    .await?;
+    Ok(Some(password))
+}
+
+/// A random password: 18 bytes from the OS, base64url (24 characters).
+pub fn random_password() -> String {
+    let mut bytes = [0u8; 18];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+async fn hash_password(password: String) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let mut salt = [0u8; 16];
+        getrandom::fill(&mut salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+        Argon2::default()
+            .hash_password_with_salt(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| anyhow::anyhow!("hashing: {e}"))
+    })
+    .await?
+}
+
+async fn password_matches(password: String, stored: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default()
+            .verify_password(password.as_bytes(), stored.as_str())
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// A user whose password just checked out.
+pub struct VerifiedUser {
+    pub id: String,
+    pub tenant_id: Option<String>,
+    pub must_change_password: bool,
+}
+
+/// Checks a user's password. Unknown user and wrong password are the same answer.
+pub async fn verify_password(db: &Db, user: &str, password: &str) -> Result<VerifiedUser> {
+    let refused = || Error::Unauthorized {
+        code: "credentials_invalid",
+        message: "user name or password is wrong".into(),
+    };
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(refused());
+    }
+    let row = sqlx::query(
+        "SELECT id, tenant_id, password_hash, must_change_password FROM users WHERE name = $1",
+    )
+    .bind(user)
+    .fetch_optional(&db.pool)
+    .await?;
+    // TODO(security): equalize timing for unknown users (hash a dummy) — issue 3.
+    let row = row.ok_or_else(refused)?;
+    if !password_matches(password.to_string(), row.get("password_hash")).await {
+        return Err(refused());
+    }
+    Ok(VerifiedUser {
+        id: row.get("id"),
+        tenant_id: row.get("tenant_id"),
+        must_change_password: row.get::<i64, _>("must_change_password") != 0,
+    })
+}
+
+/// The skeleton's password rule: 12 to 1024 characters, not the current password.
+/// TODO(security): full policy (classes, history, age, lockout) — issue 3.
+pub fn check_new_password(current: &str, new: &str) -> Result<()> {
+    if new.chars().count() < MIN_PASSWORD_LEN || new.len() > MAX_PASSWORD_LEN {
+        return Err(Error::Invalid {
+            code: "password_policy",
+            message: format!(
+                "the new password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"
+            ),
+        });
+    }
+    if new == current {
+        return Err(Error::Invalid {
+            code: "password_policy",
+            message: "the new password must differ from the current one".into(),
+        });
+    }
+    Ok(())
+}
+
+pub async fn set_password(db: &Db, user_id: &str, new: &str) -> Result<()> {
+    let hash = hash_password(new.to_string()).await?;
+    sqlx::query("UPDATE users SET password_hash = $1, must_change_password = 0 WHERE id = $2")
+        .bind(hash)
+        .bind(user_id)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Validates a key registration into the record to insert.
+pub fn prepare_key(user_id: &str, req: &api::KeyCreate) -> Result<ApiKey> {
+    let public_key = palisade_common::signing::parse_public_key(&req.public_key)
+        .ok_or_else(|| Error::invalid("public_key must be base64 of a 32-byte Ed25519 key"))?;
+    let name = req.name.clone().unwrap_or_else(|| "default".into());
+    if !api::is_valid_name(&name) {
+        return Err(Error::invalid("key name: 1-63 of A-Z a-z 0-9 - _ ."));
+    }
+    Ok(ApiKey {
+        id: format!("key-{}", new_id()),
+        user_id: user_id.to_string(),
+        name,
+        public_key: palisade_common::signing::encode_public_key(&public_key),
+        created_at: now(),
+    })
+}
+
+pub async fn insert_key(db: &Db, key: ApiKey) -> Result<ApiKey> {
+    let inserted = sqlx::query(
+        "INSERT INTO api_keys (id, user_id, name, public_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (public_key) DO NOTHING",
+    )
+    .bind(&key.id)
+    .bind(&key.user_id)
+    .bind(&key.name)
+    .bind(&key.public_key)
+    .bind(&key.created_at)
+    .execute(&db.pool)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(Error::Conflict {
+            code: "key_exists",
+            message: "this public key is already registered".into(),
+        });
+    }
+    Ok(key)
+}
+
+pub async fn lookup_key(db: &Db, key_id: &str) -> Result<Option<KeyRecord>> {
+    let row = sqlx::query(
+        "SELECT k.public_key, u.id AS user_id, u.name, u.tenant_id, u.role, \
+         u.must_change_password FROM api_keys k JOIN users u ON u.id = k.user_id \
+         WHERE k.id = $1 AND k.revoked_at IS NULL",
+    )
+    .bind(key_id)
+    .fetch_optional(&db.pool)
+    .await?;
+    Ok(row.map(|row| KeyRecord {
+        public_key: row.get("public_key"),
+        must_change_password: row.get::<i64, _>("must_change_password") != 0,
+        principal: Principal {
+            user_id: row.get("user_id"),
+            user_name: row.get("name"),
+            tenant_id: row.get("tenant_id"),
+            role: row.get("role"),
+            key_id: key_id.to_string(),
+        },
+    }))
+}
+
+/// Records a nonce; false when this key already used it (a replay).
+pub async fn remember_nonce(db: &Db, key_id: &str, nonce: &str, now_unix: i64) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO seen_nonces (key_id, nonce, seen_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (key_id, nonce) DO NOTHING",
+    )
+    .bind(key_id)
+    .bind(nonce)
+    .bind(now_unix)
+    .execute(&db.pool)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Forgets nonces older than twice the window: a request that old is refused by its time.
+pub async fn purge_nonces(db: &Db, now_unix: i64) -> Result<()> {
+    let horizon = now_unix - 2 * palisade_common::signing::SIGNATURE_WINDOW_SECS - 5;
+    sqlx::query("DELETE FROM seen_nonces WHERE seen_at < $1")
+        .bind(horizon)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+pub fn check_tenant(req: &api::TenantCreate) -> Result<()> {
+    if !api::is_valid_name(&req.name) {
+        return Err(Error::invalid("tenant name: 1-63 of A-Z a-z 0-9 - _ ."));
+    }
+    if let Some(q) = req.quota {
+        if q.instances > 10_000 || q.vcpus > 100_000 || q.memory_mib > 100_000_000 {
+            return Err(Error::invalid("quota values are out of range"));
+        }
+    }
+    Ok(())
+}
+
+pub async fn create_tenant(db: &Db, req: &api::TenantCreate) -> Result<Tenant> {
+    check_tenant(req)?;
+    let quota = req.quota.unwrap_or_default();
+    let tenant = Tenant {
+        id: new_id(),
+        name: req.name.clone(),
+        quota,
+        created_at: now(),
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO tenants (id, name, quota_instances, quota_vcpus, quota_memory_mib, \
+         created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(&tenant.id)
+    .bind(&tenant.name)
+    .bind(quota.instances as i64)
+    .bind(quota.vcpus as i64)
+    .bind(quota.memory_mib as i64)
+    .bind(&tenant.created_at)
+    .execute(&db.pool)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(Error::Conflict {
+            code: "name_taken",
+            message: "a tenant with this name exists".into(),
+        });
+    }
+    Ok(tenant)
+}
+
+pub async fn list_tenants(db: &Db) -> Result<Vec<Tenant>> {
+    let rows = sqlx::query(
+        "SELECT id, name, quota_instances, quota_vcpus, quota_memory_mib, created_at \
+         FROM tenants ORDER BY created_at, id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| Tenant {
+            id: row.get("id"),
+            name: row.get("name"),
+            quota: Quota {
+                instances: row.get::<i64, _>("quota_instances") as u32,
+                vcpus: row.get::<i64, _>("quota_vcpus") as u32,
+                memory_mib: row.get::<i64, _>("quota_memory_mib") as u32,
+            },
+            created_at: row.get("created_at"),
+        })
+        .collect())
+}
+
+pub async fn check_user(db: &Db, req: &api::UserCreate) -> Result<()> {
+    if !api::is_valid_name(&req.name) {
+        return Err(Error::invalid("user name: 1-63 of A-Z a-z 0-9 - _ ."));
+    }
+    let tenant = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
+        .bind(&req.tenant_id)
+        .fetch_optional(&db.pool)
+        .await?;
+    if tenant.is_none() {
+        return Err(Error::NotFound { what: "tenant" });
+    }
+    Ok(())
+}
+
+pub async fn create_user(db: &Db, req: &api::UserCreate) -> Result<UserCreated> {
+    check_user(db, req).await?;
+    let password = random_password();
+    let user = User {
+        id: new_id(),
+        name: req.name.clone(),
+        tenant_id: Some(req.tenant_id.clone()),
+        role: TENANT_MEMBER.into(),
+        created_at: now(),
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO users (id, name, tenant_id, role, password_hash, must_change_password, \
+         created_at) VALUES ($1, $2, $3, $4, $5, 1, $6) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(&user.id)
+    .bind(&user.name)
+    .bind(&user.tenant_id)
+    .bind(&user.role)
+    .bind(hash_password(password.clone()).await?)
+    .bind(&user.created_at)
+    .execute(&db.pool)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(Error::Conflict {
+            code: "name_taken",
+            message: "a user with this name exists".into(),
+        });
+    }
+    Ok(UserCreated {
+        user,
+        initial_password: password,
+    })
+}
+
+pub async fn get_user(db: &Db, user_id: &str) -> Result<User> {
+    let row = sqlx::query("SELECT id, name, tenant_id, role, created_at FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(&db.pool)
+        .await?
+        .ok_or(Error::NotFound { what: "user" })?;
+    Ok(User {
+        id: row.get("id"),
+        name: row.get("name"),
+        tenant_id: row.get("tenant_id"),
+        role: row.get("role"),
+        created_at: row.get("created_at"),
+    })
+}

@@ -1,0 +1,5 @@
+//! The service layer: what the API does, independent of HTTP.
+
+pub mod audit;
+pub mod compute;
+pub mod identity;
