@@ -12,8 +12,9 @@
 # unpacked into a private temp dir.
 #
 # Runs as root on Debian 12 (bookworm). Re-running is cheap: when OUT_DIR
-# already holds an image built from the current candidate kernel (and
-# busybox) packages, the script exits at once. Delete OUT_DIR/image.json to force a rebuild.
+# already holds an image built from the current candidate kernel and busybox
+# packages (recorded in OUT_DIR/packages.txt), the script exits at once.
+# Delete OUT_DIR/image.json to force a rebuild.
 
 set -euo pipefail
 # apt-cache output is parsed below and must not be translated.
@@ -106,11 +107,15 @@ kver=${kernel_pkg#linux-image-}
 
 json_field() { sed -n "s/.*\"$1\": *\"\\([^\"]*\\)\".*/\\1/p;T;q" "$2"; }
 
+# The package versions live beside image.json, not in it: the controller
+# parses image.json with deny_unknown_fields, so it carries only the fields
+# the controller knows.
 manifest=$out_dir/image.json
-if [[ -f $manifest ]] &&
-    [[ $(json_field kernel_package "$manifest") == "$kernel_pkg" ]] &&
-    [[ $(json_field kernel_package_version "$manifest") == "$kernel_ver" ]] &&
-    [[ $(json_field busybox_version "$manifest") == "$busybox_ver" ]] &&
+packages_file=$out_dir/packages.txt
+packages="$kernel_pkg $kernel_ver
+$BUSYBOX_PKG $busybox_ver"
+if [[ -f $manifest && -f $packages_file ]] &&
+    [[ $(<"$packages_file") == "$packages" ]] &&
     [[ -f $out_dir/vmlinuz && -f $out_dir/initramfs.cpio.gz ]] &&
     # Guards against a half-written or hand-edited OUT_DIR; costs ~0.1 s.
     [[ $(sha256sum <"$out_dir/vmlinuz" | cut -d' ' -f1) == "$(json_field kernel_sha256 "$manifest")" ]] &&
@@ -350,8 +355,11 @@ initrd_sha=$(sha256sum <"$out_dir/.initramfs.cpio.gz.tmp" | cut -d' ' -f1)
 rm -f "$manifest"
 mv -f "$out_dir/.vmlinuz.tmp" "$out_dir/vmlinuz"
 mv -f "$out_dir/.initramfs.cpio.gz.tmp" "$out_dir/initramfs.cpio.gz"
+printf '%s\n' "$packages" >"$out_dir/.packages.txt.tmp"
+chmod 0644 "$out_dir/.packages.txt.tmp"
+mv -f "$out_dir/.packages.txt.tmp" "$packages_file"
 cat >"$out_dir/.image.json.tmp" <<EOF
-{"name":"$IMAGE_NAME","kernel":"vmlinuz","initrd":"initramfs.cpio.gz","kernel_sha256":"$kernel_sha","initrd_sha256":"$initrd_sha","cmdline":"$CMDLINE","kernel_version":"$kver","kernel_package":"$kernel_pkg","kernel_package_version":"$kernel_ver","busybox_version":"$busybox_ver"}
+{"name":"$IMAGE_NAME","kernel":"vmlinuz","initrd":"initramfs.cpio.gz","kernel_sha256":"$kernel_sha","initrd_sha256":"$initrd_sha","cmdline":"$CMDLINE","kernel_version":"$kver"}
 EOF
 chmod 0644 "$out_dir/.image.json.tmp"
 mv -f "$out_dir/.image.json.tmp" "$manifest"
