@@ -17,6 +17,8 @@ pub enum Error {
     NotFound { what: &'static str },
     #[error("this method is not supported on this path")]
     MethodNotAllowed,
+    #[error("request bodies are limited to {limit} bytes")]
+    TooLarge { limit: usize },
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
     #[error("{message}")]
@@ -42,6 +44,7 @@ impl Error {
             Error::Forbidden { .. } => StatusCode::FORBIDDEN,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -57,6 +60,7 @@ impl Error {
             | Error::Unavailable { code, .. } => code,
             Error::NotFound { .. } => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
+            Error::TooLarge { .. } => "body_too_large",
             Error::Internal(_) => "internal",
         }
     }

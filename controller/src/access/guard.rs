@@ -249,9 +249,8 @@ fn add_headers(headers: &mut HeaderMap, request_id: &str) {
 }
 
 async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
-    let too_large = || Error::Invalid {
-        code: "body_too_large",
-        message: format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+    let too_large = || Error::TooLarge {
+        limit: MAX_BODY_BYTES,
     };
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)

@@ -34,6 +34,9 @@ pub struct AuditLog {
 
 struct State {
     file: File,
+    /// Length of the verified log: a failed append is cut back to it, so a torn write never
+    /// leaves half a record for the next one to chain onto.
+    len: u64,
     seq: u64,
     prev: String,
 }
@@ -68,7 +71,12 @@ impl AuditLog {
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(AuditLog {
             path,
-            state: Arc::new(Mutex::new(State { file, seq, prev })),
+            state: Arc::new(Mutex::new(State {
+                file,
+                len: existing.len() as u64,
+                seq,
+                prev,
+            })),
         })
     }
 
@@ -101,8 +109,15 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&record)
             .map_err(|e| AppendError(std::io::Error::other(e)))?;
         line.push(b'\n');
-        state.file.write_all(&line).map_err(AppendError)?;
-        state.file.sync_data().map_err(AppendError)?;
+        let written = state
+            .file
+            .write_all(&line)
+            .and_then(|()| state.file.sync_data());
+        if let Err(e) = written {
+            let _ = state.file.set_len(state.len);
+            return Err(AppendError(e));
+        }
+        state.len += line.len() as u64;
         state.seq = record.seq;
         state.prev = record.hash.clone();
         Ok(record)

@@ -2,4 +2,9 @@
 //! They run the real `palisade` binary against real QEMU, real files and a real SQLite file,
 //! and need root (chroot, setuid, cgroups).
 
+mod audit;
+mod auth;
+mod e2e;
+mod quota;
+mod reconcile;
 mod support;

@@ -1,1 +1,450 @@
-//! Shared test harness.
+//! The test harness: a real platform (controller + agent processes of the real `palisade`
+//! binary) on a temp dir and free ports, driven through the real CLI or a signing client.
+//! When a test fails, the processes' logs are printed (the temp dir is kept for a look).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use palisade_cli::client::{ApiError, Client};
+use palisade_common::api;
+use serde_json::Value;
+
+pub const BOOT_MARKER: &str = "PALISADE-BOOT-OK";
+
+pub fn palisade_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_palisade"))
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The guest image: `$PALISADE_GUEST_IMAGE`, else `<workspace>/build/guest`.
+pub fn guest_image() -> PathBuf {
+    let dir = std::env::var_os("PALISADE_GUEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("build/guest"));
+    assert!(
+        dir.join("image.json").exists(),
+        "no guest image at {} — build it with images/build-guest.sh {}",
+        dir.display(),
+        dir.display()
+    );
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub struct Platform {
+    pub dir: tempfile::TempDir,
+    pub endpoint: String,
+    pub agent_port: u16,
+    pub initial_password: Option<String>,
+    controller: Option<Child>,
+    agent: Option<Child>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Platform {
+    /// Starts a fresh platform: controller first (it makes the PKI), then the agent.
+    pub fn start() -> Platform {
+        let dir = tempfile::Builder::new().prefix("palisade-it-").tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut platform = Platform {
+            dir,
+            endpoint: String::new(),
+            agent_port: free_port(),
+            initial_password: None,
+            controller: None,
+            agent: None,
+            runtime,
+        };
+        platform.start_controller();
+        platform.start_agent();
+        platform
+    }
+
+    pub fn data(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.data().join("pki/ca.pem")
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.data().join("audit/audit.log")
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data().join(name))
+            .unwrap()
+    }
+
+    pub fn start_controller(&mut self) {
+        let listen = if self.endpoint.is_empty() {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.endpoint.trim_start_matches("https://").to_string()
+        };
+        let mut child = Command::new(palisade_bin())
+            .arg("controller")
+            .arg("--data-dir").arg(self.data())
+            .arg("--listen").arg(&listen)
+            .arg("--agent-url").arg(format!("https://127.0.0.1:{}", self.agent_port))
+            .arg("--guest-image").arg(guest_image())
+            .arg("--reconcile-interval-secs").arg("1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(self.log("controller.log"))
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        loop {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("controller exited at start:\n{}", self.tail("controller.log")))
+                .unwrap();
+            if let Some(p) = line.strip_prefix("PALISADE-INITIAL-ADMIN-PASSWORD ") {
+                self.initial_password = Some(p.to_string());
+            }
+            if let Some(url) = line.strip_prefix("PALISADE-API-LISTENING ") {
+                self.endpoint = url.to_string();
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        self.controller = Some(child);
+    }
+
+    pub fn start_agent(&mut self) {
+        let pki = self.data().join("pki");
+        let child = Command::new(palisade_bin())
+            .arg("agent")
+            .arg("--data-dir").arg(self.data().join("agent"))
+            .arg("--listen").arg(format!("127.0.0.1:{}", self.agent_port))
+            .arg("--ca").arg(pki.join("ca.pem"))
+            .arg("--cert").arg(pki.join("agent.pem"))
+            .arg("--key").arg(pki.join("agent.key"))
+            .stdin(Stdio::null())
+            .stdout(self.log("agent.log"))
+            .stderr(self.log("agent.log"))
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+        let port = self.agent_port;
+        poll(Duration::from_secs(30), "the agent to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn kill_controller(&mut self) {
+        if let Some(mut child) = self.controller.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.data().join(name)).unwrap_or_default();
+        let start = text.len().saturating_sub(8000);
+        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        text[start..].to_string()
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    /// An unsigned client (password routes only).
+    pub fn anonymous(&self) -> Client {
+        Client::new(&self.endpoint, &self.ca(), None).unwrap()
+    }
+
+    /// Changes `user`'s password and registers a fresh key; returns a signing client.
+    pub fn enrol(&self, user: &str, initial: &str) -> Signer {
+        let password = format!("{user}-Secret-{}", free_port());
+        let anonymous = self.anonymous();
+        let change = api::PasswordChange {
+            user: user.into(),
+            current_password: initial.into(),
+            new_password: password.clone(),
+        };
+        let _: Value = self.block_on(anonymous.post("/v1/auth/password", &change)).unwrap();
+        let key = SigningKey::from_bytes(&rand_bytes());
+        let create = api::KeyCreate {
+            user: user.into(),
+            password,
+            public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+            name: None,
+        };
+        let created: api::ApiKey = self.block_on(anonymous.post("/v1/auth/keys", &create)).unwrap();
+        Signer {
+            client: Client::new(&self.endpoint, &self.ca(), Some((created.id.clone(), key.clone())))
+                .unwrap(),
+            key_id: created.id,
+            key,
+        }
+    }
+
+    pub fn admin(&self) -> Signer {
+        let initial = self.initial_password.clone().expect("first start shows the password");
+        self.enrol("admin", &initial)
+    }
+
+    /// Creates a tenant (with `quota`) and a user in it, enrolled.
+    pub fn tenant(&self, admin: &Signer, name: &str, quota: Option<api::Quota>) -> (api::Tenant, Signer) {
+        let tenant: api::Tenant = self
+            .block_on(admin.client.post("/v1/tenants", &api::TenantCreate { name: name.into(), quota }))
+            .unwrap();
+        let user_name = format!("{name}-user");
+        let created: api::UserCreated = self
+            .block_on(admin.client.post("/v1/users", &api::UserCreate {
+                name: user_name.clone(),
+                tenant_id: tenant.id.clone(),
+            }))
+            .unwrap();
+        let signer = self.enrol(&user_name, &created.initial_password);
+        (tenant, signer)
+    }
+
+    pub fn create_instance(&self, signer: &Signer, name: &str) -> Result<api::Instance, ApiError> {
+        let body = api::InstanceCreate {
+            name: name.into(),
+            image: "debian-12-busybox".into(),
+            flavor: "tiny".into(),
+        };
+        self.block_on(signer.client.post("/v1/instances", &body)).map_err(api_error)
+    }
+
+    pub fn instance(&self, signer: &Signer, id: &str) -> api::Instance {
+        self.block_on(signer.client.get(&format!("/v1/instances/{id}"))).unwrap()
+    }
+
+    pub fn wait_state(&self, signer: &Signer, id: &str, state: &str) -> api::Instance {
+        poll(Duration::from_secs(120), &format!("instance {id} to be {state}"), || {
+            let i = self.instance(signer, id);
+            assert_ne!(i.state, "error", "instance failed: {i:?}\n{}", self.tail("agent.log"));
+            (i.state == state).then_some(i)
+        })
+    }
+
+    /// Reads the console until `text` appears; returns everything read.
+    pub fn wait_console(&self, signer: &Signer, id: &str, text: &str) -> String {
+        let mut offset = 0;
+        let mut seen = String::new();
+        poll(Duration::from_secs(120), &format!("{text:?} on the console of {id}"), || {
+            let chunk: api::ConsoleOutput = self
+                .block_on(signer.client.get(&format!("/v1/instances/{id}/console?offset={offset}")))
+                .unwrap();
+            offset = chunk.next_offset;
+            seen.push_str(&chunk.data);
+            seen.contains(text).then_some(())
+        });
+        seen
+    }
+
+    /// Runs the real CLI with this platform's config file.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(palisade_bin())
+            .env("PALISADE_CONFIG", self.data().join("cli/config.json"))
+            .env_remove("PALISADE_PROFILE")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and returns stdout, panicking with stderr on failure.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "palisade {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Ids of instances that have a directory on the agent's host.
+    pub fn agent_instance_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.data().join("agent/instances"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Pids of QEMU processes of instance `id` (found by `-name guest=<id>` on their command line).
+pub fn qemu_pids(id: &str) -> Vec<u32> {
+    let needle = format!("guest={id}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Cgroup directories still named after instance `id`, under v1 or v2 hierarchies.
+pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let roots = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"];
+    for root in roots {
+        let dir = Path::new(root).join("palisade").join(id);
+        if dir.exists() {
+            found.push(dir);
+        }
+    }
+    found
+}
+
+pub struct Signer {
+    pub client: Client,
+    pub key_id: String,
+    pub key: SigningKey,
+}
+
+pub fn rand_bytes() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).unwrap();
+    b
+}
+
+pub fn api_error(e: anyhow::Error) -> ApiError {
+    match e.downcast::<ApiError>() {
+        Ok(api) => api,
+        Err(other) => panic!("expected an API error, got {other:#}"),
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- controller.log ---\n{}", self.tail("controller.log"));
+            eprintln!("--- agent.log ---\n{}", self.tail("agent.log"));
+            eprintln!("--- kept {} ---", self.data().display());
+            let _ = self.dir.path().to_path_buf();
+        }
+        self.kill_controller();
+        self.kill_agent();
+        // QEMU processes outlive their agent by design; a test's must not outlive the test.
+        for id in self.agent_instance_dirs() {
+            for pid in qemu_pids(&id) {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            for dir in cgroup_dirs(&id) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        if std::thread::panicking() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            let _ = dir.keep();
+        }
+    }
+}
+
+/// A request the test shapes by hand (to forge, replay or corrupt signatures).
+pub struct Raw {
+    http: reqwest::Client,
+    endpoint: String,
+}
+
+pub struct RawResponse {
+    pub status: u16,
+    pub body: Value,
+    pub bytes: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl Platform {
+    pub fn raw(&self) -> Raw {
+        let tls = palisade_common::tls::client_config(&self.ca(), None).unwrap();
+        Raw {
+            http: reqwest::Client::builder().tls_backend_preconfigured(tls).build().unwrap(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
+/// Signature headers for a request, with every knob a test may want to turn.
+pub fn sign(signer: &Signer, method: &str, path: &str, body: &[u8], created_offset: i64) -> Vec<(String, String)> {
+    let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
+    let created = time_now() + created_offset;
+    let h = palisade_common::signing::sign(&signer.key, &signer.key_id, method, path_only, query,
+        body, created, &palisade_common::signing::new_nonce());
+    vec![
+        ("content-digest".into(), h.content_digest),
+        ("signature-input".into(), h.signature_input),
+        ("signature".into(), h.signature),
+    ]
+}
+
+pub fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+impl Raw {
+    pub fn send(&self, platform: &Platform, method: &str, path: &str, body: &[u8],
+        headers: &[(String, String)]) -> RawResponse {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method, format!("{}{path}", self.endpoint));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let request = request.body(body.to_vec());
+        platform.block_on(async {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let bytes = response.bytes().await.unwrap().to_vec();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            RawResponse { status, body, bytes }
+        })
+    }
+}

@@ -1,0 +1,64 @@
+//! Crashes: after kill -9 of the agent or the controller and a restart, records and QEMU
+//! processes agree — no orphan process, no record stuck in a transitional state.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[test]
+fn agent_killed_while_an_instance_runs_is_reconciled_on_restart() {
+    let mut p = Platform::start();
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let id = p.create_instance(&alice, "survivor").unwrap().id;
+    p.wait_state(&alice, &id, "running");
+    p.wait_console(&alice, &id, BOOT_MARKER);
+    let pids = qemu_pids(&id);
+    assert_eq!(pids.len(), 1);
+
+    p.kill_agent();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(qemu_pids(&id), pids, "the VM must survive its agent");
+    p.start_agent();
+
+    // Adopted: same process, still running, console still readable, and it obeys again.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(p.instance(&alice, &id).state, "running");
+    assert_eq!(qemu_pids(&id), pids);
+    p.wait_console(&alice, &id, BOOT_MARKER);
+    let _: serde_json::Value = p.block_on(alice.client.post(&format!("/v1/instances/{id}/stop"), &())).unwrap();
+    p.wait_state(&alice, &id, "stopped");
+    assert!(qemu_pids(&id).is_empty());
+}
+
+#[test]
+fn controller_killed_mid_operation_finishes_it_after_restart() {
+    let mut p = Platform::start();
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+
+    // Killed right after accepting a create: the instance still comes up.
+    let id = p.create_instance(&alice, "half-made").unwrap().id;
+    p.kill_controller();
+    p.start_controller();
+    p.wait_state(&alice, &id, "running");
+    assert_eq!(qemu_pids(&id).len(), 1);
+
+    // Killed right after accepting a delete: the delete completes, nothing remains.
+    let _: serde_json::Value = p.block_on(alice.client.json(reqwest::Method::DELETE, &format!("/v1/instances/{id}"), None::<&()>)).unwrap();
+    p.kill_controller();
+    p.start_controller();
+    let gone = p.wait_state(&alice, &id, "deleted");
+    assert!(gone.disk_erased_at.is_some());
+    assert!(qemu_pids(&id).is_empty());
+    assert!(!p.agent_instance_dirs().contains(&id));
+
+    // No record is left in a transitional state.
+    let db = p.data().join("palisade.db");
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("SELECT count(*) FROM instances WHERE state IN ('starting','stopping','deleting')")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+}
