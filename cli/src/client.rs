@@ -28,7 +28,11 @@ pub struct ApiError {
 }
 
 impl Client {
-    pub fn new(endpoint: &str, ca: &Path, signer: Option<(String, SigningKey)>) -> anyhow::Result<Client> {
+    pub fn new(
+        endpoint: &str,
+        ca: &Path,
+        signer: Option<(String, SigningKey)>,
+    ) -> anyhow::Result<Client> {
         let tls = palisade_common::tls::client_config(ca, None)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
@@ -46,7 +50,11 @@ impl Client {
         self.json(Method::GET, path, None::<&()>).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         self.json(Method::POST, path, Some(body)).await
     }
 
@@ -76,17 +84,18 @@ impl Client {
             request = request.header("content-type", "application/json");
         }
         if let Some((key_id, key)) = &self.signer {
-            let created = time::OffsetDateTime::now_utc().unix_timestamp();
-            let headers = signing::sign(
-                key,
-                key_id,
-                method.as_str(),
-                url.path(),
-                url.query().unwrap_or(""),
-                &body,
-                created,
-                &signing::new_nonce(),
-            );
+            let params = signing::SignatureParams {
+                created: time::OffsetDateTime::now_utc().unix_timestamp(),
+                nonce: signing::new_nonce(),
+                keyid: key_id.clone(),
+            };
+            let message = signing::Message {
+                method: method.as_str(),
+                path: url.path(),
+                query: url.query().unwrap_or(""),
+                body: &body,
+            };
+            let headers = signing::sign(key, &params, &message);
             request = request
                 .header(signing::HEADER_CONTENT_DIGEST, headers.content_digest)
                 .header(signing::HEADER_SIGNATURE_INPUT, headers.signature_input)
@@ -104,7 +113,10 @@ impl Client {
         }
         let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(b) => (b.error.code, b.error.message),
-            Err(_) => ("unknown".into(), String::from_utf8_lossy(&bytes).into_owned()),
+            Err(_) => (
+                "unknown".into(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ),
         };
         Err(ApiError {
             status: status.as_u16(),

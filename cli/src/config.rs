@@ -37,7 +37,9 @@ pub fn config_path(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = explicit {
         return p.to_path_buf();
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     home.join(".config/palisade/config.json")
 }
 
@@ -82,8 +84,12 @@ pub fn save_key(config_path: &Path, profile: &str, key: &SigningKey) -> anyhow::
 
 pub fn load_key(config_path: &Path, profile: &str) -> anyhow::Result<SigningKey> {
     let path = key_path(config_path, profile);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading the key of profile {profile:?} ({})", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the key of profile {profile:?} ({})",
+            path.display()
+        )
+    })?;
     let bytes: [u8; 32] = B64
         .decode(text.trim())
         .ok()

@@ -20,7 +20,12 @@ use output::Table;
 #[derive(Debug, Clone, Args)]
 pub struct Global {
     /// Profile to use (endpoint, pinned CA, user, key).
-    #[arg(long, global = true, env = "PALISADE_PROFILE", default_value = "default")]
+    #[arg(
+        long,
+        global = true,
+        env = "PALISADE_PROFILE",
+        default_value = "default"
+    )]
     pub profile: String,
     /// Configuration file (default ~/.config/palisade/config.json).
     #[arg(long, global = true, env = "PALISADE_CONFIG")]
@@ -190,32 +195,59 @@ pub enum AuditCmd {
 /// Runs one client command.
 pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
     let config_path = config::config_path(global.config.as_deref());
-    let ctx = Ctx { global, config_path };
+    let ctx = Ctx {
+        global,
+        config_path,
+    };
     match command {
         Command::Profile(cmd) => ctx.profile(cmd),
-        Command::Password(PasswordCmd::Change { user, password, new_password }) => {
-            let body = api::PasswordChange { user, current_password: password, new_password };
+        Command::Password(PasswordCmd::Change {
+            user,
+            password,
+            new_password,
+        }) => {
+            let body = api::PasswordChange {
+                user,
+                current_password: password,
+                new_password,
+            };
             let _: serde_json::Value = ctx.unsigned()?.post("/v1/auth/password", &body).await?;
             println!("password changed");
             Ok(())
         }
-        Command::Key(KeyCmd::Create { user, password, name }) => ctx.create_key(user, password, name).await,
+        Command::Key(KeyCmd::Create {
+            user,
+            password,
+            name,
+        }) => ctx.create_key(user, password, name).await,
         Command::Whoami => {
             let me: api::Whoami = ctx.signed()?.get("/v1/whoami").await?;
             ctx.show(&me, |t| {
                 t.row(["USER", "ID", "TENANT", "ROLE", "KEY"]);
-                t.row([&me.user.name, &me.user.id, me.user.tenant_id.as_deref().unwrap_or("-"),
-                    &me.user.role, &me.key_id]);
+                t.row([
+                    &me.user.name,
+                    &me.user.id,
+                    me.user.tenant_id.as_deref().unwrap_or("-"),
+                    &me.user.role,
+                    &me.key_id,
+                ]);
             })
         }
         Command::Tenant(cmd) => ctx.tenant(cmd).await,
         Command::User(UserCmd::Create { name, tenant }) => {
-            let body = api::UserCreate { name, tenant_id: tenant };
+            let body = api::UserCreate {
+                name,
+                tenant_id: tenant,
+            };
             let created: api::UserCreated = ctx.signed()?.post("/v1/users", &body).await?;
             ctx.show(&created, |t| {
                 t.row(["USER", "ID", "TENANT", "INITIAL PASSWORD (shown once)"]);
-                t.row([&created.user.name, &created.user.id,
-                    created.user.tenant_id.as_deref().unwrap_or("-"), &created.initial_password]);
+                t.row([
+                    &created.user.name,
+                    &created.user.id,
+                    created.user.tenant_id.as_deref().unwrap_or("-"),
+                    &created.initial_password,
+                ]);
             })
         }
         Command::Flavor(ListOnly::List) => {
@@ -223,8 +255,12 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             ctx.show(&flavors, |t| {
                 t.row(["NAME", "VCPUS", "MEMORY MIB", "DISK GIB"]);
                 for f in &flavors {
-                    t.row([f.name.clone(), f.vcpus.to_string(), f.memory_mib.to_string(),
-                        f.disk_gib.to_string()]);
+                    t.row([
+                        f.name.clone(),
+                        f.vcpus.to_string(),
+                        f.memory_mib.to_string(),
+                        f.disk_gib.to_string(),
+                    ]);
                 }
             })
         }
@@ -233,7 +269,12 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             ctx.show(&images, |t| {
                 t.row(["NAME", "ID", "KERNEL SHA256", "INITRD SHA256"]);
                 for i in &images {
-                    t.row([&i.name, &i.id, &i.kernel_sha256[..16], &i.initrd_sha256[..16]]);
+                    t.row([
+                        &i.name,
+                        &i.id,
+                        &i.kernel_sha256[..16],
+                        &i.initrd_sha256[..16],
+                    ]);
                 }
             })
         }
@@ -259,13 +300,20 @@ impl Ctx {
         let config = Config::load(&self.config_path)?;
         let profile = config.profile(&self.global.profile)?;
         let key_id = profile.key_id.clone().with_context(|| {
-            format!("profile {:?} has no key yet (see `palisade key create`)", self.global.profile)
+            format!(
+                "profile {:?} has no key yet (see `palisade key create`)",
+                self.global.profile
+            )
         })?;
         let key = config::load_key(&self.config_path, &self.global.profile)?;
         Client::new(&profile.endpoint, &profile.ca, Some((key_id, key)))
     }
 
-    fn show<T: serde::Serialize>(&self, value: &T, table: impl FnOnce(&mut Table)) -> anyhow::Result<()> {
+    fn show<T: serde::Serialize>(
+        &self,
+        value: &T,
+        table: impl FnOnce(&mut Table),
+    ) -> anyhow::Result<()> {
         if self.global.json {
             println!("{}", serde_json::to_string_pretty(value)?);
         } else {
@@ -292,15 +340,24 @@ impl Ctx {
                 self.show(&profiles, |t| {
                     t.row(["PROFILE", "ENDPOINT", "USER", "KEY"]);
                     for (name, p) in &profiles {
-                        t.row([name.as_str(), &p.endpoint, p.user.as_deref().unwrap_or("-"),
-                            p.key_id.as_deref().unwrap_or("-")]);
+                        t.row([
+                            name.as_str(),
+                            &p.endpoint,
+                            p.user.as_deref().unwrap_or("-"),
+                            p.key_id.as_deref().unwrap_or("-"),
+                        ]);
                     }
                 })
             }
         }
     }
 
-    async fn create_key(&self, user: String, password: String, name: Option<String>) -> anyhow::Result<()> {
+    async fn create_key(
+        &self,
+        user: String,
+        password: String,
+        name: Option<String>,
+    ) -> anyhow::Result<()> {
         let key = config::new_key();
         let body = api::KeyCreate {
             user: user.clone(),
@@ -325,18 +382,28 @@ impl Ctx {
     async fn tenant(&self, cmd: TenantCmd) -> anyhow::Result<()> {
         let client = self.signed()?;
         match cmd {
-            TenantCmd::Create { name, max_instances, max_vcpus, max_memory_mib } => {
+            TenantCmd::Create {
+                name,
+                max_instances,
+                max_vcpus,
+                max_memory_mib,
+            } => {
                 let d = api::Quota::default();
                 let quota = api::Quota {
                     instances: max_instances.unwrap_or(d.instances),
                     vcpus: max_vcpus.unwrap_or(d.vcpus),
                     memory_mib: max_memory_mib.unwrap_or(d.memory_mib),
                 };
-                let body = api::TenantCreate { name, quota: Some(quota) };
+                let body = api::TenantCreate {
+                    name,
+                    quota: Some(quota),
+                };
                 let tenant: api::Tenant = client.post("/v1/tenants", &body).await?;
                 self.show_tenants(&[tenant])
             }
-            TenantCmd::List => self.show_tenants(&client.get::<Vec<api::Tenant>>("/v1/tenants").await?),
+            TenantCmd::List => {
+                self.show_tenants(&client.get::<Vec<api::Tenant>>("/v1/tenants").await?)
+            }
         }
     }
 
@@ -344,8 +411,13 @@ impl Ctx {
         self.show(&tenants, |t| {
             t.row(["NAME", "ID", "MAX INSTANCES", "MAX VCPUS", "MAX MEMORY MIB"]);
             for x in tenants {
-                t.row([x.name.clone(), x.id.clone(), x.quota.instances.to_string(),
-                    x.quota.vcpus.to_string(), x.quota.memory_mib.to_string()]);
+                t.row([
+                    x.name.clone(),
+                    x.id.clone(),
+                    x.quota.instances.to_string(),
+                    x.quota.vcpus.to_string(),
+                    x.quota.memory_mib.to_string(),
+                ]);
             }
         })
     }
@@ -354,31 +426,61 @@ impl Ctx {
         let client = self.signed()?;
         let path = |id: &str, tail: &str| format!("/v1/instances/{id}{tail}");
         let (instance, wait_for): (api::Instance, Option<&str>) = match cmd {
-            InstanceCmd::Create { name, image, flavor, wait } => {
-                let body = api::InstanceCreate { name, image, flavor };
-                (client.post("/v1/instances", &body).await?, wait.then_some("running"))
+            InstanceCmd::Create {
+                name,
+                image,
+                flavor,
+                wait,
+            } => {
+                let body = api::InstanceCreate {
+                    name,
+                    image,
+                    flavor,
+                };
+                (
+                    client.post("/v1/instances", &body).await?,
+                    wait.then_some("running"),
+                )
             }
             InstanceCmd::List => {
                 let list: Vec<api::Instance> = client.get("/v1/instances").await?;
                 return self.show_instances(&list);
             }
             InstanceCmd::Show { id } => (client.get(&path(&id, "")).await?, None),
-            InstanceCmd::Stop { id, wait } => {
-                (client.post(&path(&id, "/stop"), &()).await?, wait.then_some("stopped"))
-            }
-            InstanceCmd::Start { id, wait } => {
-                (client.post(&path(&id, "/start"), &()).await?, wait.then_some("running"))
-            }
+            InstanceCmd::Stop { id, wait } => (
+                client.post(&path(&id, "/stop"), &()).await?,
+                wait.then_some("stopped"),
+            ),
+            InstanceCmd::Start { id, wait } => (
+                client.post(&path(&id, "/start"), &()).await?,
+                wait.then_some("running"),
+            ),
             InstanceCmd::Delete { id, wait } => {
-                let deleted = client.json(Method::DELETE, &path(&id, ""), None::<&()>).await?;
+                let deleted = client
+                    .json(Method::DELETE, &path(&id, ""), None::<&()>)
+                    .await?;
                 (deleted, wait.then_some("deleted"))
             }
-            InstanceCmd::Console { id, follow, until, timeout } => {
-                return console(&client, &id, follow, until.as_deref(), Duration::from_secs(timeout)).await;
+            InstanceCmd::Console {
+                id,
+                follow,
+                until,
+                timeout,
+            } => {
+                return console(
+                    &client,
+                    &id,
+                    follow,
+                    until.as_deref(),
+                    Duration::from_secs(timeout),
+                )
+                .await;
             }
         };
         let instance = match wait_for {
-            Some(state) => wait_state(&client, &instance.id, state, Duration::from_secs(180)).await?,
+            Some(state) => {
+                wait_state(&client, &instance.id, state, Duration::from_secs(180)).await?
+            }
             None => instance,
         };
         self.show_instances(&[instance])
@@ -392,16 +494,28 @@ impl Ctx {
                     Some(e) => format!("{} ({e})", i.state),
                     None => i.state.clone(),
                 };
-                t.row([i.name.clone(), i.id.clone(), state, i.flavor.clone(), i.created_at.clone(),
-                    i.disk_erased_at.clone().unwrap_or_else(|| "-".into())]);
+                t.row([
+                    i.name.clone(),
+                    i.id.clone(),
+                    state,
+                    i.flavor.clone(),
+                    i.created_at.clone(),
+                    i.disk_erased_at.clone().unwrap_or_else(|| "-".into()),
+                ]);
             }
         })
     }
 
     async fn audit_verify(&self, file: Option<PathBuf>) -> anyhow::Result<()> {
         let bytes = match &file {
-            Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-            None => self.signed()?.send(Method::GET, "/v1/audit/log", Vec::new()).await?,
+            Some(path) => {
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+            }
+            None => {
+                self.signed()?
+                    .send(Method::GET, "/v1/audit/log", Vec::new())
+                    .await?
+            }
         };
         match palisade_common::audit::verify(&bytes) {
             palisade_common::audit::Verdict::Intact { records, head } => {
@@ -416,7 +530,12 @@ impl Ctx {
 }
 
 /// Polls until the instance reaches `state` (or `error`).
-pub async fn wait_state(client: &Client, id: &str, state: &str, timeout: Duration) -> anyhow::Result<api::Instance> {
+pub async fn wait_state(
+    client: &Client,
+    id: &str,
+    state: &str,
+    timeout: Duration,
+) -> anyhow::Result<api::Instance> {
     let deadline = Instant::now() + timeout;
     loop {
         let instance: api::Instance = client.get(&format!("/v1/instances/{id}")).await?;
@@ -424,23 +543,36 @@ pub async fn wait_state(client: &Client, id: &str, state: &str, timeout: Duratio
             return Ok(instance);
         }
         if instance.state == "error" {
-            anyhow::bail!("instance {id} failed: {}", instance.last_error.unwrap_or_default());
+            anyhow::bail!(
+                "instance {id} failed: {}",
+                instance.last_error.unwrap_or_default()
+            );
         }
         if Instant::now() > deadline {
-            anyhow::bail!("instance {id} is {} after {timeout:?}, not {state}", instance.state);
+            anyhow::bail!(
+                "instance {id} is {} after {timeout:?}, not {state}",
+                instance.state
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
 /// Prints the console; with `follow`, keeps polling, stopping at `until` or the timeout.
-pub async fn console(client: &Client, id: &str, follow: bool, until: Option<&str>, timeout: Duration) -> anyhow::Result<()> {
+pub async fn console(
+    client: &Client,
+    id: &str,
+    follow: bool,
+    until: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut offset = 0u64;
     let mut seen = String::new();
     loop {
-        let chunk: api::ConsoleOutput =
-            client.get(&format!("/v1/instances/{id}/console?offset={offset}")).await?;
+        let chunk: api::ConsoleOutput = client
+            .get(&format!("/v1/instances/{id}/console?offset={offset}"))
+            .await?;
         print!("{}", chunk.data);
         seen.push_str(&chunk.data);
         offset = chunk.next_offset;
@@ -451,7 +583,9 @@ pub async fn console(client: &Client, id: &str, follow: bool, until: Option<&str
             // Keep only a tail long enough to match `until` across chunk boundaries.
             if seen.len() > 4 * text.len() + 65536 {
                 let cut = seen.len() - 2 * text.len();
-                let cut = (cut..seen.len()).find(|i| seen.is_char_boundary(*i)).unwrap_or(0);
+                let cut = (cut..seen.len())
+                    .find(|i| seen.is_char_boundary(*i))
+                    .unwrap_or(0);
                 seen.drain(..cut);
             }
         }

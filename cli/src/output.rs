@@ -14,8 +14,13 @@ impl Table {
         S: AsRef<str>,
     {
         // Cells come from the API: strip control characters so no value can move the cursor.
-        let clean = |s: &str| s.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
-        self.rows.push(cells.into_iter().map(|c| clean(c.as_ref())).collect());
+        let clean = |s: &str| {
+            s.chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect()
+        };
+        self.rows
+            .push(cells.into_iter().map(|c| clean(c.as_ref())).collect());
     }
 }
 

@@ -58,21 +58,32 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<()> {
         start_controller(&exe, &data_dir, &args, &guest_image, &logs).await?;
     let mut agent = start_agent(&exe, &data_dir, &args, &logs)?;
     let endpoint = format!("https://{}", args.listen);
-    println!("Palisade is up: API {endpoint}, data in {}, logs in {}", data_dir.display(),
-        logs.display());
+    println!(
+        "Palisade is up: API {endpoint}, data in {}, logs in {}",
+        data_dir.display(),
+        logs.display()
+    );
 
     match initial_password {
         Some(password) if !args.no_quickstart => {
             let config_path = config::config_path(global.config.as_deref());
-            quickstart(&config_path, &endpoint, &data_dir.join("pki/ca.pem"), &password).await?;
+            quickstart(
+                &config_path,
+                &endpoint,
+                &data_dir.join("pki/ca.pem"),
+                &password,
+            )
+            .await?;
         }
-        Some(password) => println!(
-            "Initial admin password (shown once; it can only be changed): {password}"
-        ),
+        Some(password) => {
+            println!("Initial admin password (shown once; it can only be changed): {password}")
+        }
         None => println!("Existing platform: use your profiles (palisade profile list)."),
     }
-    println!("Press Ctrl-C to stop the controller and agent (VMs keep running and are adopted \
-              at the next start).");
+    println!(
+        "Press Ctrl-C to stop the controller and agent (VMs keep running and are adopted \
+              at the next start)."
+    );
 
     // Supervise: restart whichever process exits, until Ctrl-C.
     loop {
@@ -121,10 +132,14 @@ async fn start_controller(
 ) -> anyhow::Result<(Child, Option<String>)> {
     let mut child = Command::new(exe)
         .arg("controller")
-        .arg("--data-dir").arg(data_dir)
-        .arg("--listen").arg(args.listen.to_string())
-        .arg("--agent-url").arg(format!("https://{}", args.agent_listen))
-        .arg("--guest-image").arg(guest_image)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen")
+        .arg(args.listen.to_string())
+        .arg("--agent-url")
+        .arg(format!("https://{}", args.agent_listen))
+        .arg("--guest-image")
+        .arg(guest_image)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file(logs, "controller.log")?)
@@ -143,7 +158,10 @@ async fn start_controller(
                 return Ok(());
             }
         }
-        anyhow::bail!("the controller exited during start; see {}/controller.log", logs.display())
+        anyhow::bail!(
+            "the controller exited during start; see {}/controller.log",
+            logs.display()
+        )
     };
     tokio::time::timeout(Duration::from_secs(60), wait)
         .await
@@ -157,12 +175,18 @@ fn start_agent(exe: &Path, data_dir: &Path, args: &UpArgs, logs: &Path) -> anyho
     let pki = data_dir.join("pki");
     Command::new(exe)
         .arg("agent")
-        .arg("--data-dir").arg(data_dir.join("agent"))
-        .arg("--listen").arg(args.agent_listen.to_string())
-        .arg("--ca").arg(pki.join("ca.pem"))
-        .arg("--cert").arg(pki.join("agent.pem"))
-        .arg("--key").arg(pki.join("agent.key"))
-        .arg("--accelerator").arg(&args.accelerator)
+        .arg("--data-dir")
+        .arg(data_dir.join("agent"))
+        .arg("--listen")
+        .arg(args.agent_listen.to_string())
+        .arg("--ca")
+        .arg(pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.join("agent.pem"))
+        .arg("--key")
+        .arg(pki.join("agent.key"))
+        .arg("--accelerator")
+        .arg(&args.accelerator)
         .stdin(Stdio::null())
         .stdout(log_file(logs, "agent.log")?)
         .stderr(log_file(logs, "agent.log")?)
@@ -172,8 +196,14 @@ fn start_agent(exe: &Path, data_dir: &Path, args: &UpArgs, logs: &Path) -> anyho
 }
 
 /// Registers a fresh key for `user` and saves it as `profile`.
-async fn enrol(config_path: &Path, profile: &str, endpoint: &str, ca: &Path, user: &str,
-    password: &str) -> anyhow::Result<Client> {
+async fn enrol(
+    config_path: &Path,
+    profile: &str,
+    endpoint: &str,
+    ca: &Path,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<Client> {
     let key = config::new_key();
     let anonymous = Client::new(endpoint, ca, None)?;
     let body = api::KeyCreate {
@@ -185,12 +215,15 @@ async fn enrol(config_path: &Path, profile: &str, endpoint: &str, ca: &Path, use
     let created: api::ApiKey = anonymous.post("/v1/auth/keys", &body).await?;
     config::save_key(config_path, profile, &key)?;
     let mut config = Config::load(config_path)?;
-    config.profiles.insert(profile.into(), Profile {
-        endpoint: endpoint.into(),
-        ca: ca.to_path_buf(),
-        user: Some(user.into()),
-        key_id: Some(created.id.clone()),
-    });
+    config.profiles.insert(
+        profile.into(),
+        Profile {
+            endpoint: endpoint.into(),
+            ca: ca.to_path_buf(),
+            user: Some(user.into()),
+            key_id: Some(created.id.clone()),
+        },
+    );
     config.save(config_path)?;
     Client::new(endpoint, ca, Some((created.id, key)))
 }
@@ -213,23 +246,45 @@ fn random_password() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-async fn quickstart(config_path: &Path, endpoint: &str, ca: &Path, initial: &str) -> anyhow::Result<()> {
+async fn quickstart(
+    config_path: &Path,
+    endpoint: &str,
+    ca: &Path,
+    initial: &str,
+) -> anyhow::Result<()> {
     let anonymous = Client::new(endpoint, ca, None)?;
     let admin_password = change_password(&anonymous, "admin", initial).await?;
     let admin = enrol(config_path, "admin", endpoint, ca, "admin", &admin_password).await?;
-    println!("Platform administrator: user admin, password {admin_password} (shown once), \
-              CLI profile 'admin'");
+    println!(
+        "Platform administrator: user admin, password {admin_password} (shown once), \
+              CLI profile 'admin'"
+    );
 
     let tenant: api::Tenant = admin
-        .post("/v1/tenants", &api::TenantCreate { name: "demo".into(), quota: None })
+        .post(
+            "/v1/tenants",
+            &api::TenantCreate {
+                name: "demo".into(),
+                quota: None,
+            },
+        )
         .await?;
     let user: api::UserCreated = admin
-        .post("/v1/users", &api::UserCreate { name: "demo".into(), tenant_id: tenant.id.clone() })
+        .post(
+            "/v1/users",
+            &api::UserCreate {
+                name: "demo".into(),
+                tenant_id: tenant.id.clone(),
+            },
+        )
         .await?;
     let demo_password = change_password(&anonymous, "demo", &user.initial_password).await?;
     let demo = enrol(config_path, "demo", endpoint, ca, "demo", &demo_password).await?;
-    println!("Tenant demo ({}): user demo, password {demo_password} (shown once), CLI profile \
-              'demo'", tenant.id);
+    println!(
+        "Tenant demo ({}): user demo, password {demo_password} (shown once), CLI profile \
+              'demo'",
+        tenant.id
+    );
 
     let images: Vec<api::Image> = demo.get("/v1/images").await?;
     let image = images.first().context("no image registered")?;
@@ -239,23 +294,38 @@ async fn quickstart(config_path: &Path, endpoint: &str, ca: &Path, initial: &str
         flavor: "tiny".into(),
     };
     let instance: api::Instance = demo.post("/v1/instances", &create).await?;
-    println!("Booting instance demo-vm ({}) from image {} ...", instance.id, image.name);
+    println!(
+        "Booting instance demo-vm ({}) from image {} ...",
+        instance.id, image.name
+    );
     crate::wait_state(&demo, &instance.id, "running", Duration::from_secs(120)).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     let mut offset = 0;
     let mut log = String::new();
     while !log.contains(BOOT_MARKER) {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no boot marker within 180 s");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no boot marker within 180 s"
+        );
         let chunk: api::ConsoleOutput = demo
-            .get(&format!("/v1/instances/{}/console?offset={offset}", instance.id))
+            .get(&format!(
+                "/v1/instances/{}/console?offset={offset}",
+                instance.id
+            ))
             .await?;
         offset = chunk.next_offset;
         log.push_str(&chunk.data);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let boot_line = log.lines().find(|l| l.contains(BOOT_MARKER)).unwrap_or(BOOT_MARKER);
+    let boot_line = log
+        .lines()
+        .find(|l| l.contains(BOOT_MARKER))
+        .unwrap_or(BOOT_MARKER);
     println!("Guest console: {}", boot_line.trim());
-    println!("Try: palisade --profile demo instance list; \
-              palisade --profile demo instance console {}", instance.id);
+    println!(
+        "Try: palisade --profile demo instance list; \
+              palisade --profile demo instance console {}",
+        instance.id
+    );
     Ok(())
 }

@@ -54,10 +54,16 @@ impl AuditRecord {
 /// What verification found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Intact { records: u64, head: String },
+    Intact {
+        records: u64,
+        head: String,
+    },
     /// The first record (1-based line number and, where readable, its sequence number) that
     /// does not verify, and why.
-    Broken { line: u64, reason: String },
+    Broken {
+        line: u64,
+        reason: String,
+    },
 }
 
 /// Verifies a whole log, stopping at the first bad record.
@@ -78,7 +84,10 @@ pub fn verify(log: &[u8]) -> Verdict {
             Err(e) => return broken(line, &format!("not a valid record: {e}")),
         };
         if record.seq != count + 1 {
-            return broken(line, &format!("sequence {} where {} was due", record.seq, count + 1));
+            return broken(
+                line,
+                &format!("sequence {} where {} was due", record.seq, count + 1),
+            );
         }
         if record.prev != prev {
             return broken(line, "does not chain to the record before it");
@@ -139,7 +148,10 @@ mod tests {
 
     #[test]
     fn intact_log_verifies() {
-        assert!(matches!(verify(&log(5)), Verdict::Intact { records: 5, .. }));
+        assert!(matches!(
+            verify(&log(5)),
+            Verdict::Intact { records: 5, .. }
+        ));
         assert!(matches!(verify(b""), Verdict::Intact { records: 0, .. }));
     }
 
@@ -163,7 +175,10 @@ mod tests {
     #[test]
     fn removed_or_swapped_records_are_detected() {
         let good = log(3);
-        let lines: Vec<&[u8]> = good.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        let lines: Vec<&[u8]> = good
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
         let join = |ls: &[&[u8]]| {
             let mut v = Vec::new();
             for l in ls {
@@ -172,7 +187,10 @@ mod tests {
             }
             v
         };
-        assert!(matches!(verify(&join(&[lines[0], lines[2]])), Verdict::Broken { line: 2, .. }));
+        assert!(matches!(
+            verify(&join(&[lines[0], lines[2]])),
+            Verdict::Broken { line: 2, .. }
+        ));
         assert!(matches!(
             verify(&join(&[lines[1], lines[0], lines[2]])),
             Verdict::Broken { line: 1, .. }

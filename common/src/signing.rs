@@ -64,6 +64,17 @@ pub struct SignatureParams {
     pub keyid: String,
 }
 
+/// The parts of an HTTP request a signature covers.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub method: &'a str,
+    /// Percent-encoded path, as sent.
+    pub path: &'a str,
+    /// Raw query without its `?` (empty when there is none).
+    pub query: &'a str,
+    pub body: &'a [u8],
+}
+
 /// The three header values a client attaches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedHeaders {
@@ -119,28 +130,14 @@ pub fn new_nonce() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Signs one request. `path` is the percent-encoded path, `query` the raw query without `?`.
-pub fn sign(
-    key: &SigningKey,
-    keyid: &str,
-    method: &str,
-    path: &str,
-    query: &str,
-    body: &[u8],
-    created: i64,
-    nonce: &str,
-) -> SignedHeaders {
-    let digest = content_digest(body);
-    let params = SignatureParams {
-        created,
-        nonce: nonce.to_string(),
-        keyid: keyid.to_string(),
-    };
-    let base = signature_base(method, path, query, &digest, &params);
+/// Signs one request with the given parameters (key id, creation time, nonce).
+pub fn sign(key: &SigningKey, params: &SignatureParams, message: &Message<'_>) -> SignedHeaders {
+    let digest = content_digest(message.body);
+    let base = signature_base(message.method, message.path, message.query, &digest, params);
     let signature = key.sign(base.as_bytes());
     SignedHeaders {
         content_digest: digest,
-        signature_input: format!("{LABEL}={}", signature_params_value(&params)),
+        signature_input: format!("{LABEL}={}", signature_params_value(params)),
         signature: format!("{LABEL}=:{}:", B64.encode(signature.to_bytes())),
     }
 }
@@ -197,7 +194,9 @@ pub fn parse_signature_input(value: &str) -> Result<SignatureParams, SignatureEr
         return Err(SignatureError::Malformed("alg must be \"ed25519\""));
     }
     if !(16..=64).contains(&nonce.len()) || !nonce.bytes().all(is_token_byte) {
-        return Err(SignatureError::Malformed("nonce must be 16 to 64 URL-safe characters"));
+        return Err(SignatureError::Malformed(
+            "nonce must be 16 to 64 URL-safe characters",
+        ));
     }
     if keyid.is_empty() || keyid.len() > 64 || !keyid.bytes().all(is_token_byte) {
         return Err(SignatureError::Malformed("keyid is not a key id"));
@@ -215,7 +214,9 @@ pub fn parse_signature(value: &str) -> Result<Signature, SignatureError> {
         .strip_prefix(LABEL)
         .and_then(|r| r.strip_prefix("=:"))
         .and_then(|r| r.strip_suffix(':'))
-        .ok_or(SignatureError::Malformed("signature must be sig1=:<base64>:"))?;
+        .ok_or(SignatureError::Malformed(
+            "signature must be sig1=:<base64>:",
+        ))?;
     let bytes = B64
         .decode(encoded)
         .map_err(|_| SignatureError::Malformed("signature is not base64"))?;
@@ -229,20 +230,23 @@ pub fn parse_signature(value: &str) -> Result<Signature, SignatureError> {
 /// checks the time window and the nonce, which need the server's clock and memory.
 pub fn verify(
     key: &VerifyingKey,
-    method: &str,
-    path: &str,
-    query: &str,
-    body: &[u8],
+    message: &Message<'_>,
     content_digest_header: &str,
     params: &SignatureParams,
     signature: &Signature,
 ) -> Result<(), SignatureError> {
-    let expected = content_digest(body);
+    let expected = content_digest(message.body);
     // Not secret: a digest of what the client sent. A plain comparison is fine.
     if content_digest_header != expected {
         return Err(SignatureError::DigestMismatch);
     }
-    let base = signature_base(method, path, query, content_digest_header, params);
+    let base = signature_base(
+        message.method,
+        message.path,
+        message.query,
+        content_digest_header,
+        params,
+    );
     key.verify_strict(base.as_bytes(), signature)
         .map_err(|_| SignatureError::Invalid)
 }
@@ -274,9 +278,22 @@ mod tests {
         SigningKey::from_bytes(&[7u8; 32])
     }
 
+    fn msg<'a>(method: &'a str, path: &'a str, query: &'a str, body: &'a [u8]) -> Message<'a> {
+        Message {
+            method,
+            path,
+            query,
+            body,
+        }
+    }
+
     fn signed(body: &[u8]) -> (SignedHeaders, SignatureParams, Signature) {
-        let headers = sign(&key(), "key-1", "POST", "/v1/x", "a=1", body, 1_700_000_000,
-            "AAAAAAAAAAAAAAAAAAAAAA");
+        let params = SignatureParams {
+            created: 1_700_000_000,
+            nonce: "AAAAAAAAAAAAAAAAAAAAAA".into(),
+            keyid: "key-1".into(),
+        };
+        let headers = sign(&key(), &params, &msg("POST", "/v1/x", "a=1", body));
         let params = parse_signature_input(&headers.signature_input).unwrap();
         let sig = parse_signature(&headers.signature).unwrap();
         (headers, params, sig)
@@ -288,7 +305,14 @@ mod tests {
         assert_eq!(p.keyid, "key-1");
         assert_eq!(p.created, 1_700_000_000);
         let vk = key().verifying_key();
-        verify(&vk, "POST", "/v1/x", "a=1", b"{}", &h.content_digest, &p, &s).unwrap();
+        verify(
+            &vk,
+            &msg("POST", "/v1/x", "a=1", b"{}"),
+            &h.content_digest,
+            &p,
+            &s,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -296,18 +320,48 @@ mod tests {
         let (h, p, s) = signed(b"{}");
         let vk = key().verifying_key();
         let bad = [
-            verify(&vk, "GET", "/v1/x", "a=1", b"{}", &h.content_digest, &p, &s),
-            verify(&vk, "POST", "/v1/y", "a=1", b"{}", &h.content_digest, &p, &s),
-            verify(&vk, "POST", "/v1/x", "a=2", b"{}", &h.content_digest, &p, &s),
+            verify(
+                &vk,
+                &msg("GET", "/v1/x", "a=1", b"{}"),
+                &h.content_digest,
+                &p,
+                &s,
+            ),
+            verify(
+                &vk,
+                &msg("POST", "/v1/y", "a=1", b"{}"),
+                &h.content_digest,
+                &p,
+                &s,
+            ),
+            verify(
+                &vk,
+                &msg("POST", "/v1/x", "a=2", b"{}"),
+                &h.content_digest,
+                &p,
+                &s,
+            ),
         ];
         for result in bad {
             assert_eq!(result, Err(SignatureError::Invalid));
         }
-        let altered = verify(&vk, "POST", "/v1/x", "a=1", b"{ }", &h.content_digest, &p, &s);
+        let altered = verify(
+            &vk,
+            &msg("POST", "/v1/x", "a=1", b"{ }"),
+            &h.content_digest,
+            &p,
+            &s,
+        );
         assert_eq!(altered, Err(SignatureError::DigestMismatch));
         let mut later = p.clone();
         later.created += 1;
-        let moved = verify(&vk, "POST", "/v1/x", "a=1", b"{}", &h.content_digest, &later, &s);
+        let moved = verify(
+            &vk,
+            &msg("POST", "/v1/x", "a=1", b"{}"),
+            &h.content_digest,
+            &later,
+            &s,
+        );
         assert_eq!(moved, Err(SignatureError::Invalid));
     }
 
@@ -326,7 +380,10 @@ mod tests {
         ];
         for case in cases {
             assert!(
-                matches!(parse_signature_input(&case), Err(SignatureError::Malformed(_))),
+                matches!(
+                    parse_signature_input(&case),
+                    Err(SignatureError::Malformed(_))
+                ),
                 "accepted {case:?}"
             );
         }

@@ -22,7 +22,11 @@ pub enum AgentError {
     #[error("host agent unreachable")]
     Unreachable(#[source] reqwest::Error),
     #[error("host agent refused: {code}: {message}")]
-    Refused { status: u16, code: String, message: String },
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
 }
 
 impl AgentClient {

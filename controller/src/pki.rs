@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -64,16 +64,34 @@ pub fn ensure(data_dir: &Path, server_names: &[String]) -> anyhow::Result<Pki> {
 
     let mut names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     names.extend(server_names.iter().cloned());
-    issue(&issuer, "palisade-api", names, ExtendedKeyUsagePurpose::ServerAuth,
-        &pki.server_cert, &pki.server_key)?;
+    issue(
+        &issuer,
+        "palisade-api",
+        names,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &pki.server_cert,
+        &pki.server_key,
+    )?;
     if !pki.agent_cert.exists() || !pki.agent_key.exists() {
         let names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-        issue(&issuer, "palisade-agent", names, ExtendedKeyUsagePurpose::ServerAuth,
-            &pki.agent_cert, &pki.agent_key)?;
+        issue(
+            &issuer,
+            "palisade-agent",
+            names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &pki.agent_cert,
+            &pki.agent_key,
+        )?;
     }
     if !pki.client_cert.exists() || !pki.client_key.exists() {
-        issue(&issuer, "palisade-controller", vec![], ExtendedKeyUsagePurpose::ClientAuth,
-            &pki.client_cert, &pki.client_key)?;
+        issue(
+            &issuer,
+            "palisade-controller",
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &pki.client_cert,
+            &pki.client_key,
+        )?;
     }
     Ok(pki)
 }
@@ -101,7 +119,9 @@ fn issue(
     key_path: &Path,
 ) -> anyhow::Result<()> {
     let mut params = CertificateParams::new(names)?;
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.extended_key_usages = vec![usage];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let now = OffsetDateTime::now_utc();
@@ -150,14 +170,22 @@ mod tests {
     fn keys_are_private_and_certs_chain_to_the_ca() {
         let dir = tempfile::tempdir().unwrap();
         let pki = ensure(dir.path(), &["api.example".into()]).unwrap();
-        for key in [&pki.server_key, &pki.agent_key, &pki.client_key, &pki.dir.join("ca.key")] {
+        for key in [
+            &pki.server_key,
+            &pki.agent_key,
+            &pki.client_key,
+            &pki.dir.join("ca.key"),
+        ] {
             let mode = std::fs::metadata(key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }
         palisade_common::tls::server_config(&pki.server_cert, &pki.server_key, Some(&pki.ca_cert))
             .unwrap();
-        palisade_common::tls::client_config(&pki.ca_cert, Some((&pki.client_cert, &pki.client_key)))
-            .unwrap();
+        palisade_common::tls::client_config(
+            &pki.ca_cert,
+            Some((&pki.client_cert, &pki.client_key)),
+        )
+        .unwrap();
         // A second start keeps the CA (the CLI pinned it).
         let ca = std::fs::read(&pki.ca_cert).unwrap();
         ensure(dir.path(), &[]).unwrap();

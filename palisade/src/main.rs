@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "palisade", version, about = "Palisade: a public IaaS platform built to X.1605")]
+#[command(
+    name = "palisade",
+    version,
+    about = "Palisade: a public IaaS platform built to X.1605"
+)]
 struct Cli {
     #[command(flatten)]
     global: palisade_cli::Global,

@@ -95,7 +95,10 @@ impl RequestCtx {
                     .tenant_id
                     .clone()
                     .or_else(|| principal.and_then(|p| p.tenant_id.clone())),
-                action: state.action.clone().unwrap_or_else(|| "http.request".into()),
+                action: state
+                    .action
+                    .clone()
+                    .unwrap_or_else(|| "http.request".into()),
                 object: state.object.clone().unwrap_or_default(),
                 result: result.to_string(),
                 code: code.map(str::to_string),
@@ -206,8 +209,11 @@ async fn guarded(
     };
     let mut response = finish_record(&ctx, response).await;
     add_headers(response.headers_mut(), &ctx.request_id);
-    tracing::info!(status = response.status().as_u16(),
-        latency_ms = started.elapsed().as_millis() as u64, "request done");
+    tracing::info!(
+        status = response.status().as_u16(),
+        latency_ms = started.elapsed().as_millis() as u64,
+        "request done"
+    );
     response
 }
 
@@ -215,11 +221,15 @@ async fn guarded(
 /// learns that the platform could not audit (and no action ran, since none was permitted).
 async fn finish_record(ctx: &RequestCtx, response: Response) -> Response {
     let status = response.status();
-    let code = response.extensions().get::<ErrorCode>().map(|c| c.0).or(match status {
-        StatusCode::NOT_FOUND => Some("not_found"),
-        StatusCode::METHOD_NOT_ALLOWED => Some("method_not_allowed"),
-        _ => None,
-    });
+    let code = response
+        .extensions()
+        .get::<ErrorCode>()
+        .map(|c| c.0)
+        .or(match status {
+            StatusCode::NOT_FOUND => Some("not_found"),
+            StatusCode::METHOD_NOT_ALLOWED => Some("method_not_allowed"),
+            _ => None,
+        });
     let result = match status.as_u16() {
         200..=399 => "allowed",
         401 | 403 | 404 => "denied",
@@ -240,7 +250,10 @@ fn add_headers(headers: &mut HeaderMap, request_id: &str) {
         ("x-content-type-options", "nosniff"),
         ("strict-transport-security", "max-age=31536000"),
         ("x-frame-options", "DENY"),
-        ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
+        (
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
         ("referrer-policy", "no-referrer"),
     ];
     for (name, value) in fixed {
@@ -279,10 +292,15 @@ async fn authenticate(
         let mut values = parts.headers.get_all(name).iter();
         let first = values.next();
         if values.next().is_some() {
-            return Err(refuse(SignatureError::Malformed("repeated signature header")));
+            return Err(refuse(SignatureError::Malformed(
+                "repeated signature header",
+            )));
         }
         first
-            .map(|v| v.to_str().map_err(|_| refuse(SignatureError::Malformed("non-ASCII header"))))
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| refuse(SignatureError::Malformed("non-ASCII header")))
+            })
             .transpose()
     };
     let (input, signature, digest) = match (
@@ -292,7 +310,11 @@ async fn authenticate(
     ) {
         (None, None, _) => return Err(refuse(SignatureError::Missing)),
         (Some(i), Some(s), Some(d)) => (i, s, d),
-        _ => return Err(refuse(SignatureError::Malformed("incomplete signature headers"))),
+        _ => {
+            return Err(refuse(SignatureError::Malformed(
+                "incomplete signature headers",
+            )))
+        }
     };
     let params = signing::parse_signature_input(input).map_err(refuse)?;
     let signature = signing::parse_signature(signature).map_err(refuse)?;
@@ -314,17 +336,13 @@ async fn authenticate(
         })?;
     let public_key = signing::parse_public_key(&key.public_key)
         .ok_or_else(|| Error::Internal(anyhow::anyhow!("stored public key does not parse")))?;
-    signing::verify(
-        &public_key,
-        parts.method.as_str(),
-        parts.uri.path(),
-        parts.uri.query().unwrap_or(""),
+    let message = signing::Message {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
         body,
-        digest,
-        &params,
-        &signature,
-    )
-    .map_err(refuse)?;
+    };
+    signing::verify(&public_key, &message, digest, &params, &signature).map_err(refuse)?;
     // Only a verified request may spend a nonce, so nobody can fill the table without a key.
     if !identity::remember_nonce(&controller.db, &params.keyid, &params.nonce, now).await? {
         return Err(Error::Unauthorized {

@@ -174,7 +174,12 @@ pub async fn show_instance(
     Ok(Json(c.compute.get_instance(&tenant, &id).await?))
 }
 
-async fn change_power(c: &Controller, ctx: &RequestCtx, id: &str, desired: &str) -> Result<Response> {
+async fn change_power(
+    c: &Controller,
+    ctx: &RequestCtx,
+    id: &str,
+    desired: &str,
+) -> Result<Response> {
     let action = match desired {
         "running" => "instance.start",
         "stopped" => "instance.stop",
@@ -186,15 +191,27 @@ async fn change_power(c: &Controller, ctx: &RequestCtx, id: &str, desired: &str)
     Ok((StatusCode::ACCEPTED, Json(instance)).into_response())
 }
 
-pub async fn stop_instance(State(c): Ctl, ctx: RequestCtx, Path(id): Path<String>) -> Result<Response> {
+pub async fn stop_instance(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<Response> {
     change_power(&c, &ctx, &id, "stopped").await
 }
 
-pub async fn start_instance(State(c): Ctl, ctx: RequestCtx, Path(id): Path<String>) -> Result<Response> {
+pub async fn start_instance(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<Response> {
     change_power(&c, &ctx, &id, "running").await
 }
 
-pub async fn delete_instance(State(c): Ctl, ctx: RequestCtx, Path(id): Path<String>) -> Result<Response> {
+pub async fn delete_instance(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<Response> {
     change_power(&c, &ctx, &id, "deleted").await
 }
 

@@ -21,15 +21,24 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/users", post(h::create_user))
         .route("/v1/flavors", get(h::list_flavors))
         .route("/v1/images", get(h::list_images))
-        .route("/v1/instances", get(h::list_instances).post(h::create_instance))
-        .route("/v1/instances/{id}", get(h::show_instance).delete(h::delete_instance))
+        .route(
+            "/v1/instances",
+            get(h::list_instances).post(h::create_instance),
+        )
+        .route(
+            "/v1/instances/{id}",
+            get(h::show_instance).delete(h::delete_instance),
+        )
         .route("/v1/instances/{id}/stop", post(h::stop_instance))
         .route("/v1/instances/{id}/start", post(h::start_instance))
         .route("/v1/instances/{id}/console", get(h::console))
         .route("/v1/audit/log", get(h::audit_log))
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(controller.clone(), guard::guard))
+        .layer(axum::middleware::from_fn_with_state(
+            controller.clone(),
+            guard::guard,
+        ))
         .with_state(controller)
 }
 
@@ -62,6 +71,8 @@ pub async fn run(controller: Arc<Controller>, listen: SocketAddr, pki: &Pki) -> 
     println!("PALISADE-API-LISTENING https://{addr}");
     tracing::info!(%addr, "API listening");
     let app = router(controller).into_make_service_with_connect_info::<SocketAddr>();
-    axum_server::from_tcp_rustls(listener, config)?.serve(app).await?;
+    axum_server::from_tcp_rustls(listener, config)?
+        .serve(app)
+        .await?;
     Ok(())
 }

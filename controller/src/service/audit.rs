@@ -106,8 +106,8 @@ impl AuditLog {
             hash: String::new(),
         };
         record.hash = record.compute_hash();
-        let mut line = serde_json::to_vec(&record)
-            .map_err(|e| AppendError(std::io::Error::other(e)))?;
+        let mut line =
+            serde_json::to_vec(&record).map_err(|e| AppendError(std::io::Error::other(e)))?;
         line.push(b'\n');
         let written = state
             .file

@@ -150,7 +150,11 @@ impl Compute {
 
     /// Creates an instance record within the tenant's quota, atomically: the quota check and
     /// the insert are one statement, so parallel creates can never overshoot.
-    pub async fn create_instance(&self, tenant_id: &str, req: &api::InstanceCreate) -> Result<Instance> {
+    pub async fn create_instance(
+        &self,
+        tenant_id: &str,
+        req: &api::InstanceCreate,
+    ) -> Result<Instance> {
         if !api::is_valid_name(&req.name) {
             return Err(Error::invalid("instance name: 1-63 of A-Z a-z 0-9 - _ ."));
         }
@@ -161,11 +165,12 @@ impl Compute {
                 code: "unknown_flavor",
                 message: "no such flavor (see GET /v1/flavors)".into(),
             })?;
-        let image = sqlx::query("SELECT id FROM images WHERE public = 1 AND (id = $1 OR name = $1)")
-            .bind(&req.image)
-            .fetch_optional(&self.db.pool)
-            .await?
-            .ok_or(Error::NotFound { what: "image" })?;
+        let image =
+            sqlx::query("SELECT id FROM images WHERE public = 1 AND (id = $1 OR name = $1)")
+                .bind(&req.image)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .ok_or(Error::NotFound { what: "image" })?;
         let image_id: String = image.get("id");
         let id = new_id();
         let created_at = now();
@@ -218,7 +223,8 @@ impl Compute {
 
     /// Another tenant's instance and a missing one give the same answer: 404.
     pub async fn get_instance(&self, tenant_id: &str, id: &str) -> Result<Instance> {
-        let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1 AND tenant_id = $2");
+        let sql =
+            format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1 AND tenant_id = $2");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(tenant_id)
@@ -334,13 +340,15 @@ impl Compute {
             "running" if instance.state == "running" => {
                 // It was running and is no more: it stopped or crashed on its own.
                 tracing::warn!(instance = %instance.id, "instance exited unexpectedly");
-                self.set_desired_state(&instance.id, "stopped", "stopped").await
+                self.set_desired_state(&instance.id, "stopped", "stopped")
+                    .await
             }
             "running" => match self.agent.start(&self.spec(instance).await?).await {
                 Ok(_) => self.set_state(&instance.id, "running", None).await,
                 Err(AgentError::Refused { code, message, .. }) => {
                     tracing::warn!(instance = %instance.id, %code, %message, "start refused");
-                    self.set_desired_state(&instance.id, "stopped", "error").await?;
+                    self.set_desired_state(&instance.id, "stopped", "error")
+                        .await?;
                     self.set_state(&instance.id, "error", Some(&code)).await
                 }
                 Err(e) => Err(e.into()),

@@ -6,7 +6,10 @@ use palisade_common::api;
 use crate::support::*;
 
 fn record_count(p: &Platform) -> usize {
-    std::fs::read_to_string(p.audit_log()).unwrap().lines().count()
+    std::fs::read_to_string(p.audit_log())
+        .unwrap()
+        .lines()
+        .count()
 }
 
 #[test]
@@ -17,29 +20,62 @@ fn every_request_leaves_exactly_one_record_with_who_what_when_where() {
     let raw = p.raw();
     let before = record_count(&p);
     let calls: Vec<(&str, &str, Vec<u8>, bool)> = vec![
-        ("GET", "/v1/instances", vec![], true),            // allowed
-        ("GET", "/v1/instances", vec![], false),           // unsigned: denied
+        ("GET", "/v1/instances", vec![], true),             // allowed
+        ("GET", "/v1/instances", vec![], false),            // unsigned: denied
         ("POST", "/v1/instances", b"{oops".to_vec(), true), // malformed
-        ("GET", "/v1/instances/7d1e5c9a-0000-4000-8000-000000000000", vec![], true), // not found
-        ("GET", "/v1/tenants", vec![], true),              // forbidden for a tenant user
-        ("DELETE", "/v1/images", vec![], true),            // no such method
+        (
+            "GET",
+            "/v1/instances/7d1e5c9a-0000-4000-8000-000000000000",
+            vec![],
+            true,
+        ), // not found
+        ("GET", "/v1/tenants", vec![], true),               // forbidden for a tenant user
+        ("DELETE", "/v1/images", vec![], true),             // no such method
     ];
     for (method, path, body, signed) in &calls {
-        let headers = if *signed { sign(&alice, method, path, body, 0) } else { vec![] };
+        let headers = if *signed {
+            sign(&alice, method, path, body, 0)
+        } else {
+            vec![]
+        };
         raw.send(&p, method, path, body, &headers);
     }
-    assert_eq!(record_count(&p), before + calls.len(), "one record per request");
+    assert_eq!(
+        record_count(&p),
+        before + calls.len(),
+        "one record per request"
+    );
 
     let text = std::fs::read_to_string(p.audit_log()).unwrap();
-    let records: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let mine = &records[before..];
     let results: Vec<&str> = mine.iter().map(|r| r["result"].as_str().unwrap()).collect();
-    assert_eq!(results, ["allowed", "denied", "rejected", "denied", "denied", "rejected"]);
+    assert_eq!(
+        results,
+        ["allowed", "denied", "rejected", "denied", "denied", "rejected"]
+    );
     for r in mine {
-        for field in ["time", "request_id", "source", "subject", "action", "object", "result"] {
-            assert!(r[field].as_str().is_some_and(|v| !v.is_empty()), "{field} missing in {r}");
+        for field in [
+            "time",
+            "request_id",
+            "source",
+            "subject",
+            "action",
+            "object",
+            "result",
+        ] {
+            assert!(
+                r[field].as_str().is_some_and(|v| !v.is_empty()),
+                "{field} missing in {r}"
+            );
         }
-        assert!(r["time"].as_str().unwrap().ends_with('Z'), "time must be UTC: {r}");
+        assert!(
+            r["time"].as_str().unwrap().ends_with('Z'),
+            "time must be UTC: {r}"
+        );
         assert!(r["source"].as_str().unwrap().starts_with("127.0.0.1:"));
     }
     assert_eq!(mine[0]["tenant_id"], tenant.id.as_str());
@@ -61,7 +97,11 @@ fn a_flipped_byte_anywhere_is_detected_and_its_record_named() {
     let good = std::fs::read(p.audit_log()).unwrap();
     let path = p.audit_log().display().to_string();
     let out = p.cli(&["audit", "verify", "--file", &path]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let copy = p.data().join("tampered.log");
     let positions: Vec<usize> = (0..40).map(|i| i * (good.len() - 1) / 39).collect();
@@ -71,11 +111,17 @@ fn a_flipped_byte_anywhere_is_detected_and_its_record_named() {
             bad[pos] ^= bit;
             std::fs::write(&copy, &bad).unwrap();
             let out = p.cli(&["audit", "verify", "--file", &copy.display().to_string()]);
-            assert!(!out.status.success(), "flip of bit {bit:#x} at byte {pos} went unnoticed");
+            assert!(
+                !out.status.success(),
+                "flip of bit {bit:#x} at byte {pos} went unnoticed"
+            );
             let line = good[..pos].iter().filter(|b| **b == b'\n').count() + 1;
             let stderr = String::from_utf8_lossy(&out.stderr);
             // A flipped newline joins two records: the first of them is named.
-            assert!(stderr.contains(&format!("record {line}:")), "byte {pos} (record {line}): {stderr}");
+            assert!(
+                stderr.contains(&format!("record {line}:")),
+                "byte {pos} (record {line}): {stderr}"
+            );
         }
     }
     // The controller refuses to start on a tampered log.
@@ -83,7 +129,8 @@ fn a_flipped_byte_anywhere_is_detected_and_its_record_named() {
     bad[good.len() / 2] ^= 1;
     std::fs::write(p.audit_log(), &bad).unwrap();
     let out = std::process::Command::new(palisade_bin())
-        .args(["controller", "--data-dir"]).arg(p.data())
+        .args(["controller", "--data-dir"])
+        .arg(p.data())
         .args(["--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
@@ -100,13 +147,18 @@ fn when_the_audit_log_cannot_be_written_the_request_fails_and_nothing_happens() 
     let full = p.data().join("full");
     std::fs::create_dir_all(&full).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&full)
-        .status().unwrap();
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&full)
+        .status()
+        .unwrap();
     assert!(mounted.success(), "mounting a tmpfs needs root");
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _unmount = Unmount(full.clone());
@@ -122,9 +174,15 @@ fn when_the_audit_log_cannot_be_written_the_request_fails_and_nothing_happens() 
 
     // The last page of the log may still have room for a few records: use it up.
     let mut appended = 0;
-    while p.block_on(alice.client.get::<Vec<api::Instance>>("/v1/instances")).is_ok() {
+    while p
+        .block_on(alice.client.get::<Vec<api::Instance>>("/v1/instances"))
+        .is_ok()
+    {
         appended += 1;
-        assert!(appended < 200, "the full filesystem never refused an append");
+        assert!(
+            appended < 200,
+            "the full filesystem never refused an append"
+        );
     }
     let err = p.create_instance(&alice, "never").unwrap_err();
     assert_eq!((err.status, err.code.as_str()), (503, "audit_unavailable"));
@@ -133,5 +191,10 @@ fn when_the_audit_log_cannot_be_written_the_request_fails_and_nothing_happens() 
     let list: Vec<api::Instance> = p.block_on(alice.client.get("/v1/instances")).unwrap();
     assert!(list.is_empty(), "{list:?}");
     // Torn appends were cut back: the log still verifies.
-    p.cli_ok(&["audit", "verify", "--file", &full.join("audit.log").display().to_string()]);
+    p.cli_ok(&[
+        "audit",
+        "verify",
+        "--file",
+        &full.join("audit.log").display().to_string(),
+    ]);
 }

@@ -11,7 +11,13 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
     let p = Platform::start();
     let admin = p.admin();
     let raw = p.raw();
-    let tenants_before = raw.send(&p, "GET", "/v1/tenants", b"", &sign(&admin, "GET", "/v1/tenants", b"", 0));
+    let tenants_before = raw.send(
+        &p,
+        "GET",
+        "/v1/tenants",
+        b"",
+        &sign(&admin, "GET", "/v1/tenants", b"", 0),
+    );
     assert_eq!(tenants_before.status, 200);
 
     // A valid request works once; the same bytes again are a replay.
@@ -22,7 +28,13 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
 
     // Creation time beyond 60 s either way.
     for skew in [-90, 90, -3600] {
-        let r = raw.send(&p, "GET", "/v1/whoami", b"", &sign(&admin, "GET", "/v1/whoami", b"", skew));
+        let r = raw.send(
+            &p,
+            "GET",
+            "/v1/whoami",
+            b"",
+            &sign(&admin, "GET", "/v1/whoami", b"", skew),
+        );
         assert_eq!((r.status, r.code()), (401, "clock_skew"), "skew {skew}");
     }
 
@@ -60,15 +72,39 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
         key_id: "key-00000000-0000-0000-0000-000000000000".into(),
         key: ed25519_dalek::SigningKey::from_bytes(&rand_bytes()),
     };
-    let r = raw.send(&p, "GET", "/v1/whoami", b"", &sign(&stranger, "GET", "/v1/whoami", b"", 0));
+    let r = raw.send(
+        &p,
+        "GET",
+        "/v1/whoami",
+        b"",
+        &sign(&stranger, "GET", "/v1/whoami", b"", 0),
+    );
     assert_eq!((r.status, r.code()), (401, "key_invalid"));
     // A real key id with someone else's private key.
-    let forger = Signer { key_id: admin.key_id.clone(), ..stranger };
-    let r = raw.send(&p, "GET", "/v1/whoami", b"", &sign(&forger, "GET", "/v1/whoami", b"", 0));
+    let forger = Signer {
+        key_id: admin.key_id.clone(),
+        ..stranger
+    };
+    let r = raw.send(
+        &p,
+        "GET",
+        "/v1/whoami",
+        b"",
+        &sign(&forger, "GET", "/v1/whoami", b"", 0),
+    );
     assert_eq!((r.status, r.code()), (401, "signature_invalid"));
 
-    let tenants_after = raw.send(&p, "GET", "/v1/tenants", b"", &sign(&admin, "GET", "/v1/tenants", b"", 0));
-    assert_eq!(tenants_before.bytes, tenants_after.bytes, "a refused call changed something");
+    let tenants_after = raw.send(
+        &p,
+        "GET",
+        "/v1/tenants",
+        b"",
+        &sign(&admin, "GET", "/v1/tenants", b"", 0),
+    );
+    assert_eq!(
+        tenants_before.bytes, tenants_after.bytes,
+        "a refused call changed something"
+    );
 }
 
 #[test]
@@ -81,9 +117,17 @@ fn every_route_refuses_unsigned_requests() {
         let r = raw.send(&p, method, &path, b"{}", &[]);
         if route.starts_with("/v1/auth/") {
             // Password routes: a password, not a signature, is the credential.
-            assert!(matches!(r.status, 400 | 401), "{method} {route}: {}", r.status);
+            assert!(
+                matches!(r.status, 400 | 401),
+                "{method} {route}: {}",
+                r.status
+            );
         } else {
-            assert_eq!((r.status, r.code()), (401, "signature_missing"), "{method} {route}");
+            assert_eq!(
+                (r.status, r.code()),
+                (401, "signature_missing"),
+                "{method} {route}"
+            );
         }
     }
 }
@@ -100,8 +144,14 @@ fn the_initial_admin_password_only_changes_itself() {
         public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
         name: None,
     };
-    let err = api_error(p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &create)).unwrap_err());
-    assert_eq!((err.status, err.code.as_str()), (403, "password_change_required"));
+    let err = api_error(
+        p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &create))
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (err.status, err.code.as_str()),
+        (403, "password_change_required")
+    );
 
     // Wrong current password, and a too-short new one, are refused.
     let mut change = api::PasswordChange {
@@ -109,20 +159,39 @@ fn the_initial_admin_password_only_changes_itself() {
         current_password: "not-the-password".into(),
         new_password: "a-long-enough-password".into(),
     };
-    let err = api_error(p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change)).unwrap_err());
-    assert_eq!((err.status, err.code.as_str()), (401, "credentials_invalid"));
+    let err = api_error(
+        p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (err.status, err.code.as_str()),
+        (401, "credentials_invalid")
+    );
     change.current_password = initial.clone();
     change.new_password = "short".into();
-    let err = api_error(p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change)).unwrap_err());
+    let err = api_error(
+        p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
+            .unwrap_err(),
+    );
     assert_eq!((err.status, err.code.as_str()), (400, "password_policy"));
 
     // After the change the old password is dead and keys can be made.
     change.new_password = "a-long-enough-password".into();
-    let _: serde_json::Value = p.block_on(anonymous.post("/v1/auth/password", &change)).unwrap();
-    let err = api_error(p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &create)).unwrap_err());
+    let _: serde_json::Value = p
+        .block_on(anonymous.post("/v1/auth/password", &change))
+        .unwrap();
+    let err = api_error(
+        p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &create))
+            .unwrap_err(),
+    );
     assert_eq!(err.status, 401);
-    let create = api::KeyCreate { password: "a-long-enough-password".into(), ..create };
-    let _: api::ApiKey = p.block_on(anonymous.post("/v1/auth/keys", &create)).unwrap();
+    let create = api::KeyCreate {
+        password: "a-long-enough-password".into(),
+        ..create
+    };
+    let _: api::ApiKey = p
+        .block_on(anonymous.post("/v1/auth/keys", &create))
+        .unwrap();
 }
 
 #[test]
@@ -135,12 +204,34 @@ fn tenant_b_gets_404_for_tenant_a_instances_and_never_sees_them() {
     let raw = p.raw();
 
     let missing = "0d6f7f3e-9c1a-4b7e-8f00-000000000000";
-    for (method, tail) in [("GET", ""), ("GET", "/console"), ("DELETE", ""), ("POST", "/stop"), ("POST", "/start")] {
+    for (method, tail) in [
+        ("GET", ""),
+        ("GET", "/console"),
+        ("DELETE", ""),
+        ("POST", "/stop"),
+        ("POST", "/start"),
+    ] {
         let theirs = format!("/v1/instances/{}{tail}", instance.id);
         let nobody = format!("/v1/instances/{missing}{tail}");
-        let a = raw.send(&p, method, &theirs, b"", &sign(&bob, method, &theirs, b"", 0));
-        let b = raw.send(&p, method, &nobody, b"", &sign(&bob, method, &nobody, b"", 0));
-        assert_eq!((a.status, a.code()), (404, "not_found"), "{method} {theirs}");
+        let a = raw.send(
+            &p,
+            method,
+            &theirs,
+            b"",
+            &sign(&bob, method, &theirs, b"", 0),
+        );
+        let b = raw.send(
+            &p,
+            method,
+            &nobody,
+            b"",
+            &sign(&bob, method, &nobody, b"", 0),
+        );
+        assert_eq!(
+            (a.status, a.code()),
+            (404, "not_found"),
+            "{method} {theirs}"
+        );
         // Indistinguishable from an id that does not exist.
         assert_eq!((a.status, &a.body), (b.status, &b.body), "{method} {tail}");
     }
@@ -148,9 +239,19 @@ fn tenant_b_gets_404_for_tenant_a_instances_and_never_sees_them() {
     assert!(list.is_empty(), "tenant B sees {list:?}");
     // Tenant A's instance is untouched by B's attempts.
     let still = p.instance(&alice, &instance.id);
-    assert!(still.deleted_at.is_none() && still.state != "deleting", "{still:?}");
+    assert!(
+        still.deleted_at.is_none() && still.state != "deleting",
+        "{still:?}"
+    );
     // Platform accounts are not a way around tenancy either.
-    let err = api_error(p.block_on(admin.client.get::<api::Instance>(&format!("/v1/instances/{}", instance.id))).unwrap_err());
+    let err = api_error(
+        p.block_on(
+            admin
+                .client
+                .get::<api::Instance>(&format!("/v1/instances/{}", instance.id)),
+        )
+        .unwrap_err(),
+    );
     assert_eq!(err.status, 403);
 }
 
@@ -164,27 +265,146 @@ fn bad_input_gets_a_clear_4xx_never_a_500() {
         raw.send(&p, method, path, body, &sign(signer, method, path, body, 0))
     };
     let big = vec![b'x'; 70 * 1024];
-    let cases: Vec<(&Signer, &str, &str, Vec<u8>, u16, &str)> = vec![
-        (&alice, "POST", "/v1/instances", br#"{"name":"a","image":"debian-12-busybox","flavor":"tiny","gpu":true}"#.to_vec(), 400, "invalid_request"),
-        (&alice, "POST", "/v1/instances", br#"{"name":5,"image":"debian-12-busybox","flavor":"tiny"}"#.to_vec(), 400, "invalid_request"),
-        (&alice, "POST", "/v1/instances", b"not json".to_vec(), 400, "invalid_request"),
-        (&alice, "POST", "/v1/instances", b"".to_vec(), 400, "invalid_request"),
-        (&alice, "POST", "/v1/instances", br#"{"name":"a","image":"debian-12-busybox","flavor":"huge"}"#.to_vec(), 400, "unknown_flavor"),
-        (&alice, "POST", "/v1/instances", br#"{"name":"../../etc","image":"debian-12-busybox","flavor":"tiny"}"#.to_vec(), 400, "invalid_request"),
-        (&alice, "POST", "/v1/instances", br#"{"name":"a","image":"no-such-image","flavor":"tiny"}"#.to_vec(), 404, "not_found"),
-        (&alice, "POST", "/v1/instances", big.clone(), 413, "body_too_large"),
-        (&alice, "GET", "/v1/instances/not-a-uuid", Vec::new(), 404, "not_found"),
-        (&alice, "GET", "/v1/instances/9b2e0f6a-1111-4222-8333-444455556666", Vec::new(), 404, "not_found"),
-        (&alice, "GET", "/v1/nothing-here", Vec::new(), 404, "not_found"),
-        (&alice, "PUT", "/v1/instances", Vec::new(), 405, "method_not_allowed"),
-        (&alice, "POST", "/v1/tenants", br#"{"name":"x"}"#.to_vec(), 403, "forbidden"),
-        (&admin, "POST", "/v1/tenants", br#"{"name":"x","quota":{"instances":"many"}}"#.to_vec(), 400, "invalid_request"),
-        (&admin, "POST", "/v1/users", br#"{"name":"u","tenant_id":"nope"}"#.to_vec(), 404, "not_found"),
-        (&admin, "POST", "/v1/tenants", br#"{"name":"acme"}"#.to_vec(), 409, "name_taken"),
+    // (caller, method, path, body, expected status, expected code)
+    type Case<'a> = (&'a Signer, &'a str, &'a str, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            br#"{"name":"a","image":"debian-12-busybox","flavor":"tiny","gpu":true}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            br#"{"name":5,"image":"debian-12-busybox","flavor":"tiny"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            b"not json".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            b"".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            br#"{"name":"a","image":"debian-12-busybox","flavor":"huge"}"#.to_vec(),
+            400,
+            "unknown_flavor",
+        ),
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            br#"{"name":"../../etc","image":"debian-12-busybox","flavor":"tiny"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            br#"{"name":"a","image":"no-such-image","flavor":"tiny"}"#.to_vec(),
+            404,
+            "not_found",
+        ),
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            big.clone(),
+            413,
+            "body_too_large",
+        ),
+        (
+            &alice,
+            "GET",
+            "/v1/instances/not-a-uuid",
+            Vec::new(),
+            404,
+            "not_found",
+        ),
+        (
+            &alice,
+            "GET",
+            "/v1/instances/9b2e0f6a-1111-4222-8333-444455556666",
+            Vec::new(),
+            404,
+            "not_found",
+        ),
+        (
+            &alice,
+            "GET",
+            "/v1/nothing-here",
+            Vec::new(),
+            404,
+            "not_found",
+        ),
+        (
+            &alice,
+            "PUT",
+            "/v1/instances",
+            Vec::new(),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            &alice,
+            "POST",
+            "/v1/tenants",
+            br#"{"name":"x"}"#.to_vec(),
+            403,
+            "forbidden",
+        ),
+        (
+            &admin,
+            "POST",
+            "/v1/tenants",
+            br#"{"name":"x","quota":{"instances":"many"}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            &admin,
+            "POST",
+            "/v1/users",
+            br#"{"name":"u","tenant_id":"nope"}"#.to_vec(),
+            404,
+            "not_found",
+        ),
+        (
+            &admin,
+            "POST",
+            "/v1/tenants",
+            br#"{"name":"acme"}"#.to_vec(),
+            409,
+            "name_taken",
+        ),
     ];
     for (signer, method, path, body, status, code) in cases {
         let r = call(signer, method, path, &body);
-        assert_eq!((r.status, r.code()), (status, code), "{method} {path} {}", String::from_utf8_lossy(&body[..body.len().min(80)]));
+        assert_eq!(
+            (r.status, r.code()),
+            (status, code),
+            "{method} {path} {}",
+            String::from_utf8_lossy(&body[..body.len().min(80)])
+        );
         assert!(!r.body["error"]["message"].as_str().unwrap_or("").is_empty());
     }
     let r = call(&alice, "GET", "/v1/instances/abc/console?offset=minus", b"");

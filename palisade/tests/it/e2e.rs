@@ -11,41 +11,112 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
     let initial = p.initial_password.clone().unwrap();
 
     // The operator: pin the CA, change the initial password, make a key.
-    p.cli_ok(&["profile", "set", "default", "--endpoint", &endpoint, "--ca", &ca]);
-    p.cli_ok(&["profile", "set", "tenant", "--endpoint", &endpoint, "--ca", &ca]);
+    p.cli_ok(&[
+        "profile",
+        "set",
+        "default",
+        "--endpoint",
+        &endpoint,
+        "--ca",
+        &ca,
+    ]);
+    p.cli_ok(&[
+        "profile",
+        "set",
+        "tenant",
+        "--endpoint",
+        &endpoint,
+        "--ca",
+        &ca,
+    ]);
     let out = p.cli(&["key", "create", "--user", "admin", "--password", &initial]);
-    assert!(!out.status.success(), "the initial password must not create keys");
+    assert!(
+        !out.status.success(),
+        "the initial password must not create keys"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("password_change_required"));
-    p.cli_ok(&["password", "change", "--user", "admin", "--password", &initial,
-        "--new-password", "operator-pass-123"]);
-    p.cli_ok(&["key", "create", "--user", "admin", "--password", "operator-pass-123"]);
+    p.cli_ok(&[
+        "password",
+        "change",
+        "--user",
+        "admin",
+        "--password",
+        &initial,
+        "--new-password",
+        "operator-pass-123",
+    ]);
+    p.cli_ok(&[
+        "key",
+        "create",
+        "--user",
+        "admin",
+        "--password",
+        "operator-pass-123",
+    ]);
 
     // A tenant with a user, who makes their own key.
     let tenant: serde_json::Value =
         serde_json::from_str(&p.cli_ok(&["--json", "tenant", "create", "acme"])).unwrap();
     let tenant_id = tenant[0]["id"].as_str().unwrap().to_string();
-    let user: serde_json::Value = serde_json::from_str(&p.cli_ok(&[
-        "--json", "user", "create", "alice", "--tenant", &tenant_id,
-    ]))
+    let user: serde_json::Value = serde_json::from_str(
+        &p.cli_ok(&["--json", "user", "create", "alice", "--tenant", &tenant_id]),
+    )
     .unwrap();
     let alice_initial = user["initial_password"].as_str().unwrap().to_string();
-    p.cli_ok(&["--profile", "tenant", "password", "change", "--user", "alice", "--password",
-        &alice_initial, "--new-password", "alice-pass-1234"]);
-    p.cli_ok(&["--profile", "tenant", "key", "create", "--user", "alice", "--password",
-        "alice-pass-1234"]);
+    p.cli_ok(&[
+        "--profile",
+        "tenant",
+        "password",
+        "change",
+        "--user",
+        "alice",
+        "--password",
+        &alice_initial,
+        "--new-password",
+        "alice-pass-1234",
+    ]);
+    p.cli_ok(&[
+        "--profile",
+        "tenant",
+        "key",
+        "create",
+        "--user",
+        "alice",
+        "--password",
+        "alice-pass-1234",
+    ]);
     let table = p.cli_ok(&["--profile", "tenant", "image", "list"]);
     assert!(table.contains("debian-12-busybox"), "{table}");
 
     // Boot, and read the console until the guest says it is up.
     let created: serde_json::Value = serde_json::from_str(&p.cli_ok(&[
-        "--profile", "tenant", "--json", "instance", "create", "web-1", "--image",
-        "debian-12-busybox", "--flavor", "tiny", "--wait",
+        "--profile",
+        "tenant",
+        "--json",
+        "instance",
+        "create",
+        "web-1",
+        "--image",
+        "debian-12-busybox",
+        "--flavor",
+        "tiny",
+        "--wait",
     ]))
     .unwrap();
     let id = created[0]["id"].as_str().unwrap().to_string();
     assert_eq!(created[0]["state"], "running");
-    let console = p.cli_ok(&["--profile", "tenant", "instance", "console", &id, "--follow",
-        "--until", BOOT_MARKER, "--timeout", "120"]);
+    let console = p.cli_ok(&[
+        "--profile",
+        "tenant",
+        "instance",
+        "console",
+        &id,
+        "--follow",
+        "--until",
+        BOOT_MARKER,
+        "--timeout",
+        "120",
+    ]);
     assert!(console.contains(BOOT_MARKER));
     let list = p.cli_ok(&["--profile", "tenant", "instance", "list"]);
     assert!(list.contains("web-1") && list.contains("running"), "{list}");
@@ -53,33 +124,58 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
 
     // Stop: the process goes away. Start: it boots again from the same disk.
     p.cli_ok(&["--profile", "tenant", "instance", "stop", &id, "--wait"]);
-    assert!(qemu_pids(&id).is_empty(), "stopped instance still has a QEMU process");
+    assert!(
+        qemu_pids(&id).is_empty(),
+        "stopped instance still has a QEMU process"
+    );
     p.cli_ok(&["--profile", "tenant", "instance", "start", &id, "--wait"]);
     assert_eq!(qemu_pids(&id).len(), 1);
 
     // Delete: no process, cgroup, directory or disk of it remains; the record says when the
     // disk was erased.
     let deleted: serde_json::Value = serde_json::from_str(&p.cli_ok(&[
-        "--profile", "tenant", "--json", "instance", "delete", &id, "--wait",
+        "--profile",
+        "tenant",
+        "--json",
+        "instance",
+        "delete",
+        &id,
+        "--wait",
     ]))
     .unwrap();
     assert_eq!(deleted[0]["state"], "deleted");
     assert!(deleted[0]["disk_erased_at"].is_string(), "{deleted}");
     assert!(deleted[0]["deleted_at"].is_string());
     assert!(qemu_pids(&id).is_empty());
-    assert!(cgroup_dirs(&id).is_empty(), "cgroups left: {:?}", cgroup_dirs(&id));
-    assert!(!p.agent_instance_dirs().contains(&id), "instance directory left on the host");
+    assert!(
+        cgroup_dirs(&id).is_empty(),
+        "cgroups left: {:?}",
+        cgroup_dirs(&id)
+    );
+    assert!(
+        !p.agent_instance_dirs().contains(&id),
+        "instance directory left on the host"
+    );
     let disks = std::process::Command::new("find")
         .arg(p.data())
         .args(["-name", "*.qcow2"])
         .output()
         .unwrap();
-    assert!(disks.stdout.is_empty(), "disk files left: {}", String::from_utf8_lossy(&disks.stdout));
+    assert!(
+        disks.stdout.is_empty(),
+        "disk files left: {}",
+        String::from_utf8_lossy(&disks.stdout)
+    );
     let list = p.cli_ok(&["--profile", "tenant", "instance", "list"]);
     assert!(!list.contains(&id), "a deleted instance is still listed");
 
     // The whole session verifies, online (admin export) and offline.
     let verdict = p.cli_ok(&["audit", "verify"]);
     assert!(verdict.contains("intact"), "{verdict}");
-    p.cli_ok(&["audit", "verify", "--file", &p.audit_log().display().to_string()]);
+    p.cli_ok(&[
+        "audit",
+        "verify",
+        "--file",
+        &p.audit_log().display().to_string(),
+    ]);
 }

@@ -2,6 +2,8 @@
 //! They run the real `palisade` binary against real QEMU, real files and a real SQLite file,
 //! and need root (chroot, setuid, cgroups).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test with its line
+
 mod audit;
 mod auth;
 mod e2e;

@@ -8,7 +8,11 @@ use crate::support::*;
 fn twenty_parallel_creates_against_a_quota_of_three_yield_exactly_three() {
     let p = Platform::start();
     let admin = p.admin();
-    let quota = api::Quota { instances: 3, vcpus: 16, memory_mib: 16 * 1024 };
+    let quota = api::Quota {
+        instances: 3,
+        vcpus: 16,
+        memory_mib: 16 * 1024,
+    };
     let (_, alice) = p.tenant(&admin, "limited", Some(quota));
     let results = p.block_on(async {
         let calls = (0..20).map(|i| {
@@ -18,7 +22,11 @@ fn twenty_parallel_creates_against_a_quota_of_three_yield_exactly_three() {
                 flavor: "tiny".into(),
             };
             let client = &alice.client;
-            async move { client.post::<_, api::Instance>("/v1/instances", &body).await }
+            async move {
+                client
+                    .post::<_, api::Instance>("/v1/instances", &body)
+                    .await
+            }
         });
         futures::future::join_all(calls).await
     });

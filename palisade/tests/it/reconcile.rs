@@ -26,7 +26,9 @@ fn agent_killed_while_an_instance_runs_is_reconciled_on_restart() {
     assert_eq!(p.instance(&alice, &id).state, "running");
     assert_eq!(qemu_pids(&id), pids);
     p.wait_console(&alice, &id, BOOT_MARKER);
-    let _: serde_json::Value = p.block_on(alice.client.post(&format!("/v1/instances/{id}/stop"), &())).unwrap();
+    let _: serde_json::Value = p
+        .block_on(alice.client.post(&format!("/v1/instances/{id}/stop"), &()))
+        .unwrap();
     p.wait_state(&alice, &id, "stopped");
     assert!(qemu_pids(&id).is_empty());
 }
@@ -45,7 +47,13 @@ fn controller_killed_mid_operation_finishes_it_after_restart() {
     assert_eq!(qemu_pids(&id).len(), 1);
 
     // Killed right after accepting a delete: the delete completes, nothing remains.
-    let _: serde_json::Value = p.block_on(alice.client.json(reqwest::Method::DELETE, &format!("/v1/instances/{id}"), None::<&()>)).unwrap();
+    let _: serde_json::Value = p
+        .block_on(alice.client.json(
+            reqwest::Method::DELETE,
+            &format!("/v1/instances/{id}"),
+            None::<&()>,
+        ))
+        .unwrap();
     p.kill_controller();
     p.start_controller();
     let gone = p.wait_state(&alice, &id, "deleted");

@@ -22,7 +22,10 @@ pub fn palisade_bin() -> PathBuf {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The guest image: `$PALISADE_GUEST_IMAGE`, else `<workspace>/build/guest`.
@@ -40,7 +43,11 @@ pub fn guest_image() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
@@ -50,7 +57,10 @@ pub fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) 
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -68,7 +78,10 @@ pub struct Platform {
 impl Platform {
     /// Starts a fresh platform: controller first (it makes the PKI), then the agent.
     pub fn start() -> Platform {
-        let dir = tempfile::Builder::new().prefix("palisade-it-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("palisade-it-")
+            .tempdir()
+            .unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -116,11 +129,16 @@ impl Platform {
         };
         let mut child = Command::new(palisade_bin())
             .arg("controller")
-            .arg("--data-dir").arg(self.data())
-            .arg("--listen").arg(&listen)
-            .arg("--agent-url").arg(format!("https://127.0.0.1:{}", self.agent_port))
-            .arg("--guest-image").arg(guest_image())
-            .arg("--reconcile-interval-secs").arg("1")
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--agent-url")
+            .arg(format!("https://127.0.0.1:{}", self.agent_port))
+            .arg("--guest-image")
+            .arg(guest_image())
+            .arg("--reconcile-interval-secs")
+            .arg("1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(self.log("controller.log"))
@@ -130,7 +148,12 @@ impl Platform {
         loop {
             let line = lines
                 .next()
-                .unwrap_or_else(|| panic!("controller exited at start:\n{}", self.tail("controller.log")))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "controller exited at start:\n{}",
+                        self.tail("controller.log")
+                    )
+                })
                 .unwrap();
             if let Some(p) = line.strip_prefix("PALISADE-INITIAL-ADMIN-PASSWORD ") {
                 self.initial_password = Some(p.to_string());
@@ -148,11 +171,16 @@ impl Platform {
         let pki = self.data().join("pki");
         let child = Command::new(palisade_bin())
             .arg("agent")
-            .arg("--data-dir").arg(self.data().join("agent"))
-            .arg("--listen").arg(format!("127.0.0.1:{}", self.agent_port))
-            .arg("--ca").arg(pki.join("ca.pem"))
-            .arg("--cert").arg(pki.join("agent.pem"))
-            .arg("--key").arg(pki.join("agent.key"))
+            .arg("--data-dir")
+            .arg(self.data().join("agent"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.agent_port))
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("agent.pem"))
+            .arg("--key")
+            .arg(pki.join("agent.key"))
             .stdin(Stdio::null())
             .stdout(self.log("agent.log"))
             .stderr(self.log("agent.log"))
@@ -183,7 +211,9 @@ impl Platform {
     pub fn tail(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.data().join(name)).unwrap_or_default();
         let start = text.len().saturating_sub(8000);
-        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
         text[start..].to_string()
     }
 
@@ -205,7 +235,9 @@ impl Platform {
             current_password: initial.into(),
             new_password: password.clone(),
         };
-        let _: Value = self.block_on(anonymous.post("/v1/auth/password", &change)).unwrap();
+        let _: Value = self
+            .block_on(anonymous.post("/v1/auth/password", &change))
+            .unwrap();
         let key = SigningKey::from_bytes(&rand_bytes());
         let create = api::KeyCreate {
             user: user.into(),
@@ -213,31 +245,54 @@ impl Platform {
             public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
             name: None,
         };
-        let created: api::ApiKey = self.block_on(anonymous.post("/v1/auth/keys", &create)).unwrap();
+        let created: api::ApiKey = self
+            .block_on(anonymous.post("/v1/auth/keys", &create))
+            .unwrap();
         Signer {
-            client: Client::new(&self.endpoint, &self.ca(), Some((created.id.clone(), key.clone())))
-                .unwrap(),
+            client: Client::new(
+                &self.endpoint,
+                &self.ca(),
+                Some((created.id.clone(), key.clone())),
+            )
+            .unwrap(),
             key_id: created.id,
             key,
         }
     }
 
     pub fn admin(&self) -> Signer {
-        let initial = self.initial_password.clone().expect("first start shows the password");
+        let initial = self
+            .initial_password
+            .clone()
+            .expect("first start shows the password");
         self.enrol("admin", &initial)
     }
 
     /// Creates a tenant (with `quota`) and a user in it, enrolled.
-    pub fn tenant(&self, admin: &Signer, name: &str, quota: Option<api::Quota>) -> (api::Tenant, Signer) {
+    pub fn tenant(
+        &self,
+        admin: &Signer,
+        name: &str,
+        quota: Option<api::Quota>,
+    ) -> (api::Tenant, Signer) {
         let tenant: api::Tenant = self
-            .block_on(admin.client.post("/v1/tenants", &api::TenantCreate { name: name.into(), quota }))
+            .block_on(admin.client.post(
+                "/v1/tenants",
+                &api::TenantCreate {
+                    name: name.into(),
+                    quota,
+                },
+            ))
             .unwrap();
         let user_name = format!("{name}-user");
         let created: api::UserCreated = self
-            .block_on(admin.client.post("/v1/users", &api::UserCreate {
-                name: user_name.clone(),
-                tenant_id: tenant.id.clone(),
-            }))
+            .block_on(admin.client.post(
+                "/v1/users",
+                &api::UserCreate {
+                    name: user_name.clone(),
+                    tenant_id: tenant.id.clone(),
+                },
+            ))
             .unwrap();
         let signer = self.enrol(&user_name, &created.initial_password);
         (tenant, signer)
@@ -249,33 +304,52 @@ impl Platform {
             image: "debian-12-busybox".into(),
             flavor: "tiny".into(),
         };
-        self.block_on(signer.client.post("/v1/instances", &body)).map_err(api_error)
+        self.block_on(signer.client.post("/v1/instances", &body))
+            .map_err(api_error)
     }
 
     pub fn instance(&self, signer: &Signer, id: &str) -> api::Instance {
-        self.block_on(signer.client.get(&format!("/v1/instances/{id}"))).unwrap()
+        self.block_on(signer.client.get(&format!("/v1/instances/{id}")))
+            .unwrap()
     }
 
     pub fn wait_state(&self, signer: &Signer, id: &str, state: &str) -> api::Instance {
-        poll(Duration::from_secs(120), &format!("instance {id} to be {state}"), || {
-            let i = self.instance(signer, id);
-            assert_ne!(i.state, "error", "instance failed: {i:?}\n{}", self.tail("agent.log"));
-            (i.state == state).then_some(i)
-        })
+        poll(
+            Duration::from_secs(120),
+            &format!("instance {id} to be {state}"),
+            || {
+                let i = self.instance(signer, id);
+                assert_ne!(
+                    i.state,
+                    "error",
+                    "instance failed: {i:?}\n{}",
+                    self.tail("agent.log")
+                );
+                (i.state == state).then_some(i)
+            },
+        )
     }
 
     /// Reads the console until `text` appears; returns everything read.
     pub fn wait_console(&self, signer: &Signer, id: &str, text: &str) -> String {
         let mut offset = 0;
         let mut seen = String::new();
-        poll(Duration::from_secs(120), &format!("{text:?} on the console of {id}"), || {
-            let chunk: api::ConsoleOutput = self
-                .block_on(signer.client.get(&format!("/v1/instances/{id}/console?offset={offset}")))
-                .unwrap();
-            offset = chunk.next_offset;
-            seen.push_str(&chunk.data);
-            seen.contains(text).then_some(())
-        });
+        poll(
+            Duration::from_secs(120),
+            &format!("{text:?} on the console of {id}"),
+            || {
+                let chunk: api::ConsoleOutput = self
+                    .block_on(
+                        signer
+                            .client
+                            .get(&format!("/v1/instances/{id}/console?offset={offset}")),
+                    )
+                    .unwrap();
+                offset = chunk.next_offset;
+                seen.push_str(&chunk.data);
+                seen.contains(text).then_some(())
+            },
+        );
         seen
     }
 
@@ -304,7 +378,11 @@ impl Platform {
     /// Ids of instances that have a directory on the agent's host.
     pub fn agent_instance_dirs(&self) -> Vec<String> {
         std::fs::read_dir(self.data().join("agent/instances"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -317,7 +395,11 @@ pub fn qemu_pids(id: &str) -> Vec<u32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(&needle))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(&needle)
+                })
                 .unwrap_or(false)
         })
         .collect()
@@ -326,7 +408,12 @@ pub fn qemu_pids(id: &str) -> Vec<u32> {
 /// Cgroup directories still named after instance `id`, under v1 or v2 hierarchies.
 pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    let roots = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"];
+    let roots = [
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup",
+    ];
     for root in roots {
         let dir = Path::new(root).join("palisade").join(id);
         if dir.exists() {
@@ -404,18 +491,36 @@ impl Platform {
     pub fn raw(&self) -> Raw {
         let tls = palisade_common::tls::client_config(&self.ca(), None).unwrap();
         Raw {
-            http: reqwest::Client::builder().tls_backend_preconfigured(tls).build().unwrap(),
+            http: reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .build()
+                .unwrap(),
             endpoint: self.endpoint.clone(),
         }
     }
 }
 
 /// Signature headers for a request, with every knob a test may want to turn.
-pub fn sign(signer: &Signer, method: &str, path: &str, body: &[u8], created_offset: i64) -> Vec<(String, String)> {
+pub fn sign(
+    signer: &Signer,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    created_offset: i64,
+) -> Vec<(String, String)> {
     let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
-    let created = time_now() + created_offset;
-    let h = palisade_common::signing::sign(&signer.key, &signer.key_id, method, path_only, query,
-        body, created, &palisade_common::signing::new_nonce());
+    let params = palisade_common::signing::SignatureParams {
+        created: time_now() + created_offset,
+        nonce: palisade_common::signing::new_nonce(),
+        keyid: signer.key_id.clone(),
+    };
+    let message = palisade_common::signing::Message {
+        method,
+        path: path_only,
+        query,
+        body,
+    };
+    let h = palisade_common::signing::sign(&signer.key, &params, &message);
     vec![
         ("content-digest".into(), h.content_digest),
         ("signature-input".into(), h.signature_input),
@@ -431,10 +536,18 @@ pub fn time_now() -> i64 {
 }
 
 impl Raw {
-    pub fn send(&self, platform: &Platform, method: &str, path: &str, body: &[u8],
-        headers: &[(String, String)]) -> RawResponse {
+    pub fn send(
+        &self,
+        platform: &Platform,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(String, String)],
+    ) -> RawResponse {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.http.request(method, format!("{}{path}", self.endpoint));
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.endpoint));
         for (name, value) in headers {
             request = request.header(name, value);
         }
@@ -444,7 +557,11 @@ impl Raw {
             let status = response.status().as_u16();
             let bytes = response.bytes().await.unwrap().to_vec();
             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            RawResponse { status, body, bytes }
+            RawResponse {
+                status,
+                body,
+                bytes,
+            }
         })
     }
 }
