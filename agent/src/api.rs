@@ -155,13 +155,9 @@ fn rejection_error(status: StatusCode, text: String) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(status, "payload_too_large", "request body too large");
     }
-    let mut error = ApiError::invalid(text);
-    error.status = if status.is_client_error() {
-        status
-    } else {
-        StatusCode::BAD_REQUEST
-    };
-    error
+    // Malformed JSON, unknown fields, wrong types, a missing content type:
+    // all one thing to the caller.
+    ApiError::invalid(text)
 }
 
 impl IntoResponse for ApiError {
@@ -171,7 +167,7 @@ impl IntoResponse for ApiError {
                 error!(code = self.code, error = %error_chain(cause), "request failed")
             }
             Some(cause) => info!(code = self.code, error = %error_chain(cause), "request refused"),
-            None => info!(code = self.code, message = %self.message, "request refused"),
+            None => info!(code = self.code, detail = %self.message, "request refused"),
         }
         let mut body = ErrorBody::new(self.code, self.message);
         body.error.request_id = REQUEST_ID.try_with(|id| id.clone()).ok();

@@ -76,12 +76,6 @@ pub struct Config {
     pub cgroups: Cgroups,
 }
 
-/// Unix socket paths are limited to 107 bytes; the agent connects to QEMU's
-/// sockets through their host paths.
-const SUN_PATH_MAX: usize = 107;
-/// `/instances/<36-char id>/root/run/console.sock`.
-const LONGEST_SOCKET_SUFFIX: usize = "/instances/".len() + 36 + "/root/run/console.sock".len();
-
 impl Config {
     pub fn resolve(args: &AgentArgs, facts: HostFacts) -> anyhow::Result<Config> {
         let accelerator = qemu::choose_accelerator(args.accelerator, facts)?;
@@ -92,14 +86,6 @@ impl Config {
             .data_dir
             .canonicalize()
             .with_context(|| format!("resolving {}", args.data_dir.display()))?;
-        let socket_len = data_dir.as_os_str().len() + LONGEST_SOCKET_SUFFIX;
-        if socket_len > SUN_PATH_MAX {
-            bail!(
-                "--data-dir {} is too long: instance sockets would need {socket_len} bytes, \
-                 Unix sockets allow {SUN_PATH_MAX}",
-                data_dir.display()
-            );
-        }
 
         if !args.qemu.is_absolute() || !args.qemu.starts_with("/usr/") {
             bail!("--qemu must be an absolute path below /usr (the only host tree in the sandbox)");

@@ -158,6 +158,12 @@ struct Slot {
 }
 
 impl Slot {
+    /// The span of the instance's background tasks (exit watcher, console
+    /// reader): theirs, not the request's that started them.
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!(parent: None, "instance", instance_id = %self.id)
+    }
+
     fn status(&self, state: &State) -> Option<InstanceStatus> {
         let uid = state.uid?;
         let running = state.running.as_ref().filter(|r| !*r.exited.borrow());
@@ -533,7 +539,7 @@ impl Manager {
                 let _ = exited_tx.send(true);
                 manager.finish_exit(&watched, pid, start_time).await;
             }
-            .in_current_span(),
+            .instrument(slot.span()),
         );
 
         if let Err(e) = self.wait_for_qmp(paths, exited.clone()).await {
@@ -551,7 +557,7 @@ impl Manager {
                 slot.console.clone(),
                 exited.clone(),
             )
-            .in_current_span(),
+            .instrument(slot.span()),
         );
         Ok(Running {
             pid,
@@ -818,7 +824,7 @@ impl Manager {
                 let _ = exited_tx.send(true);
                 manager.finish_exit(&watched, pid, start_time).await;
             }
-            .in_current_span(),
+            .instrument(slot.span()),
         );
         let console_reader = tokio::spawn(
             read_console(
@@ -826,7 +832,7 @@ impl Manager {
                 slot.console.clone(),
                 exited.clone(),
             )
-            .in_current_span(),
+            .instrument(slot.span()),
         );
         Running {
             pid,
@@ -950,7 +956,7 @@ async fn read_console(socket: PathBuf, log: Arc<ConsoleLog>, mut exited: watch::
         if *exited.borrow() {
             return;
         }
-        if let Ok(stream) = UnixStream::connect(&socket).await {
+        if let Ok(stream) = crate::unix_socket::connect(&socket).await {
             debug!("console attached");
             if let Err(e) = pump_console(stream, &log).await {
                 // Only the log file can fail here (e.g. deleted): stop.

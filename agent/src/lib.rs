@@ -28,6 +28,7 @@ mod jail;
 mod process;
 mod qemu;
 mod qmp;
+mod unix_socket;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

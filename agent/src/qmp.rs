@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 
 /// Longest line we accept from QEMU; answers we use are tiny. QEMU is not
 /// trusted (a guest may own it), so nothing it sends may grow agent memory.
@@ -47,7 +46,7 @@ impl Qmp {
     }
 
     async fn connect_inner(path: &Path) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(path).await?;
+        let stream = crate::unix_socket::connect(path).await?;
         let (read, writer) = stream.into_split();
         let mut qmp = Qmp {
             reader: BufReader::new(read),

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test with its line
 
+mod agent;
 mod audit;
 mod auth;
 mod e2e;

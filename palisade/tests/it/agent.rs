@@ -1,0 +1,909 @@
+//! The host agent, for real: the `palisade agent` process over mutual TLS,
+//! real QEMU guests in the jailer's sandbox, real cgroups (TESTING.md G1), an
+//! agent killed with SIGKILL and restarted, and a delete that leaves nothing.
+//!
+//! Needs root and the guest image (`images/build-guest.sh build/guest`, or
+//! `$PALISADE_GUEST_IMAGE`). On failure the agent's log is printed and the
+//! temp directory is kept.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use palisade_common::agent_api::{
+    ConsoleChunk, EraseReport, HostInfo, ImageSpec, InstanceSpec, InstanceStatus, PowerState,
+};
+use palisade_common::error::ErrorBody;
+use serde_json::{json, Value};
+
+const MARKER: &str = "PALISADE-BOOT-OK";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+const ID_A: &str = "a0000000-0000-4000-8000-00000000000a";
+const ID_B: &str = "b0000000-0000-4000-8000-00000000000b";
+const ID_C: &str = "c0000000-0000-4000-8000-00000000000c";
+
+// ---- the test ---------------------------------------------------------------
+
+#[test]
+fn agent_runs_sandboxed_instances_adopts_them_after_sigkill_and_erases_them() {
+    let mut env = Env::new();
+    let image = GuestImage::locate();
+    let agent = env.spawn_agent();
+    let api = env.client(&agent, Identity::Platform);
+
+    let host: HostInfo = api.ok("GET", "/v1/host", None);
+    assert!(
+        ["kvm", "tcg"].contains(&host.accelerator.as_str()),
+        "{host:?}"
+    );
+    assert_eq!(host.cgroup_version, Cgroups::detect().version());
+
+    refuses_clients_without_a_platform_certificate(&env, &agent);
+    refuses_bad_input(&api, &image);
+
+    // Two instances, each booted in its own sandbox.
+    let a = api.start(&image.spec(ID_A, 1, 256, ""));
+    let b = api.start(&image.spec(ID_B, 2, 192, ""));
+    for status in [&a, &b] {
+        assert_eq!(status.state, PowerState::Running, "{status:?}");
+    }
+    assert_eq!(
+        api.start(&image.spec(ID_B, 2, 192, "")),
+        b,
+        "a repeated start is a no-op"
+    );
+    let (pid_a, pid_b) = (pid(&a), pid(&b));
+    let mut console_a = api.wait_for_marker(ID_A, 0);
+    api.wait_for_marker(ID_B, 0);
+
+    assert_ne!(a.uid, b.uid);
+    for (status, vcpus, memory_mib) in [(&a, 1, 256), (&b, 2, 192)] {
+        assert_sandboxed(&env, status, vcpus, memory_mib);
+    }
+
+    refuses_an_image_that_does_not_match_its_digest(&env, &api, &image);
+
+    // SIGKILL the agent: the guests go on; a new agent adopts them.
+    agent.kill();
+    assert!(
+        is_running(pid_a) && is_running(pid_b),
+        "QEMU died with its agent"
+    );
+    let agent = env.spawn_agent();
+    let api = env.client(&agent, Identity::Platform);
+    let listed = api.list();
+    assert_eq!(find(&listed, ID_A), Some(&a), "{listed:?}");
+    assert_eq!(find(&listed, ID_B), Some(&b), "{listed:?}");
+
+    // The console is read again: a guest reset prints the marker anew.
+    console_a = api.read_to_end(ID_A, console_a);
+    qmp(
+        &env.instance_dir(ID_A).join("root/run/qmp.sock"),
+        "system_reset",
+    );
+    console_a = api.wait_for_marker(ID_A, console_a);
+
+    // Stop (twice), then start again on the same disk.
+    let disk_a = env.instance_dir(ID_A).join("root/run/disk.qcow2");
+    let disk_inode = std::fs::metadata(&disk_a).expect("disk of A").ino();
+    let stopped = api.stop(ID_A);
+    assert_eq!(
+        (stopped.state, stopped.pid, stopped.uid),
+        (PowerState::Stopped, None, a.uid)
+    );
+    assert!(!is_running(pid_a), "QEMU of A still runs after stop");
+    assert_no_cgroups(ID_A);
+    assert_eq!(api.stop(ID_A), stopped, "a repeated stop is a no-op");
+
+    let again = api.start(&image.spec(ID_A, 1, 256, ""));
+    assert_eq!((again.state, again.uid), (PowerState::Running, a.uid));
+    assert_eq!(
+        std::fs::metadata(&disk_a).expect("disk of A").ino(),
+        disk_inode
+    );
+    api.wait_for_marker(ID_A, console_a);
+    assert_sandboxed(&env, &again, 1, 256);
+
+    // Delete everything: no process, cgroup, directory or disk remains.
+    let pids = [pid(&again), pid_b];
+    for id in [ID_A, ID_B, ID_C] {
+        let report: EraseReport = api.ok("DELETE", &format!("/v1/instances/{id}"), None);
+        assert_eq!(report.id, id);
+        let erased_at = report.disk_erased_at.clone().expect("disk erased");
+        assert!(
+            time_is_rfc3339(&erased_at),
+            "disk_erased_at {erased_at:?} is not RFC 3339"
+        );
+        assert!(report.disk_bytes_overwritten > 0, "{report:?}");
+        assert!(!env.instance_dir(id).exists(), "{id}: directory left");
+        assert_no_cgroups(id);
+    }
+    for pid in pids {
+        assert!(!is_running(pid), "QEMU {pid} still runs after delete");
+    }
+    assert!(api.list().is_empty());
+    let repeated: EraseReport = api.ok("DELETE", &format!("/v1/instances/{ID_A}"), None);
+    assert_eq!(
+        (repeated.disk_erased_at, repeated.disk_bytes_overwritten),
+        (None, 0)
+    );
+    assert_no_zombie_children(agent.child.id());
+    agent.kill();
+}
+
+fn refuses_clients_without_a_platform_certificate(env: &Env, agent: &AgentProcess) {
+    for identity in [Identity::None, Identity::ForeignCa] {
+        let client = env.client(agent, identity);
+        let result = client.try_call("GET", "/v1/host", None);
+        assert!(result.is_err(), "{identity:?} was served: {result:?}");
+    }
+}
+
+fn refuses_bad_input(api: &Api, image: &GuestImage) {
+    let spec = serde_json::to_value(image.spec(ID_A, 1, 256, "")).expect("spec");
+    let cases: Vec<(&str, String, Option<Value>, u16, &str)> = vec![
+        (
+            "POST",
+            "/v1/instances/..%2F..%2Fetc/start".into(),
+            Some(spec.clone()),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/instances/not-a-uuid/stop".into(),
+            None,
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            format!("/v1/instances/{ID_B}/start"),
+            Some(spec.clone()),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            format!("/v1/instances/{ID_A}/start"),
+            Some(with_field(&spec, "debug", json!(true))),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            format!("/v1/instances/{ID_A}/start"),
+            Some(json!("x".repeat(100_000))),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "GET",
+            format!("/v1/instances/{ID_A}/console?offset=0&verbose=1"),
+            None,
+            400,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            format!("/v1/instances/{ID_A}/console"),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            format!("/v1/instances/{ID_A}/stop"),
+            None,
+            404,
+            "not_found",
+        ),
+        ("GET", "/v1/nothing".into(), None, 404, "not_found"),
+        ("PUT", "/v1/host".into(), None, 405, "method_not_allowed"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let (got, value) = api.call(method, &path, body);
+        let error: Result<ErrorBody, _> = serde_json::from_value(value.clone());
+        assert_eq!(got, status, "{method} {path}: {value}");
+        assert_eq!(
+            error.map(|e| e.error.code).ok().as_deref(),
+            Some(code),
+            "{method} {path}: {value}"
+        );
+    }
+    assert!(api.list().is_empty(), "bad input created something");
+}
+
+fn refuses_an_image_that_does_not_match_its_digest(env: &Env, api: &Api, image: &GuestImage) {
+    let mut spec = image.spec(ID_C, 1, 128, "");
+    spec.image.kernel_sha256 = "0".repeat(64);
+    let (status, value) = api.call(
+        "POST",
+        &format!("/v1/instances/{ID_C}/start"),
+        Some(serde_json::to_value(&spec).expect("spec")),
+    );
+    assert_eq!(status, 422, "{value}");
+    assert_eq!(value["error"]["code"], "image_digest_mismatch", "{value}");
+
+    let run = env.instance_dir(ID_C).join("root/run");
+    assert!(
+        !run.join("vmlinuz").exists(),
+        "the rejected kernel was kept"
+    );
+    assert!(
+        qemu_pids_of(ID_C).is_empty(),
+        "a QEMU runs for the rejected image"
+    );
+    assert_no_cgroups(ID_C);
+    let listed = api.list();
+    let c = find(&listed, ID_C).expect("C has a directory, so it is listed");
+    assert_eq!((c.state, c.pid), (PowerState::Stopped, None));
+}
+
+/// TESTING.md G1, for one running instance.
+fn assert_sandboxed(env: &Env, status: &InstanceStatus, vcpus: u64, memory_mib: u64) {
+    let pid = pid(status);
+    let proc_status = proc_status(pid);
+    let field = |name: &str| proc_status.get(name).map(String::as_str).unwrap_or("?");
+    let uid = status.uid.to_string();
+    assert!(status.uid >= 200_000, "{status:?}");
+    assert_eq!(
+        field("Uid").split_whitespace().collect::<Vec<_>>(),
+        [uid.as_str(); 4]
+    );
+    assert_eq!(
+        field("Gid").split_whitespace().collect::<Vec<_>>(),
+        [uid.as_str(); 4]
+    );
+    assert_eq!(field("Groups"), "");
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(caps), "0000000000000000", "{caps}");
+    }
+
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).expect("read /proc/pid/root");
+    assert_eq!(root, env.instance_dir(&status.id).join("root"));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.starts_with("/usr/bin/qemu-system-x86_64 "),
+        "{cmdline}"
+    );
+    assert!(
+        !cmdline.contains("-runas") && !cmdline.contains("-chroot"),
+        "{cmdline}"
+    );
+
+    let limits = [
+        ("memory", (memory_mib + 192) << 20),
+        ("cpu", vcpus * 100_000),
+        ("pids", 128),
+    ];
+    Cgroups::detect().assert_member_with_limits(&status.id, pid, &limits);
+}
+
+// ---- the environment --------------------------------------------------------
+
+struct Env {
+    dir: Option<tempfile::TempDir>,
+    pki: Pki,
+    log: PathBuf,
+    agent_starts: u32,
+}
+
+struct AgentProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Env {
+    fn new() -> Env {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "the agent integration test needs root (chroot, setuid, cgroups)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("palisade-agent-it-")
+            .tempdir()
+            .expect("tempdir");
+        let pki = Pki::generate(dir.path());
+        let log = dir.path().join("agent.log");
+        Env {
+            dir: Some(dir),
+            pki,
+            log,
+            agent_starts: 0,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().expect("temp dir").path()
+    }
+
+    fn data(&self) -> PathBuf {
+        self.path().join("data")
+    }
+
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.data().join("instances").join(id)
+    }
+
+    fn spawn_agent(&mut self) -> AgentProcess {
+        self.agent_starts += 1;
+        let addr_file = self
+            .path()
+            .join(format!("agent-{}.addr", self.agent_starts));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .arg("agent")
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .arg("--ca")
+            .arg(&self.pki.ca)
+            .arg("--cert")
+            .arg(&self.pki.agent.0)
+            .arg("--key")
+            .arg(&self.pki.agent.1)
+            .env("RUST_LOG", "info,palisade_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn palisade agent");
+
+        let addr = poll(Duration::from_secs(30), "the agent to listen", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the agent exited with {status}");
+            }
+            let text = std::fs::read_to_string(&addr_file).ok()?;
+            text.trim().parse().ok()
+        });
+        AgentProcess { child, addr }
+    }
+
+    fn client(&self, agent: &AgentProcess, identity: Identity) -> Api {
+        Api::new(&self.pki, identity, agent.addr)
+    }
+}
+
+impl AgentProcess {
+    /// SIGKILL, as a crash would.
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL the agent");
+        self.child.wait().expect("reap the agent");
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        if failed {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(20_000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!("--- agent.log (tail) ---\n{tail}");
+        }
+        // QEMU outlives its agent by design; the test's must not outlive the test.
+        for id in [ID_A, ID_B, ID_C] {
+            for pid in qemu_pids_of(id) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        for id in [ID_A, ID_B, ID_C] {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            for dir in Cgroups::detect().dirs(id) {
+                while dir.exists()
+                    && std::fs::remove_dir(&dir).is_err()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        if failed {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("keeping {}", dir.keep().display());
+            }
+        }
+    }
+}
+
+// ---- certificates -----------------------------------------------------------
+
+/// A platform CA with the agent's server certificate and a client certificate,
+/// plus a client certificate from a foreign CA.
+struct Pki {
+    ca: PathBuf,
+    agent: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+    foreign_client: (PathBuf, PathBuf),
+}
+
+impl Pki {
+    fn generate(dir: &Path) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let dir = dir.join("pki");
+        std::fs::create_dir(&dir).expect("mkdir pki");
+        let write = |name: &str, pem: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).expect("write pem");
+            path
+        };
+        let ca = |name: &str| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key).expect("CA cert");
+            (cert.pem(), Issuer::new(params, key))
+        };
+        let leaf = |issuer: &Issuer<'_, KeyPair>, names: Vec<String>, usage| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(names).expect("params");
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, issuer).expect("cert");
+            (cert.pem(), key.serialize_pem())
+        };
+
+        let (ca_pem, platform) = ca("palisade test CA");
+        let (_, foreign) = ca("foreign CA");
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let agent = leaf(&platform, names, ExtendedKeyUsagePurpose::ServerAuth);
+        let client = leaf(
+            &platform,
+            vec!["controller".into()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let foreign_client = leaf(
+            &foreign,
+            vec!["controller".into()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        Pki {
+            ca: write("ca.pem", ca_pem),
+            agent: (write("agent.pem", agent.0), write("agent.key", agent.1)),
+            client: (write("client.pem", client.0), write("client.key", client.1)),
+            foreign_client: (
+                write("foreign.pem", foreign_client.0),
+                write("foreign.key", foreign_client.1),
+            ),
+        }
+    }
+}
+
+// ---- the API client ---------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum Identity {
+    Platform,
+    None,
+    ForeignCa,
+}
+
+struct Api {
+    runtime: Arc<tokio::runtime::Runtime>,
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(pki: &Pki, identity: Identity, addr: SocketAddr) -> Api {
+        let identity = match identity {
+            Identity::Platform => Some((pki.client.0.as_path(), pki.client.1.as_path())),
+            Identity::None => None,
+            Identity::ForeignCa => Some((
+                pki.foreign_client.0.as_path(),
+                pki.foreign_client.1.as_path(),
+            )),
+        };
+        let tls = palisade_common::tls::client_config(&pki.ca, identity).expect("client TLS");
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("client");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Api {
+            runtime: Arc::new(runtime),
+            client,
+            base: format!("https://{addr}"),
+        }
+    }
+
+    fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), String> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        self.runtime.block_on(async {
+            let response = request.send().await.map_err(|e| format!("{e:?}"))?;
+            let status = response.status().as_u16();
+            let bytes = response.bytes().await.map_err(|e| format!("{e:?}"))?;
+            let value = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+            Ok((status, value))
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.try_call(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn ok<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> T {
+        let (status, value) = self.call(method, path, body);
+        assert_eq!(status, 200, "{method} {path}: {value}");
+        serde_json::from_value(value.clone())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {value}"))
+    }
+
+    fn start(&self, spec: &InstanceSpec) -> InstanceStatus {
+        let body = serde_json::to_value(spec).expect("spec");
+        self.ok(
+            "POST",
+            &format!("/v1/instances/{}/start", spec.id),
+            Some(body),
+        )
+    }
+
+    fn stop(&self, id: &str) -> InstanceStatus {
+        self.ok("POST", &format!("/v1/instances/{id}/stop"), None)
+    }
+
+    fn list(&self) -> Vec<InstanceStatus> {
+        self.ok("GET", "/v1/instances", None)
+    }
+
+    fn console(&self, id: &str, offset: u64) -> ConsoleChunk {
+        self.ok(
+            "GET",
+            &format!("/v1/instances/{id}/console?offset={offset}"),
+            None,
+        )
+    }
+
+    /// Reads the console from `offset` until the boot marker shows up; returns
+    /// the offset just past it.
+    fn wait_for_marker(&self, id: &str, offset: u64) -> u64 {
+        let mut text = String::new();
+        let mut next = offset;
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let chunk = self.console(id, next);
+            assert!(chunk.offset >= next, "console went back: {chunk:?}");
+            text.push_str(&chunk.data.replace('\r', ""));
+            next = chunk.next_offset;
+            if text.lines().any(|line| line.trim() == MARKER) {
+                return next;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id}: no {MARKER} within {BOOT_TIMEOUT:?}; console from {offset}:\n{text}"
+            );
+            if chunk.data.is_empty() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    /// Reads until no more console output comes; returns the end offset.
+    fn read_to_end(&self, id: &str, mut offset: u64) -> u64 {
+        loop {
+            let chunk = self.console(id, offset);
+            if chunk.data.is_empty() {
+                return chunk.next_offset;
+            }
+            offset = chunk.next_offset;
+        }
+    }
+}
+
+// ---- the guest image ----------------------------------------------------------
+
+struct GuestImage {
+    dir: PathBuf,
+    manifest: Value,
+}
+
+impl GuestImage {
+    fn locate() -> GuestImage {
+        let dir = std::env::var_os("PALISADE_GUEST_IMAGE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"));
+        let manifest = std::fs::read(dir.join("image.json")).unwrap_or_else(|e| {
+            panic!(
+                "no guest image at {} ({e}); build it with `images/build-guest.sh build/guest` \
+                 or point PALISADE_GUEST_IMAGE at one",
+                dir.display()
+            )
+        });
+        let manifest = serde_json::from_slice(&manifest).expect("image.json is JSON");
+        GuestImage { dir, manifest }
+    }
+
+    fn field(&self, name: &str) -> String {
+        self.manifest[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("image.json has no {name}"))
+            .to_string()
+    }
+
+    fn spec(&self, id: &str, vcpus: u32, memory_mib: u32, extra: &str) -> InstanceSpec {
+        let cmdline = format!("{} {extra}", self.field("cmdline"))
+            .trim()
+            .to_string();
+        InstanceSpec {
+            id: id.to_string(),
+            vcpus,
+            memory_mib,
+            disk_gib: 1,
+            image: ImageSpec {
+                kernel_path: self.dir.join(self.field("kernel")).display().to_string(),
+                kernel_sha256: self.field("kernel_sha256"),
+                initrd_path: self.dir.join(self.field("initrd")).display().to_string(),
+                initrd_sha256: self.field("initrd_sha256"),
+                cmdline,
+            },
+        }
+    }
+}
+
+// ---- cgroups, as the test sees them ----------------------------------------------
+
+enum Cgroups {
+    V1,
+    V2,
+}
+
+impl Cgroups {
+    fn detect() -> Cgroups {
+        if Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() {
+            Cgroups::V2
+        } else {
+            Cgroups::V1
+        }
+    }
+
+    fn version(&self) -> &'static str {
+        match self {
+            Cgroups::V1 => "v1",
+            Cgroups::V2 => "v2",
+        }
+    }
+
+    fn dirs(&self, id: &str) -> Vec<PathBuf> {
+        match self {
+            Cgroups::V1 => ["cpu", "memory", "pids"]
+                .iter()
+                .map(|c| Path::new(CGROUP_ROOT).join(c).join("palisade").join(id))
+                .collect(),
+            Cgroups::V2 => vec![Path::new(CGROUP_ROOT).join("palisade").join(id)],
+        }
+    }
+
+    fn assert_member_with_limits(&self, id: &str, pid: u32, limits: &[(&str, u64)]) {
+        let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+        let group = format!("/palisade/{id}");
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .trim()
+                .to_string()
+        };
+        for (controller, limit) in limits {
+            let (dir, file, expected) = match self {
+                Cgroups::V1 => {
+                    let dir = Path::new(CGROUP_ROOT)
+                        .join(controller)
+                        .join("palisade")
+                        .join(id);
+                    let file = match *controller {
+                        "memory" => "memory.limit_in_bytes",
+                        "cpu" => "cpu.cfs_quota_us",
+                        _ => "pids.max",
+                    };
+                    let line = membership
+                        .lines()
+                        .find(|l| l.split(':').nth(1) == Some(controller))
+                        .unwrap_or_else(|| panic!("no {controller} line in {membership}"));
+                    assert!(line.ends_with(&format!(":{group}")), "{line}");
+                    (dir, file, limit.to_string())
+                }
+                Cgroups::V2 => {
+                    let dir = Path::new(CGROUP_ROOT).join("palisade").join(id);
+                    assert!(
+                        membership.lines().any(|l| l == format!("0::{group}")),
+                        "{membership}"
+                    );
+                    match *controller {
+                        "memory" => (dir, "memory.max", limit.to_string()),
+                        "cpu" => (dir, "cpu.max", format!("{limit} 100000")),
+                        _ => (dir, "pids.max", limit.to_string()),
+                    }
+                }
+            };
+            assert_eq!(read(dir.join(file)), expected, "{controller} limit of {id}");
+            let procs = read(dir.join("cgroup.procs"));
+            assert!(
+                procs.lines().any(|p| p == pid.to_string()),
+                "{pid} not in {}",
+                dir.display()
+            );
+        }
+    }
+}
+
+fn assert_no_cgroups(id: &str) {
+    for dir in Cgroups::detect().dirs(id) {
+        assert!(!dir.exists(), "{} remains", dir.display());
+    }
+}
+
+// ---- processes ----------------------------------------------------------------------
+
+fn pid(status: &InstanceStatus) -> u32 {
+    status.pid.unwrap_or_else(|| panic!("no pid in {status:?}"))
+}
+
+fn find<'a>(list: &'a [InstanceStatus], id: &str) -> Option<&'a InstanceStatus> {
+    list.iter().find(|s| s.id == id)
+}
+
+fn proc_status(pid: u32) -> HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("/proc/pid/status")
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The process exists and is not a zombie.
+fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Live QEMU processes whose command line names instance `id`.
+fn qemu_pids_of(id: &str) -> Vec<u32> {
+    let needle = format!("guest={id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).split('\0').any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .filter(|pid| is_running(*pid))
+        .collect()
+}
+
+fn assert_no_zombie_children(parent: u32) {
+    let entries = std::fs::read_dir("/proc").expect("/proc");
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1) == Some(&parent.to_string().as_str()) {
+            assert_ne!(fields[0], "Z", "zombie child {pid} of the agent");
+        }
+    }
+}
+
+/// Runs one QMP command on a QEMU monitor socket, as a host operator would.
+fn qmp(socket: &Path, command: &str) {
+    let stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("greeting");
+    for execute in ["qmp_capabilities", command] {
+        writeln!(writer, "{}", json!({ "execute": execute })).expect("write");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("answer");
+            assert!(!line.contains("\"error\""), "{execute}: {line}");
+            if line.contains("\"return\"") {
+                break;
+            }
+        }
+    }
+}
+
+fn with_field(value: &Value, name: &str, field: Value) -> Value {
+    let mut value = value.clone();
+    value[name] = field;
+    value
+}
+
+fn time_is_rfc3339(text: &str) -> bool {
+    // e.g. 2026-12-03T16:28:00.123456Z
+    let bytes = text.as_bytes();
+    bytes.len() >= 20
+        && bytes[4] == b'-'
+        && bytes[7] == b'-'
+        && bytes[10] == b'T'
+        && bytes[13] == b':'
+        && (text.ends_with('Z') || text[19..].contains('+'))
+}
+
+fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
