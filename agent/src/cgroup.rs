@@ -86,6 +86,12 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("removing cgroup {path}")]
     Remove {
         path: PathBuf,
@@ -210,6 +216,30 @@ impl Cgroups {
         write(&dir.join("cpu.max"), &cpu_max)?;
         write(&dir.join("pids.max"), &limits.pids_max.to_string())?;
         Ok(vec![dir])
+    }
+
+    /// Pids of the processes in the instance's groups (none when the groups
+    /// do not exist). The jailer joins them before anything else, so every
+    /// QEMU ever started for the instance is here, recorded or not.
+    pub fn members(&self, id: &InstanceId) -> Result<Vec<u32>, CgroupError> {
+        let mut pids = Vec::new();
+        for dir in self.dirs(id) {
+            let procs = dir.join("cgroup.procs");
+            let text = match std::fs::read_to_string(&procs) {
+                Ok(text) => text,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(CgroupError::Read {
+                        path: procs,
+                        source,
+                    })
+                }
+            };
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
     }
 
     /// Removes the instance's groups. Call after its processes have exited; a
@@ -357,6 +387,26 @@ mod tests {
         assert!(
             matches!(err, Some(CgroupError::MissingController { controller, .. }) if controller == "pids")
         );
+    }
+
+    #[test]
+    fn members_are_read_from_every_hierarchy() {
+        let root = tempfile::tempdir().expect("tempdir");
+        for c in ["cpu", "memory", "pids"] {
+            std::fs::create_dir(root.path().join(c)).expect("mkdir");
+        }
+        let cgroups = Cgroups::detect(root.path()).expect("detect");
+        assert_eq!(
+            cgroups.members(&id()).expect("no groups yet"),
+            Vec::<u32>::new()
+        );
+
+        let dirs = cgroups
+            .create(&id(), &Limits::for_instance(1, 128))
+            .expect("create");
+        std::fs::write(dirs[0].join("cgroup.procs"), "42\n7\n").expect("write");
+        std::fs::write(dirs[2].join("cgroup.procs"), "42\n").expect("write");
+        assert_eq!(cgroups.members(&id()).expect("members"), vec![7, 42]);
     }
 
     #[test]

@@ -106,9 +106,10 @@ pub fn erase_run_dir(run: &Path, disk_name: &str) -> Result<Option<u64>, DiskErr
                 disk_len = Some(len);
             }
         } else if meta.is_dir() {
-            return Err(DiskError::NotAFile {
-                path: path.display().to_string(),
-            });
+            // Only the instance uid makes directories here: what it put in
+            // them is erased just the same (a disk name there is no disk).
+            erase_run_dir(&path, "")?;
+            std::fs::remove_dir(&path).map_err(io_err("removing", &path))?;
         } else {
             std::fs::remove_file(&path).map_err(io_err("unlinking", &path))?;
         }
@@ -158,10 +159,11 @@ mod tests {
         let run = dir.path().join("run");
         std::fs::create_dir(&run).expect("mkdir");
         std::fs::write(run.join("disk.qcow2"), vec![0xAB; 3 << 20]).expect("write");
-        std::fs::write(run.join("moved-away"), vec![0xCD; 1000]).expect("write");
+        std::fs::create_dir(run.join("sub")).expect("mkdir");
+        std::fs::write(run.join("sub/moved-away"), vec![0xCD; 1000]).expect("write");
         // Second links let the test read the blocks after the unlinks.
         std::fs::hard_link(run.join("disk.qcow2"), dir.path().join("w1")).expect("link");
-        std::fs::hard_link(run.join("moved-away"), dir.path().join("w2")).expect("link");
+        std::fs::hard_link(run.join("sub/moved-away"), dir.path().join("w2")).expect("link");
 
         assert_eq!(
             erase_run_dir(&run, "disk.qcow2").expect("erase"),

@@ -800,12 +800,46 @@ impl Manager {
                 info!(pid, "adopted running QEMU");
             }
             _ => {
+                self.kill_unrecorded(id).await?;
                 self.remove_cgroups(id).await;
                 image::remove_if_present(&paths.pid).map_err(io_err("removing the pid file"))?;
                 info!("instance is stopped");
             }
         }
         slot.publish(&state);
+        Ok(())
+    }
+
+    /// Kills what runs in the cgroups of an instance recorded as stopped: a
+    /// QEMU whose start the previous agent did not finish recording (it died
+    /// between spawning the jailer and writing the pid file). That start was
+    /// never acknowledged, so undoing it is safe; leaving it would let a
+    /// second QEMU open the same disk.
+    async fn kill_unrecorded(&self, id: &InstanceId) -> Result<(), InstanceError> {
+        let members = self
+            .cfg
+            .cgroups
+            .members(id)
+            .map_err(InstanceError::Cgroup)?;
+        if members.is_empty() {
+            return Ok(());
+        }
+        warn!(pids = ?members, "killing unrecorded processes in the instance's cgroups");
+        for pid in &members {
+            if let Some(stat) = process::stat(*pid) {
+                kill_if_same(*pid, stat.start_time);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + QUIT_GRACE;
+        while members
+            .iter()
+            .any(|pid| process::stat(*pid).is_some_and(|s| !matches!(s.state, 'Z' | 'X')))
+        {
+            if tokio::time::Instant::now() > deadline {
+                return Err(InstanceError::StopTimedOut);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(())
     }
 

@@ -71,17 +71,26 @@ fn agent_runs_sandboxed_instances_adopts_them_after_sigkill_and_erases_them() {
 
     refuses_an_image_that_does_not_match_its_digest(&env, &api, &image);
 
-    // SIGKILL the agent: the guests go on; a new agent adopts them.
+    // SIGKILL the agent: the guests go on; a new agent adopts A. B's pid file
+    // is lost, as when an agent dies before recording a start: the new agent
+    // finds B's QEMU in B's cgroups and kills it rather than leave it unwatched.
     agent.kill();
     assert!(
         is_running(pid_a) && is_running(pid_b),
         "QEMU died with its agent"
     );
+    std::fs::remove_file(env.instance_dir(ID_B).join("pid")).expect("remove B's pid file");
     let agent = env.spawn_agent();
     let api = env.client(&agent, Identity::Platform);
     let listed = api.list();
     assert_eq!(find(&listed, ID_A), Some(&a), "{listed:?}");
-    assert_eq!(find(&listed, ID_B), Some(&b), "{listed:?}");
+    let b_now = find(&listed, ID_B).expect("B is listed");
+    assert_eq!(
+        (b_now.state, b_now.pid, b_now.uid),
+        (PowerState::Stopped, None, b.uid)
+    );
+    assert!(!is_running(pid_b), "the unrecorded QEMU of B still runs");
+    assert_no_cgroups(ID_B);
 
     // The console is read again: a guest reset prints the marker anew.
     console_a = api.read_to_end(ID_A, console_a);
