@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `--data-dir` | (required) | instance directories live in `<data-dir>/instances` |
 //! | `--listen` | `127.0.0.1:8444` | HTTPS address (port 0: any free port, see `--addr-file`) |
-//! | `--ca`, `--cert`, `--key` | (required) | PEM files: clients must chain to `--ca` |
+//! | `--ca`, `--cert`, `--key` | (required) | PEM files: clients must chain to `--ca`; the key must be 0600 |
 //! | `--accelerator` | `auto` | `auto`, `kvm` or `tcg` (see `qemu::choose_accelerator`) |
 //! | `--qemu` | `/usr/bin/qemu-system-x86_64` | must be below `/usr`, the only host tree in the chroot |
 //! | `--qemu-img` | `/usr/bin/qemu-img` | |
@@ -106,6 +106,7 @@ impl Config {
             );
         }
         let cgroups = Cgroups::detect(&args.cgroup_root)?;
+        require_private(&args.key, "--key")?;
 
         Ok(Config {
             data_dir,
@@ -119,6 +120,23 @@ impl Config {
             cgroups,
         })
     }
+}
+
+/// A secret must not be readable by anyone but its owner (TESTING.md G3).
+fn require_private(path: &Path, flag: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("{flag} {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{flag} {} is readable by others (mode {:o}); make it 0600",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
 }
 
 fn require_file(path: &Path, flag: &str) -> anyhow::Result<()> {

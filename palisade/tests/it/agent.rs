@@ -148,6 +148,35 @@ fn agent_runs_sandboxed_instances_adopts_them_after_sigkill_and_erases_them() {
     agent.kill();
 }
 
+/// TESTING.md G3: the agent will not serve with a key others can read.
+#[test]
+fn agent_refuses_a_world_readable_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let key = env.path().join("readable.key");
+    std::fs::copy(&env.pki.agent.1, &key).expect("copy key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(env.data())
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--ca")
+        .arg(&env.pki.ca)
+        .arg("--cert")
+        .arg(&env.pki.agent.0)
+        .arg("--key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run palisade agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the agent started: {stderr}");
+    assert!(stderr.contains("readable by others"), "{stderr}");
+}
+
 fn refuses_clients_without_a_platform_certificate(env: &Env, agent: &AgentProcess) {
     for identity in [Identity::None, Identity::ForeignCa] {
         let client = env.client(agent, identity);
@@ -470,8 +499,15 @@ impl Pki {
         let dir = dir.join("pki");
         std::fs::create_dir(&dir).expect("mkdir pki");
         let write = |name: &str, pem: String| {
+            use std::os::unix::fs::OpenOptionsExt;
             let path = dir.join(name);
-            std::fs::write(&path, pem).expect("write pem");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .expect("create pem");
+            file.write_all(pem.as_bytes()).expect("write pem");
             path
         };
         let ca = |name: &str| {
