@@ -107,6 +107,10 @@ pub enum KeyCmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// The profile user's live keys.
+    List,
+    /// Revoke a key: requests it signs are refused from then on.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,6 +224,21 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             password,
             name,
         }) => ctx.create_key(user, password, name).await,
+        Command::Key(KeyCmd::List) => {
+            let keys: Vec<api::ApiKey> = ctx.signed()?.get("/v1/keys").await?;
+            ctx.show(&keys, |t| {
+                t.row(["KEY", "NAME", "CREATED", "PUBLIC KEY"]);
+                for k in &keys {
+                    t.row([&k.id, &k.name, &k.created_at, &k.public_key]);
+                }
+            })
+        }
+        Command::Key(KeyCmd::Revoke { id }) => {
+            let path = format!("/v1/keys/{id}");
+            ctx.signed()?.send(Method::DELETE, &path, Vec::new()).await?;
+            println!("key {id} revoked");
+            Ok(())
+        }
         Command::Whoami => {
             let me: api::Whoami = ctx.signed()?.get("/v1/whoami").await?;
             ctx.show(&me, |t| {

@@ -97,6 +97,27 @@ pub async fn whoami(State(c): Ctl, ctx: RequestCtx) -> Result<Json<api::Whoami>>
     }))
 }
 
+pub async fn list_keys(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::ApiKey>>> {
+    let p = principal(&ctx)?;
+    ctx.describe("key.list", format!("user/{}", p.user_id));
+    ctx.permit().await?;
+    Ok(Json(identity::list_keys(&c.db, &p.user_id).await?))
+}
+
+/// Revokes one of the caller's own keys (possibly the one signing this request).
+pub async fn revoke_key(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let p = principal(&ctx)?;
+    ctx.describe("key.revoke", format!("key/{id}"));
+    identity::check_own_key(&c.db, &p.user_id, &id).await?;
+    ctx.permit().await?;
+    identity::revoke_key(&c.db, &p.user_id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub async fn create_tenant(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     ctx.describe("tenant.create", "tenant");
     platform_admin(&ctx)?;

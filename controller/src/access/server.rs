@@ -17,6 +17,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/auth/password", post(h::change_password))
         .route("/v1/auth/keys", post(h::create_key))
         .route("/v1/whoami", get(h::whoami))
+        .route("/v1/keys", get(h::list_keys))
+        .route("/v1/keys/{id}", axum::routing::delete(h::revoke_key))
         .route("/v1/tenants", get(h::list_tenants).post(h::create_tenant))
         .route("/v1/users", post(h::create_user))
         .route("/v1/flavors", get(h::list_flavors))
@@ -47,6 +49,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/auth/password"),
     ("POST", "/v1/auth/keys"),
     ("GET", "/v1/whoami"),
+    ("GET", "/v1/keys"),
+    ("DELETE", "/v1/keys/{id}"),
     ("GET", "/v1/tenants"),
     ("POST", "/v1/tenants"),
     ("POST", "/v1/users"),

@@ -218,6 +218,52 @@ pub async fn lookup_key(db: &Db, key_id: &str) -> Result<Option<KeyRecord>> {
     }))
 }
 
+/// The caller's own keys (revoked ones included, so the history is visible).
+pub async fn list_keys(db: &Db, user_id: &str) -> Result<Vec<ApiKey>> {
+    let rows = sqlx::query(
+        "SELECT id, user_id, name, public_key, created_at FROM api_keys WHERE user_id = $1 \
+         AND revoked_at IS NULL ORDER BY created_at, id",
+    )
+    .bind(user_id)
+    .fetch_all(&db.pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| ApiKey {
+            id: row.get("id"),
+            user_id: row.get("user_id"),
+            name: row.get("name"),
+            public_key: row.get("public_key"),
+            created_at: row.get("created_at"),
+        })
+        .collect())
+}
+
+/// Checks that `key_id` is a live key of `user_id`; anything else is not found.
+pub async fn check_own_key(db: &Db, user_id: &str, key_id: &str) -> Result<()> {
+    sqlx::query("SELECT 1 FROM api_keys WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL")
+        .bind(key_id)
+        .bind(user_id)
+        .fetch_optional(&db.pool)
+        .await?
+        .map(|_| ())
+        .ok_or(Error::NotFound { what: "key" })
+}
+
+/// Revokes a key: from the next request on, signatures by it get 401 `key_invalid`.
+pub async fn revoke_key(db: &Db, user_id: &str, key_id: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND user_id = $3 \
+         AND revoked_at IS NULL",
+    )
+    .bind(now())
+    .bind(key_id)
+    .bind(user_id)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
 /// Records a nonce; false when this key already used it (a replay).
 pub async fn remember_nonce(db: &Db, key_id: &str, nonce: &str, now_unix: i64) -> Result<bool> {
     let inserted = sqlx::query(

@@ -105,6 +105,39 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
         tenants_before.bytes, tenants_after.bytes,
         "a refused call changed something"
     );
+
+    // A revoked key is refused from its next request on; another user's key is not found.
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let path = format!("/v1/keys/{}", admin.key_id);
+    let r = raw.send(
+        &p,
+        "DELETE",
+        &path,
+        b"",
+        &sign(&alice, "DELETE", &path, b"", 0),
+    );
+    assert_eq!((r.status, r.code()), (404, "not_found"));
+    let spare = p
+        .block_on(alice.client.get::<Vec<api::ApiKey>>("/v1/keys"))
+        .unwrap();
+    assert_eq!(spare.len(), 1);
+    let path = format!("/v1/keys/{}", alice.key_id);
+    let r = raw.send(
+        &p,
+        "DELETE",
+        &path,
+        b"",
+        &sign(&alice, "DELETE", &path, b"", 0),
+    );
+    assert_eq!(r.status, 204);
+    let r = raw.send(
+        &p,
+        "GET",
+        "/v1/whoami",
+        b"",
+        &sign(&alice, "GET", "/v1/whoami", b"", 0),
+    );
+    assert_eq!((r.status, r.code()), (401, "key_invalid"));
 }
 
 #[test]
