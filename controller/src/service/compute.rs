@@ -336,7 +336,7 @@ impl Compute {
     ) -> anyhow::Result<()> {
         let running = actual == Some(PowerState::Running);
         match desired {
-            "running" if running => self.set_state(&instance.id, "running", None).await,
+            "running" if running => self.set_state(&instance.id, "running").await,
             "running" if instance.state == "running" => {
                 // It was running and is no more: it stopped or crashed on its own.
                 tracing::warn!(instance = %instance.id, "instance exited unexpectedly");
@@ -344,12 +344,20 @@ impl Compute {
                     .await
             }
             "running" => match self.agent.start(&self.spec(instance).await?).await {
-                Ok(_) => self.set_state(&instance.id, "running", None).await,
+                Ok(_) => self.set_state(&instance.id, "running").await,
                 Err(AgentError::Refused { code, message, .. }) => {
                     tracing::warn!(instance = %instance.id, %code, %message, "start refused");
-                    self.set_desired_state(&instance.id, "stopped", "error")
-                        .await?;
-                    self.set_state(&instance.id, "error", Some(&code)).await
+                    // Retrying will not help: stop wanting it to run, and say why.
+                    sqlx::query(
+                        "UPDATE instances SET desired = 'stopped', state = 'error', \
+                         last_error = $1, updated_at = $2 WHERE id = $3",
+                    )
+                    .bind(&code)
+                    .bind(now())
+                    .bind(&instance.id)
+                    .execute(&self.db.pool)
+                    .await?;
+                    Ok(())
                 }
                 Err(e) => Err(e.into()),
             },
@@ -360,7 +368,7 @@ impl Compute {
                 if instance.state == "error" {
                     return Ok(());
                 }
-                self.set_state(&instance.id, "stopped", None).await
+                self.set_state(&instance.id, "stopped").await
             }
             "deleted" => {
                 let report = self.agent.delete(&instance.id).await?;
@@ -399,13 +407,11 @@ impl Compute {
         })
     }
 
-    async fn set_state(&self, id: &str, state: &str, error: Option<&str>) -> anyhow::Result<()> {
+    async fn set_state(&self, id: &str, state: &str) -> anyhow::Result<()> {
         sqlx::query(
-            "UPDATE instances SET state = $1, last_error = COALESCE($2, last_error), \
-             updated_at = $3 WHERE id = $4 AND state <> $1",
+            "UPDATE instances SET state = $1, updated_at = $2 WHERE id = $3 AND state <> $1",
         )
         .bind(state)
-        .bind(error)
         .bind(now())
         .bind(id)
         .execute(&self.db.pool)

@@ -179,3 +179,24 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         &p.audit_log().display().to_string(),
     ]);
 }
+
+#[test]
+fn an_image_changed_after_registration_never_boots() {
+    // A private copy of the image, registered with its digests, then altered on disk.
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["vmlinuz", "initramfs.cpio.gz", "image.json"] {
+        std::fs::copy(guest_image().join(file), copy.path().join(file)).unwrap();
+    }
+    let p = Platform::start_with_image(copy.path().to_path_buf());
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let mut initrd = std::fs::read(copy.path().join("initramfs.cpio.gz")).unwrap();
+    let last = initrd.len() - 1;
+    initrd[last] ^= 0x01;
+    std::fs::write(copy.path().join("initramfs.cpio.gz"), initrd).unwrap();
+
+    let id = p.create_instance(&alice, "tampered").unwrap().id;
+    let failed = p.wait_state_allowing_error(&alice, &id, "error");
+    assert_eq!(failed.last_error.as_deref(), Some("image_digest_mismatch"));
+    assert!(qemu_pids(&id).is_empty(), "a tampered image booted");
+}

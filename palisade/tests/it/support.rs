@@ -67,6 +67,8 @@ pub fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) 
 
 pub struct Platform {
     pub dir: tempfile::TempDir,
+    /// The guest image directory the controller registers at start.
+    pub image: PathBuf,
     pub endpoint: String,
     pub agent_port: u16,
     pub initial_password: Option<String>,
@@ -78,6 +80,10 @@ pub struct Platform {
 impl Platform {
     /// Starts a fresh platform: controller first (it makes the PKI), then the agent.
     pub fn start() -> Platform {
+        Platform::start_with_image(guest_image())
+    }
+
+    pub fn start_with_image(image: PathBuf) -> Platform {
         let dir = tempfile::Builder::new()
             .prefix("palisade-it-")
             .tempdir()
@@ -89,6 +95,7 @@ impl Platform {
             .unwrap();
         let mut platform = Platform {
             dir,
+            image,
             endpoint: String::new(),
             agent_port: free_port(),
             initial_password: None,
@@ -136,7 +143,7 @@ impl Platform {
             .arg("--agent-url")
             .arg(format!("https://127.0.0.1:{}", self.agent_port))
             .arg("--guest-image")
-            .arg(guest_image())
+            .arg(&self.image)
             .arg("--reconcile-interval-secs")
             .arg("1")
             .stdin(Stdio::null())
@@ -325,6 +332,23 @@ impl Platform {
                     "instance failed: {i:?}\n{}",
                     self.tail("agent.log")
                 );
+                (i.state == state).then_some(i)
+            },
+        )
+    }
+
+    /// Waits for `state`, including `error`.
+    pub fn wait_state_allowing_error(
+        &self,
+        signer: &Signer,
+        id: &str,
+        state: &str,
+    ) -> api::Instance {
+        poll(
+            Duration::from_secs(120),
+            &format!("instance {id} to be {state}"),
+            || {
+                let i = self.instance(signer, id);
                 (i.state == state).then_some(i)
             },
         )
