@@ -16,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::poll;
+
 use palisade_common::agent_api::{
     ConsoleChunk, EraseReport, HostInfo, ImageSpec, InstanceSpec, InstanceStatus, PowerState,
 };
@@ -937,18 +939,4 @@ fn time_is_rfc3339(text: &str) -> bool {
         && bytes[10] == b'T'
         && bytes[13] == b':'
         && (text.ends_with('Z') || text[19..].contains('+'))
-}
-
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

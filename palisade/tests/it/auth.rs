@@ -11,13 +11,7 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
     let p = Platform::start();
     let admin = p.admin();
     let raw = p.raw();
-    let tenants_before = raw.send(
-        &p,
-        "GET",
-        "/v1/tenants",
-        b"",
-        &sign(&admin, "GET", "/v1/tenants", b"", 0),
-    );
+    let tenants_before = raw.signed(&p, &admin, "GET", "/v1/tenants", b"");
     assert_eq!(tenants_before.status, 200);
 
     // A valid request works once; the same bytes again are a replay.
@@ -72,35 +66,17 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
         key_id: "key-00000000-0000-0000-0000-000000000000".into(),
         key: ed25519_dalek::SigningKey::from_bytes(&rand_bytes()),
     };
-    let r = raw.send(
-        &p,
-        "GET",
-        "/v1/whoami",
-        b"",
-        &sign(&stranger, "GET", "/v1/whoami", b"", 0),
-    );
+    let r = raw.signed(&p, &stranger, "GET", "/v1/whoami", b"");
     assert_eq!((r.status, r.code()), (401, "key_invalid"));
     // A real key id with someone else's private key.
     let forger = Signer {
         key_id: admin.key_id.clone(),
         ..stranger
     };
-    let r = raw.send(
-        &p,
-        "GET",
-        "/v1/whoami",
-        b"",
-        &sign(&forger, "GET", "/v1/whoami", b"", 0),
-    );
+    let r = raw.signed(&p, &forger, "GET", "/v1/whoami", b"");
     assert_eq!((r.status, r.code()), (401, "signature_invalid"));
 
-    let tenants_after = raw.send(
-        &p,
-        "GET",
-        "/v1/tenants",
-        b"",
-        &sign(&admin, "GET", "/v1/tenants", b"", 0),
-    );
+    let tenants_after = raw.signed(&p, &admin, "GET", "/v1/tenants", b"");
     assert_eq!(
         tenants_before.bytes, tenants_after.bytes,
         "a refused call changed something"
@@ -109,34 +85,16 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
     // A revoked key is refused from its next request on; another user's key is not found.
     let (_, alice) = p.tenant(&admin, "acme", None);
     let path = format!("/v1/keys/{}", admin.key_id);
-    let r = raw.send(
-        &p,
-        "DELETE",
-        &path,
-        b"",
-        &sign(&alice, "DELETE", &path, b"", 0),
-    );
+    let r = raw.signed(&p, &alice, "DELETE", &path, b"");
     assert_eq!((r.status, r.code()), (404, "not_found"));
     let spare = p
         .block_on(alice.client.get::<Vec<api::ApiKey>>("/v1/keys"))
         .unwrap();
     assert_eq!(spare.len(), 1);
     let path = format!("/v1/keys/{}", alice.key_id);
-    let r = raw.send(
-        &p,
-        "DELETE",
-        &path,
-        b"",
-        &sign(&alice, "DELETE", &path, b"", 0),
-    );
+    let r = raw.signed(&p, &alice, "DELETE", &path, b"");
     assert_eq!(r.status, 204);
-    let r = raw.send(
-        &p,
-        "GET",
-        "/v1/whoami",
-        b"",
-        &sign(&alice, "GET", "/v1/whoami", b"", 0),
-    );
+    let r = raw.signed(&p, &alice, "GET", "/v1/whoami", b"");
     assert_eq!((r.status, r.code()), (401, "key_invalid"));
 }
 

@@ -560,6 +560,24 @@ pub fn time_now() -> i64 {
 }
 
 impl Raw {
+    /// Sends a correctly signed request.
+    pub fn signed(
+        &self,
+        platform: &Platform,
+        signer: &Signer,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> RawResponse {
+        self.send(
+            platform,
+            method,
+            path,
+            body,
+            &sign(signer, method, path, body, 0),
+        )
+    }
+
     pub fn send(
         &self,
         platform: &Platform,
