@@ -72,5 +72,20 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     controller
         .compute
         .spawn_reconciler(std::time::Duration::from_secs(args.reconcile_interval_secs));
+    spawn_nonce_purge(controller.db.clone());
     access::server::run(controller, args.listen, &pki).await
+}
+
+/// Forgets nonces too old to matter (their requests fail the time window anyway), once a minute.
+fn spawn_nonce_purge(db: db::Db) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if let Err(e) = service::identity::purge_nonces(&db, now).await {
+                tracing::warn!(error = %format!("{e:#}"), "purging old nonces");
+            }
+        }
+    });
 }

@@ -414,3 +414,31 @@ pub async fn get_user(db: &Db, user_id: &str) -> Result<User> {
         created_at: row.get("created_at"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn nonces_are_single_use_and_purged_only_after_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let t = 1_000_000;
+        assert!(remember_nonce(&db, "k1", "n1", t).await.unwrap());
+        assert!(
+            !remember_nonce(&db, "k1", "n1", t + 1).await.unwrap(),
+            "replay accepted"
+        );
+        assert!(
+            remember_nonce(&db, "k2", "n1", t).await.unwrap(),
+            "nonces are per key"
+        );
+        // Within twice the window the nonce is kept, so a replay inside it is still caught.
+        purge_nonces(&db, t + 2 * palisade_common::signing::SIGNATURE_WINDOW_SECS)
+            .await
+            .unwrap();
+        assert!(!remember_nonce(&db, "k1", "n1", t).await.unwrap());
+        purge_nonces(&db, t + 10_000).await.unwrap();
+        assert!(remember_nonce(&db, "k1", "n1", t + 10_000).await.unwrap());
+    }
+}
