@@ -235,7 +235,9 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
         }
         Command::Key(KeyCmd::Revoke { id }) => {
             let path = format!("/v1/keys/{id}");
-            ctx.signed()?.send(Method::DELETE, &path, Vec::new()).await?;
+            ctx.signed()?
+                .send(Method::DELETE, &path, Vec::new())
+                .await?;
             println!("key {id} revoked");
             Ok(())
         }
