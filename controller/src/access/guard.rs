@@ -9,6 +9,10 @@
 //!    request if the append fails.
 //! 4. A request that never reached `permit` (refused, malformed, unknown route) gets its record
 //!    here, after the handler, with the refusal's code. Either way: one record per request.
+//!
+//! TODO(correctness): a permitted action that then fails (quota reached inside the atomic
+//! insert, host unreachable) keeps its `allowed` record with no outcome; outcome records come
+//! with the transparency log (issue #4).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
