@@ -8,4 +8,14 @@ cd "$(dirname "$0")/.."
 scripts/host-packages.sh
 images/build-guest.sh build/guest
 cargo fmt --all -- --check
-cargo test --workspace --locked -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Doc tests are skipped (there are none); the integration suite runs two tests at a time.
+set +e
+cargo test --workspace --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
