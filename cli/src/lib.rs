@@ -594,7 +594,8 @@ pub async fn console(
         let chunk: api::ConsoleOutput = client
             .get(&format!("/v1/instances/{id}/console?offset={offset}"))
             .await?;
-        print!("{}", chunk.data);
+        // The guest writes these bytes: keep its escape sequences away from the terminal.
+        print!("{}", output::printable(&chunk.data));
         seen.push_str(&chunk.data);
         offset = chunk.next_offset;
         if let Some(text) = until {

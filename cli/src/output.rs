@@ -2,6 +2,18 @@
 
 use std::fmt;
 
+/// Guest or tenant text made safe for a terminal: line breaks and tabs stay, every other
+/// control character (escape sequences included) becomes `?`.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' | '\r' | '\t' => c,
+            c if c.is_control() => '?',
+            c => c,
+        })
+        .collect()
+}
+
 #[derive(Default)]
 pub struct Table {
     rows: Vec<Vec<String>>,
@@ -14,11 +26,7 @@ impl Table {
         S: AsRef<str>,
     {
         // Cells come from the API: strip control characters so no value can move the cursor.
-        let clean = |s: &str| {
-            s.chars()
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect()
-        };
+        let clean = |s: &str| printable(s).replace(['\n', '\r', '\t'], " ");
         self.rows
             .push(cells.into_iter().map(|c| clean(c.as_ref())).collect());
     }
@@ -49,5 +57,18 @@ impl fmt::Display for Table {
             writeln!(f, "{}", line.trim_end())?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences_never_reach_the_terminal() {
+        assert_eq!(printable("ok\x1b[2J\x07\r\n"), "ok?[2J?\r\n");
+        let mut t = Table::default();
+        t.row(["a\x1b]0;pwned\x07", "b\nc"]);
+        assert_eq!(t.to_string(), "a?]0;pwned?  b c\n");
     }
 }
