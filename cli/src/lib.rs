@@ -345,6 +345,19 @@ impl Ctx {
         Ok(())
     }
 
+    /// One object: as itself with `--json`, else through `table`.
+    fn show_one<T: serde::Serialize>(
+        &self,
+        value: &T,
+        table: impl FnOnce(&Self) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        if self.global.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+            return Ok(());
+        }
+        table(self)
+    }
+
     fn profile(&self, cmd: ProfileCmd) -> anyhow::Result<()> {
         let mut config = Config::load(&self.config_path)?;
         match cmd {
@@ -420,7 +433,7 @@ impl Ctx {
                     quota: Some(quota),
                 };
                 let tenant: api::Tenant = client.post("/v1/tenants", &body).await?;
-                self.show_tenants(&[tenant])
+                self.show_one(&tenant, |c| c.show_tenants(std::slice::from_ref(&tenant)))
             }
             TenantCmd::List => {
                 self.show_tenants(&client.get::<Vec<api::Tenant>>("/v1/tenants").await?)
@@ -504,7 +517,9 @@ impl Ctx {
             }
             None => instance,
         };
-        self.show_instances(&[instance])
+        self.show_one(&instance, |c| {
+            c.show_instances(std::slice::from_ref(&instance))
+        })
     }
 
     fn show_instances(&self, list: &[api::Instance]) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@ pub mod pki;
 pub mod service;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -49,6 +50,19 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     palisade_common::tls::install_crypto_provider();
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    // Database, keys, logs: nothing under the data dir is for other local users.
+    std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))?;
+    // One controller per data dir: a second would fork the audit chain and fight over hosts.
+    let lock_path = args.data_dir.join("controller.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another controller is using {} (lock {} is held)",
+            args.data_dir.display(),
+            lock_path.display()
+        )
+    })?;
     let pki = pki::ensure(&args.data_dir, &args.server_names)?;
     let db = db::Db::open(&args.data_dir.join("palisade.db")).await?;
     let audit = service::audit::AuditLog::open(&args.data_dir.join("audit"))?;

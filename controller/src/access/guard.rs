@@ -49,15 +49,31 @@ struct RecordState {
     object: Option<String>,
     subject: Option<String>,
     tenant_id: Option<String>,
+    /// The key a refused signature claimed, so refusals can be traced to the key they target.
+    claimed_key: Option<String>,
     written: bool,
+}
+
+/// Longest text a caller can put into one audit field: requests cannot inflate the log.
+const MAX_AUDIT_TEXT: usize = 256;
+
+fn capped(text: &str) -> String {
+    if text.len() <= MAX_AUDIT_TEXT {
+        return text.to_string();
+    }
+    let cut = (0..=MAX_AUDIT_TEXT)
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    format!("{}…[{} bytes]", &text[..cut], text.len())
 }
 
 impl RequestCtx {
     /// Names what this request is about; used by its audit record, allowed or not.
     pub fn describe(&self, action: &str, object: impl Into<String>) {
         let mut state = self.lock();
-        state.action = Some(action.to_string());
-        state.object = Some(object.into());
+        state.action = Some(capped(action));
+        state.object = Some(capped(&object.into()));
     }
 
     /// For password routes: who the request proved to be, once the password checked out.
@@ -94,7 +110,9 @@ impl RequestCtx {
                     .clone()
                     .or_else(|| principal.map(|p| format!("user:{}", p.user_id)))
                     .unwrap_or_else(|| "anonymous".into()),
-                key_id: principal.map(|p| p.key_id.clone()),
+                key_id: principal
+                    .map(|p| p.key_id.clone())
+                    .or_else(|| state.claimed_key.clone()),
                 tenant_id: state
                     .tenant_id
                     .clone()
@@ -190,7 +208,7 @@ async fn guarded(
     let outcome = async {
         let body = read_body(&parts.headers, body).await?;
         if !is_password_route(&parts.method, parts.uri.path()) {
-            let principal = authenticate(&controller, &parts, &body).await?;
+            let principal = authenticate(&controller, &ctx, &parts, &body).await?;
             if principal.1 {
                 ctx.principal = Some(principal.0);
                 return Err(Error::Forbidden {
@@ -285,6 +303,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
 /// be changed.
 async fn authenticate(
     controller: &Controller,
+    ctx: &RequestCtx,
     parts: &Parts,
     body: &[u8],
 ) -> Result<(Principal, bool), Error> {
@@ -321,10 +340,12 @@ async fn authenticate(
         }
     };
     let params = signing::parse_signature_input(input).map_err(refuse)?;
+    // The key id is well-formed here (parsing checked its characters and length).
+    ctx.lock().claimed_key = Some(params.keyid.clone());
     let signature = signing::parse_signature(signature).map_err(refuse)?;
 
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if (params.created - now).abs() > SIGNATURE_WINDOW_SECS {
+    if params.created.abs_diff(now) > SIGNATURE_WINDOW_SECS.unsigned_abs() {
         return Err(Error::Unauthorized {
             code: "clock_skew",
             message: format!(

@@ -52,9 +52,11 @@ fn tenant_of(ctx: &RequestCtx) -> Result<String> {
 }
 
 /// Ids are UUIDs; anything else cannot name an object, so it is simply not found.
-fn check_id(id: &str, what: &'static str) -> Result<()> {
+/// Ids are UUIDs in any spelling the uuid crate accepts; returns the canonical (lower-case,
+/// hyphenated) form the database holds. Anything else cannot name an object: not found.
+fn canonical_id(id: &str, what: &'static str) -> Result<String> {
     uuid::Uuid::parse_str(id)
-        .map(|_| ())
+        .map(|u| u.hyphenated().to_string())
         .map_err(|_| Error::NotFound { what })
 }
 
@@ -163,8 +165,9 @@ pub async fn create_instance(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
     ctx.describe("instance.create", "instance");
     let tenant = tenant_of(&ctx)?;
     let req: api::InstanceCreate = parse(&body)?;
+    let new = c.compute.prepare_instance(&req).await?;
     ctx.permit().await?;
-    let instance = c.compute.create_instance(&tenant, &req).await?;
+    let instance = c.compute.create_instance(&tenant, new).await?;
     Ok((StatusCode::CREATED, Json(instance)).into_response())
 }
 
@@ -177,12 +180,18 @@ pub async fn list_instances(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<a
 
 /// Resolves an instance of the caller's tenant, naming the action first so that a refusal is
 /// audited with it. Deleted instances stay visible to `show` (with their erase time).
-async fn own_instance(c: &Controller, ctx: &RequestCtx, action: &str, id: &str) -> Result<String> {
+/// Returns the tenant and the canonical instance id.
+async fn own_instance(
+    c: &Controller,
+    ctx: &RequestCtx,
+    action: &str,
+    id: &str,
+) -> Result<(String, String)> {
     ctx.describe(action, format!("instance/{id}"));
     let tenant = tenant_of(ctx)?;
-    check_id(id, "instance")?;
-    c.compute.get_instance(&tenant, id).await?;
-    Ok(tenant)
+    let id = canonical_id(id, "instance")?;
+    c.compute.get_instance(&tenant, &id).await?;
+    Ok((tenant, id))
 }
 
 pub async fn show_instance(
@@ -190,7 +199,7 @@ pub async fn show_instance(
     ctx: RequestCtx,
     Path(id): Path<String>,
 ) -> Result<Json<api::Instance>> {
-    let tenant = own_instance(&c, &ctx, "instance.show", &id).await?;
+    let (tenant, id) = own_instance(&c, &ctx, "instance.show", &id).await?;
     ctx.permit().await?;
     Ok(Json(c.compute.get_instance(&tenant, &id).await?))
 }
@@ -206,9 +215,9 @@ async fn change_power(
         "stopped" => "instance.stop",
         _ => "instance.delete",
     };
-    let tenant = own_instance(c, ctx, action, id).await?;
+    let (tenant, id) = own_instance(c, ctx, action, id).await?;
     ctx.permit().await?;
-    let instance = c.compute.set_desired(&tenant, id, desired).await?;
+    let instance = c.compute.set_desired(&tenant, &id, desired).await?;
     Ok((StatusCode::ACCEPTED, Json(instance)).into_response())
 }
 
@@ -249,7 +258,7 @@ pub async fn console(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<api::ConsoleOutput>> {
-    let tenant = own_instance(&c, &ctx, "instance.console", &id).await?;
+    let (tenant, id) = own_instance(&c, &ctx, "instance.console", &id).await?;
     let query: ConsoleQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| Error::invalid(format!("query: {e}")))?;
     ctx.permit().await?;

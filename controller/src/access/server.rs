@@ -66,6 +66,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/audit/log"),
 ];
 
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn run(controller: Arc<Controller>, listen: SocketAddr, pki: &Pki) -> anyhow::Result<()> {
     let tls = palisade_common::tls::server_config(&pki.server_cert, &pki.server_key, None)?;
     let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
@@ -75,8 +77,15 @@ pub async fn run(controller: Arc<Controller>, listen: SocketAddr, pki: &Pki) -> 
     println!("PALISADE-API-LISTENING https://{addr}");
     tracing::info!(%addr, "API listening");
     let app = router(controller).into_make_service_with_connect_info::<SocketAddr>();
-    axum_server::from_tcp_rustls(listener, config)?
-        .serve(app)
-        .await?;
+    // A client must finish each request's headers within HEADER_TIMEOUT, so slow-header
+    // connections (slowloris) cannot pile up.
+    let mut server =
+        axum_server::from_tcp_rustls(listener, config)?.first_request_timeout(HEADER_TIMEOUT);
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    server.serve(app).await?;
     Ok(())
 }

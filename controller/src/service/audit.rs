@@ -56,6 +56,7 @@ impl AuditLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e).context(format!("reading {}", path.display())),
         };
+        let existing = cut_torn_tail(&path, existing)?;
         let (seq, prev) = match verify(&existing) {
             Verdict::Intact { records, head } => (records, head),
             Verdict::Broken { line, reason } => anyhow::bail!(
@@ -131,6 +132,27 @@ impl AuditLog {
     }
 }
 
+/// A crash in the middle of an append leaves a last line without its newline. That record was
+/// never made durable, so its request failed and its action never ran: it is cut off (and the
+/// cut is logged). Only an unterminated tail is cut, and only when all before it verifies.
+fn cut_torn_tail(path: &Path, log: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    if log.is_empty() || log.ends_with(b"\n") {
+        return Ok(log);
+    }
+    let keep = log.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if !matches!(verify(&log[..keep]), Verdict::Intact { .. }) {
+        return Ok(log); // not a torn append: let verification report it
+    }
+    tracing::warn!(path = %path.display(), bytes = log.len() - keep,
+        "cutting a torn, never-acknowledged record off the end of the audit log");
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(keep as u64)?;
+    file.sync_all()?;
+    let mut log = log;
+    log.truncate(keep);
+    Ok(log)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +174,22 @@ mod tests {
         assert_eq!(record.seq, 4);
         let bytes = std::fs::read(dir.path().join("audit.log")).unwrap();
         assert!(matches!(verify(&bytes), Verdict::Intact { records: 4, .. }));
+    }
+
+    #[test]
+    fn a_torn_last_append_is_cut_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        log.append_blocking(Entry::default()).unwrap();
+        drop(log);
+        let path = dir.path().join("audit.log");
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(br#"{"seq":2,"time":"20"#).unwrap();
+        drop(file);
+        let log = AuditLog::open(dir.path()).unwrap();
+        assert_eq!(log.append_blocking(Entry::default()).unwrap().seq, 2);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(matches!(verify(&bytes), Verdict::Intact { records: 2, .. }));
     }
 
     #[test]

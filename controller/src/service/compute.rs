@@ -99,6 +99,13 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// A create request that passed its checks.
+pub struct NewInstance {
+    name: String,
+    image_id: String,
+    flavor: api::Flavor,
+}
+
 const INSTANCE_COLUMNS: &str = "id, tenant_id, name, image_id, flavor, vcpus, memory_mib, \
     disk_gib, desired, state, last_error, created_at, deleted_at, disk_erased_at";
 
@@ -148,13 +155,8 @@ impl Compute {
         Ok(rows.iter().map(image_from_row).collect())
     }
 
-    /// Creates an instance record within the tenant's quota, atomically: the quota check and
-    /// the insert are one statement, so parallel creates can never overshoot.
-    pub async fn create_instance(
-        &self,
-        tenant_id: &str,
-        req: &api::InstanceCreate,
-    ) -> Result<Instance> {
+    /// Checks a create request (name, flavor, image) without changing anything.
+    pub async fn prepare_instance(&self, req: &api::InstanceCreate) -> Result<NewInstance> {
         if !api::is_valid_name(&req.name) {
             return Err(Error::invalid("instance name: 1-63 of A-Z a-z 0-9 - _ ."));
         }
@@ -171,7 +173,21 @@ impl Compute {
                 .fetch_optional(&self.db.pool)
                 .await?
                 .ok_or(Error::NotFound { what: "image" })?;
-        let image_id: String = image.get("id");
+        Ok(NewInstance {
+            name: req.name.clone(),
+            image_id: image.get("id"),
+            flavor,
+        })
+    }
+
+    /// Creates an instance record within the tenant's quota, atomically: the quota check and
+    /// the insert are one statement, so parallel creates can never overshoot.
+    pub async fn create_instance(&self, tenant_id: &str, new: NewInstance) -> Result<Instance> {
+        let NewInstance {
+            name,
+            image_id,
+            flavor,
+        } = new;
         let id = new_id();
         let created_at = now();
         let inserted = sqlx::query(
@@ -188,7 +204,7 @@ impl Compute {
         )
         .bind(&id)
         .bind(tenant_id)
-        .bind(&req.name)
+        .bind(&name)
         .bind(&image_id)
         .bind(&flavor.name)
         .bind(flavor.vcpus as i64)

@@ -72,7 +72,13 @@ pub fn random_password() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Argon2id runs at most this many at once (each takes ~19 MiB and a core for tens of ms):
+/// a flood of password attempts queues instead of exhausting memory.
+/// TODO(security): per-source and per-user rate limits and lockout — issue 3.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 async fn hash_password(password: String) -> anyhow::Result<String> {
+    let _permit = HASHING.acquire().await?;
     tokio::task::spawn_blocking(move || {
         let mut salt = [0u8; 16];
         getrandom::fill(&mut salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
@@ -85,6 +91,9 @@ async fn hash_password(password: String) -> anyhow::Result<String> {
 }
 
 async fn password_matches(password: String, stored: String) -> bool {
+    let Ok(_permit) = HASHING.acquire().await else {
+        return false;
+    };
     tokio::task::spawn_blocking(move || {
         Argon2::default()
             .verify_password(password.as_bytes(), stored.as_str())
@@ -92,6 +101,18 @@ async fn password_matches(password: String, stored: String) -> bool {
     })
     .await
     .unwrap_or(false)
+}
+
+/// A hash of a random password, made once, to verify against when the user does not exist.
+async fn unknown_user_hash() -> String {
+    static HASH: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    HASH.get_or_init(|| async {
+        hash_password(random_password())
+            .await
+            .unwrap_or_else(|_| "$argon2id$v=19$m=19456,t=2,p=1$invalid$invalid".into())
+    })
+    .await
+    .clone()
 }
 
 /// A user whose password just checked out.
@@ -116,8 +137,11 @@ pub async fn verify_password(db: &Db, user: &str, password: &str) -> Result<Veri
     .bind(user)
     .fetch_optional(&db.pool)
     .await?;
-    // TODO(security): equalize timing for unknown users (hash a dummy) — issue 3.
-    let row = row.ok_or_else(refused)?;
+    let Some(row) = row else {
+        // Spend the same work as for a real user, so timing does not tell who exists.
+        password_matches(password.to_string(), unknown_user_hash().await).await;
+        return Err(refused());
+    };
     if !password_matches(password.to_string(), row.get("password_hash")).await {
         return Err(refused());
     }
@@ -218,7 +242,7 @@ pub async fn lookup_key(db: &Db, key_id: &str) -> Result<Option<KeyRecord>> {
     }))
 }
 
-/// The caller's own keys (revoked ones included, so the history is visible).
+/// The caller's own live keys.
 pub async fn list_keys(db: &Db, user_id: &str) -> Result<Vec<ApiKey>> {
     let rows = sqlx::query(
         "SELECT id, user_id, name, public_key, created_at FROM api_keys WHERE user_id = $1 \

@@ -86,6 +86,62 @@ fn every_request_leaves_exactly_one_record_with_who_what_when_where() {
 }
 
 #[test]
+fn refusals_are_recorded_as_refusals_with_bounded_text_and_the_claimed_key() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let raw = p.raw();
+    let last = || -> serde_json::Value {
+        let text = std::fs::read_to_string(p.audit_log()).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+
+    // A create that fails its checks is never recorded as allowed.
+    let body = br#"{"name":"bad name!","image":"debian-12-busybox","flavor":"tiny"}"#;
+    assert_eq!(
+        raw.signed(&p, &alice, "POST", "/v1/instances", body).status,
+        400
+    );
+    let record = last();
+    assert_eq!(
+        (record["action"].as_str(), record["result"].as_str()),
+        (Some("instance.create"), Some("rejected")),
+        "{record}"
+    );
+
+    // Anonymous callers cannot inflate the log: text from requests is capped.
+    let fat = serde_json::json!({
+        "user": "A".repeat(60_000), "current_password": "x", "new_password": "y",
+    });
+    let fat = serde_json::to_vec(&fat).unwrap();
+    let before = std::fs::metadata(p.audit_log()).unwrap().len();
+    assert_eq!(
+        raw.send(&p, "POST", "/v1/auth/password", &fat, &[]).status,
+        401
+    );
+    let grown = std::fs::metadata(p.audit_log()).unwrap().len() - before;
+    assert!(
+        grown < 2048,
+        "one refused request grew the log by {grown} bytes"
+    );
+
+    // A replayed request is recorded against the key it claimed.
+    let headers = sign(&alice, "GET", "/v1/whoami", b"", 0);
+    raw.send(&p, "GET", "/v1/whoami", b"", &headers);
+    assert_eq!(
+        raw.send(&p, "GET", "/v1/whoami", b"", &headers).code(),
+        "replayed"
+    );
+    let record = last();
+    assert_eq!(
+        record["key_id"].as_str(),
+        Some(alice.key_id.as_str()),
+        "{record}"
+    );
+    assert_eq!(record["subject"], "anonymous");
+}
+
+#[test]
 fn a_flipped_byte_anywhere_is_detected_and_its_record_named() {
     let mut p = Platform::start();
     let admin = p.admin();

@@ -57,7 +57,7 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
     // A tenant with a user, who makes their own key.
     let tenant: serde_json::Value =
         serde_json::from_str(&p.cli_ok(&["--json", "tenant", "create", "acme"])).unwrap();
-    let tenant_id = tenant[0]["id"].as_str().unwrap().to_string();
+    let tenant_id = tenant["id"].as_str().unwrap().to_string();
     let user: serde_json::Value = serde_json::from_str(
         &p.cli_ok(&["--json", "user", "create", "alice", "--tenant", &tenant_id]),
     )
@@ -103,8 +103,8 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "--wait",
     ]))
     .unwrap();
-    let id = created[0]["id"].as_str().unwrap().to_string();
-    assert_eq!(created[0]["state"], "running");
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["state"], "running");
     let console = p.cli_ok(&[
         "--profile",
         "tenant",
@@ -143,9 +143,9 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "--wait",
     ]))
     .unwrap();
-    assert_eq!(deleted[0]["state"], "deleted");
-    assert!(deleted[0]["disk_erased_at"].is_string(), "{deleted}");
-    assert!(deleted[0]["deleted_at"].is_string());
+    assert_eq!(deleted["state"], "deleted");
+    assert!(deleted["disk_erased_at"].is_string(), "{deleted}");
+    assert!(deleted["deleted_at"].is_string());
     assert!(qemu_pids(&id).is_empty());
     assert!(
         cgroup_dirs(&id).is_empty(),
