@@ -10,9 +10,10 @@
 //! 4. A request that never reached `permit` (refused, malformed, unknown route) gets its record
 //!    here, after the handler, with the refusal's code. Either way: one record per request.
 //!
-//! TODO(correctness): a permitted action that then fails (quota reached inside the atomic
-//! insert, host unreachable) keeps its `allowed` record with no outcome; outcome records come
-//! with the transparency log (issue #4).
+//! Checks that can refuse a request run before `permit` (a create's quota check runs inside
+//! the write transaction, with `permit` between the check and the commit).
+//! TODO(correctness): a permitted action that still fails afterwards (a database or disk
+//! error) keeps its `allowed` record with no outcome record; outcomes come with issue #4.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -166,8 +166,10 @@ pub async fn create_instance(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
     let tenant = tenant_of(&ctx)?;
     let req: api::InstanceCreate = parse(&body)?;
     let new = c.compute.prepare_instance(&req).await?;
-    ctx.permit().await?;
-    let instance = c.compute.create_instance(&tenant, new).await?;
+    let instance = c
+        .compute
+        .create_instance(&tenant, new, ctx.permit())
+        .await?;
     Ok((StatusCode::CREATED, Json(instance)).into_response())
 }
 
@@ -216,6 +218,11 @@ async fn change_power(
         _ => "instance.delete",
     };
     let (tenant, id) = own_instance(c, ctx, action, id).await?;
+    let current = c.compute.get_instance(&tenant, &id).await?;
+    if current.deleted_at.is_some() || current.state == "deleting" {
+        // Gone, or going: to its owner as to anyone, there is nothing to act on.
+        return Err(Error::NotFound { what: "instance" });
+    }
     ctx.permit().await?;
     let instance = c.compute.set_desired(&tenant, &id, desired).await?;
     Ok((StatusCode::ACCEPTED, Json(instance)).into_response())

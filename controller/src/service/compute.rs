@@ -181,8 +181,16 @@ impl Compute {
     }
 
     /// Creates an instance record within the tenant's quota, atomically: the quota check and
-    /// the insert are one statement, so parallel creates can never overshoot.
-    pub async fn create_instance(&self, tenant_id: &str, new: NewInstance) -> Result<Instance> {
+    /// the insert are one statement, so parallel creates can never overshoot. `permit` (the
+    /// audit append) runs after the quota check and before the commit, inside the write
+    /// transaction: a create refused for quota is never recorded as allowed, and no one sees
+    /// the instance before its record is durable.
+    pub async fn create_instance(
+        &self,
+        tenant_id: &str,
+        new: NewInstance,
+        permit: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<Instance> {
         let NewInstance {
             name,
             image_id,
@@ -190,6 +198,8 @@ impl Compute {
         } = new;
         let id = new_id();
         let created_at = now();
+        // IMMEDIATE: take the write lock now, so the transaction cannot fail to upgrade later.
+        let mut tx = self.db.pool.begin_with("BEGIN IMMEDIATE").await?;
         let inserted = sqlx::query(
             "INSERT INTO instances (id, tenant_id, name, image_id, flavor, vcpus, memory_mib, \
              disk_gib, host, desired, state, created_at, updated_at) \
@@ -212,7 +222,7 @@ impl Compute {
         .bind(flavor.disk_gib as i64)
         .bind(LOCAL_HOST)
         .bind(&created_at)
-        .execute(&self.db.pool)
+        .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
             return Err(Error::Conflict {
@@ -221,6 +231,8 @@ impl Compute {
                     .into(),
             });
         }
+        permit.await?;
+        tx.commit().await?;
         self.wake.notify_one();
         self.get_instance(tenant_id, &id).await
     }

@@ -38,4 +38,19 @@ fn twenty_parallel_creates_against_a_quota_of_three_yield_exactly_three() {
     }
     let list: Vec<api::Instance> = p.block_on(alice.client.get("/v1/instances")).unwrap();
     assert_eq!(list.len(), 3);
+
+    // The audit log agrees: three creates allowed, seventeen refused for quota — a refused
+    // create is never recorded as allowed.
+    let text = std::fs::read_to_string(p.audit_log()).unwrap();
+    let creates: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["action"] == "instance.create")
+        .collect();
+    let allowed = creates.iter().filter(|r| r["result"] == "allowed").count();
+    let refused = creates
+        .iter()
+        .filter(|r| r["result"] == "rejected" && r["code"] == "quota_exceeded")
+        .count();
+    assert_eq!((allowed, refused), (3, 17));
 }
