@@ -2,7 +2,7 @@
 //!
 //! | flag | default | meaning |
 //! |---|---|---|
-//! | `--data-dir` | (required) | instance directories live in `<data-dir>/instances` |
+//! | `--data-dir` | (required) | made 0700, one agent at a time (`agent.lock`); instances in `instances/` |
 //! | `--listen` | `127.0.0.1:8444` | HTTPS address (port 0: any free port, see `--addr-file`) |
 //! | `--ca`, `--cert`, `--key` | (required) | PEM files: clients must chain to `--ca`; the key must be 0600 |
 //! | `--accelerator` | `auto` | `auto`, `kvm` or `tcg` (see `qemu::choose_accelerator`) |
@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 
 use crate::cgroup::Cgroups;
 use crate::console;
+use crate::data_dir;
 use crate::host_cmd::QemuImg;
 use crate::qemu::{self, Accelerator, AcceleratorChoice, HostFacts};
 
@@ -80,8 +81,7 @@ impl Config {
     pub fn resolve(args: &AgentArgs, facts: HostFacts) -> anyhow::Result<Config> {
         let accelerator = qemu::choose_accelerator(args.accelerator, facts)?;
 
-        std::fs::create_dir_all(&args.data_dir)
-            .with_context(|| format!("creating {}", args.data_dir.display()))?;
+        data_dir::create(&args.data_dir)?;
         let data_dir = args
             .data_dir
             .canonicalize()

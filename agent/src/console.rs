@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -46,9 +47,11 @@ impl ConsoleLog {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let len = file_len(&self.log)?;
         if len + data.len() as u64 <= self.cap {
+            // What the guest prints is the tenant's: readable by root only.
             let mut file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&self.log)?;
             return file.write_all(data);
         }
@@ -151,7 +154,13 @@ fn read_base(path: &Path) -> io::Result<u64> {
 /// Writes `path` through a temporary file and a rename.
 fn replace(path: &Path, contents: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents)?;
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(contents)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -178,6 +187,20 @@ mod tests {
             (chunk.offset, chunk.next_offset, chunk.data.as_str()),
             (11, 11, "")
         );
+    }
+
+    #[test]
+    fn the_log_and_its_base_are_readable_by_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = ConsoleLog::new(dir.path(), MIN_CAP);
+        log.append(b"secret").expect("append");
+        log.append(&vec![b'x'; MIN_CAP as usize])
+            .expect("append past the cap");
+        for name in ["console.log", "console.base"] {
+            let meta = std::fs::metadata(dir.path().join(name)).expect(name);
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+        }
     }
 
     #[test]

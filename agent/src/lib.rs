@@ -12,12 +12,13 @@
 //! Layers: `api` (routes) → `instance` (lifecycle, state on disk, adoption) →
 //! `jail` (the sandbox), `cgroup`, `qemu` (command line, accelerator), `qmp`,
 //! `console`, `image` (verified copies), `disk`, `host_cmd` (runner for host
-//! tools).
+//! tools), `data_dir` (one agent per data directory).
 
 mod api;
 mod cgroup;
 mod config;
 mod console;
+mod data_dir;
 mod disk;
 mod fsutil;
 mod host_cmd;
@@ -56,6 +57,9 @@ pub async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         data_dir = %cfg.data_dir.display(),
         "agent configured"
     );
+    // Held until the agent exits: a second agent on this directory would
+    // adopt, stop and clean up this one's instances.
+    let _data_dir_lock = data_dir::claim(&cfg.data_dir)?;
 
     let tls = palisade_common::tls::server_config(&args.cert, &args.key, Some(&args.ca))
         .context("loading the agent's TLS configuration")?;

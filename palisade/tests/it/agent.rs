@@ -31,6 +31,12 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const ID_A: &str = "a0000000-0000-4000-8000-00000000000a";
 const ID_B: &str = "b0000000-0000-4000-8000-00000000000b";
 const ID_C: &str = "c0000000-0000-4000-8000-00000000000c";
+const ID_D: &str = "d0000000-0000-4000-8000-00000000000d";
+const ID_E: &str = "e0000000-0000-4000-8000-00000000000e";
+const ID_F: &str = "f0000000-0000-4000-8000-00000000000f";
+/// Every instance id these tests use. Instance ids name cgroups, which are
+/// host-wide, and QEMU processes are found by id: each test has ids of its own.
+const ALL_IDS: [&str; 6] = [ID_A, ID_B, ID_C, ID_D, ID_E, ID_F];
 
 // ---- the test ---------------------------------------------------------------
 
@@ -70,6 +76,7 @@ fn agent_runs_sandboxed_instances_adopts_them_after_sigkill_and_erases_them() {
     for (status, vcpus, memory_mib) in [(&a, 1, 256), (&b, 2, 192)] {
         assert_sandboxed(&env, status, vcpus, memory_mib);
     }
+    assert_private_to_root(&env, ID_A);
 
     refuses_an_image_that_does_not_match_its_digest(&env, &api, &image);
 
@@ -177,6 +184,59 @@ fn agent_refuses_a_world_readable_key() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the agent started: {stderr}");
     assert!(stderr.contains("readable by others"), "{stderr}");
+}
+
+/// A second agent on a data directory in use would adopt, stop and clean up
+/// the first one's instances: it must refuse to start, and leave the first be.
+#[test]
+fn a_second_agent_on_the_same_data_dir_refuses_to_start() {
+    let mut env = Env::new();
+    let mut first = env.spawn_agent();
+    let data = env.data().canonicalize().expect("data dir");
+
+    let addr_file = env.next_addr_file();
+    let output = env
+        .agent_command(&data, &addr_file)
+        .output()
+        .expect("run a second palisade agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the second agent ran: {stderr}");
+    let expected = format!(
+        "another agent is using the data directory {}",
+        data.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(!addr_file.exists(), "the second agent listened");
+
+    assert!(
+        first.child.try_wait().expect("try_wait").is_none(),
+        "the first agent stopped"
+    );
+    let host: HostInfo = env
+        .client(&first, Identity::Platform)
+        .ok("GET", "/v1/host", None);
+    assert!(!host.accelerator.is_empty());
+    first.kill();
+}
+
+/// No other local user reads the agent's state: the data directory is 0700 and
+/// what the agent wrote for a running instance is 0600 (the sandbox above shows
+/// that the jailed QEMU still gets into its root below it).
+fn assert_private_to_root(env: &Env, id: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&env.data()), 0o700, "the data directory");
+    assert_eq!(mode(&env.data().join("agent.lock")), 0o600);
+    let dir = env.instance_dir(id);
+    for name in ["uid", "spec.json", "pid", "qemu.log", "console.log"] {
+        assert_eq!(mode(&dir.join(name)), 0o600, "{name} of {id}");
+    }
 }
 
 fn refuses_clients_without_a_platform_certificate(env: &Env, agent: &AgentProcess) {
@@ -373,28 +433,42 @@ impl Env {
         self.path().join("data")
     }
 
+    /// Ids of the instances this test's agents have directories for, in any
+    /// of the data directories below the temp dir.
+    fn instance_ids(&self) -> Vec<String> {
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir.path()) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| std::fs::read_dir(e.ok()?.path().join("instances")).ok())
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| ALL_IDS.contains(&name.as_str()))
+            .collect()
+    }
+
     fn instance_dir(&self, id: &str) -> PathBuf {
         self.data().join("instances").join(id)
     }
 
     fn spawn_agent(&mut self) -> AgentProcess {
-        self.agent_starts += 1;
-        let addr_file = self
-            .path()
-            .join(format!("agent-{}.addr", self.agent_starts));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("agent log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        self.spawn_agent_on(&self.data())
+    }
+
+    /// `palisade agent` on `data`, any free port, the test PKI.
+    fn agent_command(&self, data: &Path, addr_file: &Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_palisade"));
+        command
             .arg("agent")
             .arg("--data-dir")
-            .arg(self.data())
+            .arg(data)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--addr-file")
-            .arg(&addr_file)
+            .arg(addr_file)
             .arg("--ca")
             .arg(&self.pki.ca)
             .arg("--cert")
@@ -402,7 +476,25 @@ impl Env {
             .arg("--key")
             .arg(&self.pki.agent.1)
             .env("RUST_LOG", "info,palisade_agent=debug")
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn next_addr_file(&mut self) -> PathBuf {
+        self.agent_starts += 1;
+        self.path()
+            .join(format!("agent-{}.addr", self.agent_starts))
+    }
+
+    fn spawn_agent_on(&mut self, data: &Path) -> AgentProcess {
+        let addr_file = self.next_addr_file();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let mut child = self
+            .agent_command(data, &addr_file)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -453,8 +545,10 @@ impl Drop for Env {
                 .collect();
             eprintln!("--- agent.log (tail) ---\n{tail}");
         }
-        // QEMU outlives its agent by design; the test's must not outlive the test.
-        for id in [ID_A, ID_B, ID_C] {
+        // QEMU outlives its agent by design; the test's must not outlive the
+        // test. Only this test's: tests run in parallel, each with its own ids.
+        let ids = self.instance_ids();
+        for id in &ids {
             for pid in qemu_pids_of(id) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid as i32),
@@ -462,7 +556,7 @@ impl Drop for Env {
                 );
             }
         }
-        for id in [ID_A, ID_B, ID_C] {
+        for id in &ids {
             let deadline = Instant::now() + Duration::from_secs(5);
             for dir in Cgroups::detect().dirs(id) {
                 while dir.exists()
