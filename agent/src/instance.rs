@@ -5,7 +5,7 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `uid` | the instance's uid (= gid), allocated once, kept until delete |
+//! | `uid` | the instance's uid (= gid), unique on the host (`uid.rs`), kept until delete |
 //! | `spec.json` | the last spec it was started with |
 //! | `pid` | `<pid> <start time>` of the running QEMU; absent when stopped |
 //! | `console.log`, `console.base` | the capped console log (`console.rs`) |
@@ -48,10 +48,7 @@ use crate::jail::JailArgs;
 use crate::process;
 use crate::qemu::{self, Accelerator};
 use crate::qmp::Qmp;
-
-/// Instance uids (and gids) are `UID_BASE + n`, the lowest free `n` first.
-pub const UID_BASE: u32 = 200_000;
-pub const UID_COUNT: u32 = 65_536;
+use crate::uid::{self, HostUidLock, UID_BASE, UID_COUNT};
 
 /// How long QEMU gets to exit after QMP `quit` before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(10);
@@ -190,7 +187,8 @@ pub struct Manager {
     cfg: Config,
     instances_dir: PathBuf,
     slots: Mutex<HashMap<InstanceId, Arc<Slot>>>,
-    /// Serialises uid allocation.
+    /// Serialises this agent's starts before they queue for the host-wide
+    /// uid lock (`uid.rs`), so at most one of them waits on it at a time.
     uid_lock: tokio::sync::Mutex<()>,
 }
 
@@ -340,7 +338,16 @@ impl Manager {
             return slot.status(state).ok_or(InstanceError::NotFound);
         }
 
-        let uid = self.ensure_dir_and_uid(slot, state).await?;
+        // Held until QEMU runs under its uid (or the start failed), so that
+        // no agent on this host hands that uid out meanwhile.
+        let _in_process = self.uid_lock.lock().await;
+        let _host_wide = HostUidLock::acquire(Path::new(uid::HOST_LOCK_PATH))
+            .await
+            .map_err(io_err(format!(
+                "taking the uid lock {}",
+                uid::HOST_LOCK_PATH
+            )))?;
+        let uid = self.ensure_dir_and_uid(slot, state)?;
         slot.publish(state);
         let owner = (Uid::from_raw(uid), Gid::from_raw(uid));
         let paths = &slot.paths;
@@ -391,38 +398,39 @@ impl Manager {
         }
     }
 
-    /// Creates the instance directory and gives it a uid, once.
-    async fn ensure_dir_and_uid(
-        &self,
-        slot: &Slot,
-        state: &mut State,
-    ) -> Result<u32, InstanceError> {
-        if let Some(uid) = state.uid {
-            return Ok(uid);
-        }
-        let _allocating = self.uid_lock.lock().await;
+    /// Creates the instance directory and gives it a uid that no process on
+    /// the host runs under. A recorded uid is kept, unless something else now
+    /// runs under it (another agent's instance took it while this one was
+    /// stopped): then the instance gets a new one, and the start gives `run/`
+    /// and its files to it. Called with the host-wide uid lock held.
+    fn ensure_dir_and_uid(&self, slot: &Slot, state: &mut State) -> Result<u32, InstanceError> {
         let paths = &slot.paths;
         match std::fs::DirBuilder::new().mode(0o700).create(&paths.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("creating the instance directory")(e)),
         }
-        if let Some(uid) = read_uid(&paths.uid).map_err(io_err("reading the uid file"))? {
-            state.uid = Some(uid);
-            return Ok(uid);
+        let recorded = match state.uid {
+            Some(uid) => Some(uid),
+            None => read_uid(&paths.uid).map_err(io_err("reading the uid file"))?,
+        };
+        let live = uid::ids_of_live_processes().map_err(io_err("listing the uids of processes"))?;
+        if let Some(uid) = recorded {
+            if !live.contains(&uid) {
+                state.uid = Some(uid);
+                return Ok(uid);
+            }
+            warn!(
+                uid,
+                "another process on this host runs under the instance's uid; allocating a new one"
+            );
         }
 
-        let used = self
+        let mut taken = self
             .uids_in_use()
             .map_err(io_err("listing instance uids"))?;
-        let uid = (UID_BASE..UID_BASE + UID_COUNT)
-            .filter(|uid| !used.contains(uid))
-            // Never hand out an id that names a host account or group.
-            .find(|uid| {
-                matches!(nix::unistd::User::from_uid(Uid::from_raw(*uid)), Ok(None))
-                    && matches!(nix::unistd::Group::from_gid(Gid::from_raw(*uid)), Ok(None))
-            })
-            .ok_or(InstanceError::NoFreeUid)?;
+        taken.extend(live);
+        let uid = uid::choose(&taken, uid::is_host_account).ok_or(InstanceError::NoFreeUid)?;
         fsutil::write_durably(&paths.uid, format!("{uid}\n").as_bytes())
             .map_err(io_err("writing the uid file"))?;
         fsutil::sync_parent(&paths.dir).map_err(io_err("syncing the instances directory"))?;

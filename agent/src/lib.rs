@@ -12,7 +12,8 @@
 //! Layers: `api` (routes) → `instance` (lifecycle, state on disk, adoption) →
 //! `jail` (the sandbox), `cgroup`, `qemu` (command line, accelerator), `qmp`,
 //! `console`, `image` (verified copies), `disk`, `host_cmd` (runner for host
-//! tools), `data_dir` (one agent per data directory).
+//! tools), `uid` (host-wide unique instance uids), `data_dir` (one agent per
+//! data directory).
 
 mod api;
 mod cgroup;
@@ -29,6 +30,7 @@ mod jail;
 mod process;
 mod qemu;
 mod qmp;
+mod uid;
 mod unix_socket;
 
 use std::net::SocketAddr;

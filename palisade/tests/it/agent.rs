@@ -121,8 +121,10 @@ fn agent_runs_sandboxed_instances_adopts_them_after_sigkill_and_erases_them() {
     assert_no_cgroups(ID_A);
     assert_eq!(api.stop(ID_A), stopped, "a repeated stop is a no-op");
 
+    // The uid is not compared: other tests' instances may have taken A's
+    // while it was stopped, and then A rightly gets another.
     let again = api.start(&image.spec(ID_A, 1, 256, ""));
-    assert_eq!((again.state, again.uid), (PowerState::Running, a.uid));
+    assert_eq!(again.state, PowerState::Running, "{again:?}");
     assert_eq!(
         std::fs::metadata(&disk_a).expect("disk of A").ino(),
         disk_inode
@@ -217,6 +219,66 @@ fn a_second_agent_on_the_same_data_dir_refuses_to_start() {
         .ok("GET", "/v1/host", None);
     assert!(!host.accelerator.is_empty());
     first.kill();
+}
+
+/// "Each VM its own uid" holds across agents: two agents on one host (two
+/// data directories) never run two instances under one uid, not even when one
+/// agent's stopped instance finds its recorded uid taken by the other's.
+#[test]
+fn two_agents_on_one_host_never_share_an_instance_uid() {
+    let mut env = Env::new();
+    let image = GuestImage::locate();
+    let (one_data, two_data) = (env.path().join("data-1"), env.path().join("data-2"));
+    let one = env.spawn_agent_on(&one_data);
+    let two = env.spawn_agent_on(&two_data);
+    let (api_one, api_two) = (
+        env.client(&one, Identity::Platform),
+        env.client(&two, Identity::Platform),
+    );
+
+    let d = api_one.start(&image.spec(ID_D, 1, 128, ""));
+    let e = api_two.start(&image.spec(ID_E, 1, 128, ""));
+    assert_ne!(d.uid, e.uid, "{d:?} {e:?}");
+    assert_runs_as(&d);
+    assert_runs_as(&e);
+
+    // D stops: its uid is free on the host again, and agent two may take it
+    // for F. D's next start must then not reuse it.
+    api_one.stop(ID_D);
+    let f = api_two.start(&image.spec(ID_F, 1, 128, ""));
+    assert_ne!(f.uid, e.uid, "{f:?} {e:?}");
+    let d_again = api_one.start(&image.spec(ID_D, 1, 128, ""));
+    assert_eq!(d_again.state, PowerState::Running, "{d_again:?}");
+    assert!(
+        d_again.uid != e.uid && d_again.uid != f.uid,
+        "D {d_again:?} shares a uid with E {e:?} or F {f:?}"
+    );
+    let recorded = std::fs::read_to_string(one_data.join("instances").join(ID_D).join("uid"))
+        .expect("D's uid file");
+    assert_eq!(recorded.trim(), d_again.uid.to_string());
+    for status in [&d_again, &e, &f] {
+        assert_runs_as(status);
+    }
+
+    for (api, id) in [(&api_one, ID_D), (&api_two, ID_E), (&api_two, ID_F)] {
+        let _: EraseReport = api.ok("DELETE", &format!("/v1/instances/{id}"), None);
+    }
+    one.kill();
+    two.kill();
+}
+
+/// The QEMU of `status` runs under the uid and gid the agent reported.
+fn assert_runs_as(status: &InstanceStatus) {
+    let proc_status = proc_status(pid(status));
+    let uid = status.uid.to_string();
+    for field in ["Uid", "Gid"] {
+        let ids = proc_status.get(field).map(String::as_str).unwrap_or("?");
+        assert_eq!(
+            ids.split_whitespace().collect::<Vec<_>>(),
+            [uid.as_str(); 4],
+            "{field} of {status:?}"
+        );
+    }
 }
 
 /// No other local user reads the agent's state: the data directory is 0700 and
