@@ -11,3 +11,4 @@ mod e2e;
 mod quota;
 mod reconcile;
 mod support;
+mod up;
