@@ -488,18 +488,14 @@ async fn terminate(role: Role, child: &mut Child) {
     }
 }
 
-/// `kill -TERM <pid>`, through the shell's built-in `kill`: std sends only SIGKILL, and
-/// this crate binds to no OS signal API (no libc or nix; unsafe code is denied).
+/// Asks a child to stop (SIGTERM), as a service manager would.
 async fn send_sigterm(pid: u32) -> anyhow::Result<()> {
-    let status = Command::new("/bin/sh")
-        .args(["-c", r#"kill -TERM "$1""#, "sh", &pid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .await
-        .context("running /bin/sh")?;
-    anyhow::ensure!(status.success(), "kill -TERM {pid}: {status}");
-    Ok(())
+    let pid = i32::try_from(pid).context("pid out of range")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .with_context(|| format!("kill -TERM {pid}"))
 }
 
 /// Waits until the platform is told to stop.
