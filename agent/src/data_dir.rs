@@ -7,9 +7,9 @@
 //! kernel releases it when the process ends, however it ends. The descriptor
 //! is close-on-exec: the QEMU processes, which outlive the agent, never hold it.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 pub const LOCK_FILE: &str = "agent.lock";
@@ -58,15 +58,7 @@ pub struct DataDirLock {
 /// before it drops to the instance uid, so that uid needs no way in.)
 pub fn claim(dir: &Path) -> Result<DataDirLock, DataDirError> {
     let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(io_err("opening", &path))?;
+    let file = crate::fsutil::open_lock_file(&path).map_err(io_err("opening", &path))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {

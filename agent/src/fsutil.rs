@@ -23,6 +23,18 @@ pub fn write_durably(path: &Path, contents: &[u8]) -> io::Result<()> {
     sync_parent(path)
 }
 
+/// Opens (creating, mode 0600, never through a symlink) a file used only for its lock.
+pub fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

@@ -190,6 +190,10 @@ pub struct Manager {
     /// Serialises this agent's starts before they queue for the host-wide
     /// uid lock (`uid.rs`), so at most one of them waits on it at a time.
     uid_lock: tokio::sync::Mutex<()>,
+    /// `<id>.json` per erased disk: the erase report, kept so that a repeated delete (after a
+    /// controller crash between the erase and recording it) still answers when it happened.
+    /// TODO(perf): receipts are never pruned; they are a few hundred bytes each.
+    receipts_dir: PathBuf,
 }
 
 impl Manager {
@@ -203,9 +207,17 @@ impl Manager {
             .create(&instances_dir)
             .map_err(io_err(format!("creating {}", instances_dir.display())))?;
 
+        let receipts_dir = cfg.data_dir.join("erased");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&receipts_dir)
+            .map_err(io_err(format!("creating {}", receipts_dir.display())))?;
+
         let manager = Arc::new(Manager {
             cfg,
             instances_dir,
+            receipts_dir,
             slots: Mutex::new(HashMap::new()),
             uid_lock: tokio::sync::Mutex::new(()),
         });
@@ -712,7 +724,7 @@ impl Manager {
             disk_bytes_overwritten: 0,
         };
         let Some((slot, mut state)) = self.lock(id, false).await else {
-            return Ok(nothing);
+            return Ok(self.receipt(id).unwrap_or(nothing));
         };
         let result = self.delete_locked(&slot, &mut state).await;
         if result.is_ok() {
@@ -739,6 +751,24 @@ impl Manager {
         .map_err(|e| io_err("erase task")(io::Error::other(e)))?
         .map_err(InstanceError::Disk)?;
 
+        // Record the erase durably before the directory goes, so a repeated delete can tell
+        // when it happened; a delete that finds the disk already gone reuses that receipt.
+        let (disk_len, at) = erased;
+        let report = match (disk_len, self.receipt(&slot.id)) {
+            (None, Some(earlier)) => earlier,
+            _ => EraseReport {
+                id: slot.id.to_string(),
+                disk_erased_at: disk_len.map(|_| rfc3339(at)),
+                disk_bytes_overwritten: disk_len.unwrap_or(0),
+            },
+        };
+        if report.disk_erased_at.is_some() {
+            let json =
+                serde_json::to_vec(&report).map_err(|e| io_err("receipt")(io::Error::other(e)))?;
+            fsutil::write_durably(&self.receipt_path(&slot.id), &json)
+                .map_err(io_err("writing the erase receipt"))?;
+        }
+
         // Any leftover cgroup must go too; here a failure is an error.
         let cgroups = self.cfg.cgroups.clone();
         let id = slot.id.clone();
@@ -752,13 +782,19 @@ impl Manager {
         fsutil::sync_dir(&self.instances_dir).map_err(io_err("syncing the instances directory"))?;
         state.uid = None;
 
-        let (disk_len, at) = erased;
+        let (disk_len, _) = erased;
         info!(disk_bytes = disk_len.unwrap_or(0), "instance deleted");
-        Ok(EraseReport {
-            id: slot.id.to_string(),
-            disk_erased_at: disk_len.map(|_| rfc3339(at)),
-            disk_bytes_overwritten: disk_len.unwrap_or(0),
-        })
+        Ok(report)
+    }
+
+    fn receipt_path(&self, id: &InstanceId) -> PathBuf {
+        self.receipts_dir.join(format!("{id}.json"))
+    }
+
+    /// The report of an earlier erase of this instance, if there was one.
+    fn receipt(&self, id: &InstanceId) -> Option<EraseReport> {
+        let text = fsutil::read_optional(&self.receipt_path(id)).ok()??;
+        serde_json::from_str(&text).ok()
     }
 
     // ---- recovery after an agent restart ----------------------------------

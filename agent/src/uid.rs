@@ -15,10 +15,9 @@
 //! re-checking a recorded one) until QEMU runs under it.
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, ErrorKind};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Instance uids (and gids) are `UID_BASE + n`, the lowest free `n` first.
 pub const UID_BASE: u32 = 200_000;
@@ -106,15 +105,8 @@ impl HostUidLock {
             .map_err(io::Error::other)?
     }
 
-    fn acquire_blocking(path: &PathBuf) -> io::Result<HostUidLock> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)?;
+    fn acquire_blocking(path: &Path) -> io::Result<HostUidLock> {
+        let file = crate::fsutil::open_lock_file(path)?;
         file.lock()?;
         Ok(HostUidLock { _file: file })
     }

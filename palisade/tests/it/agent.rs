@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::poll;
+use crate::support::{is_running, poll};
 
 use palisade_common::agent_api::{
     ConsoleChunk, EraseReport, HostInfo, ImageSpec, InstanceSpec, InstanceStatus, PowerState,
@@ -145,12 +145,18 @@ fn agent_runs_sandboxed_instances_adopts_them_after_sigkill_and_erases_them() {
         assert!(report.disk_bytes_overwritten > 0, "{report:?}");
         assert!(!env.instance_dir(id).exists(), "{id}: directory left");
         assert_no_cgroups(id);
+        // A repeated delete (the controller crashed before recording the first) still says
+        // when the disk was erased.
+        let again: EraseReport = api.ok("DELETE", &format!("/v1/instances/{id}"), None);
+        assert_eq!(again, report, "a repeated delete lost the erase receipt");
     }
     for pid in pids {
         assert!(!is_running(pid), "QEMU {pid} still runs after delete");
     }
     assert!(api.list().is_empty());
-    let repeated: EraseReport = api.ok("DELETE", &format!("/v1/instances/{ID_A}"), None);
+    // An id this host never had: nothing erased.
+    let never = "5a0c1e2d-7777-4888-9999-000000000000";
+    let repeated: EraseReport = api.ok("DELETE", &format!("/v1/instances/{never}"), None);
     assert_eq!(
         (repeated.disk_erased_at, repeated.disk_bytes_overwritten),
         (None, 0)
@@ -1010,17 +1016,6 @@ fn proc_status(pid: u32) -> HashMap<String, String> {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.to_string(), v.trim().to_string()))
         .collect()
-}
-
-/// The process exists and is not a zombie.
-fn is_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
-            !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X') | None)
-        }
-        Err(_) => false,
-    }
 }
 
 /// Live QEMU processes whose command line names instance `id`.

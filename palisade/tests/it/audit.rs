@@ -184,12 +184,7 @@ fn a_flipped_byte_anywhere_is_detected_and_its_record_named() {
     let mut bad = good.clone();
     bad[good.len() / 2] ^= 1;
     std::fs::write(p.audit_log(), &bad).unwrap();
-    let out = std::process::Command::new(palisade_bin())
-        .args(["controller", "--data-dir"])
-        .arg(p.data())
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let out = p.run_second_controller();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fails verification"));
 }

@@ -74,12 +74,7 @@ fn controller_killed_mid_operation_finishes_it_after_restart() {
 #[test]
 fn a_second_controller_on_the_same_data_dir_refuses_to_start() {
     let p = Platform::start();
-    let out = std::process::Command::new(palisade_bin())
-        .args(["controller", "--data-dir"])
-        .arg(p.data())
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let out = p.run_second_controller();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("another controller is using"), "{stderr}");

@@ -377,6 +377,16 @@ impl Platform {
         seen
     }
 
+    /// Runs a second controller on this platform's data dir, to completion.
+    pub fn run_second_controller(&self) -> Output {
+        Command::new(palisade_bin())
+            .args(["controller", "--data-dir"])
+            .arg(self.data())
+            .args(["--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap()
+    }
+
     /// Runs the real CLI with this platform's config file.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(palisade_bin())
@@ -427,6 +437,17 @@ pub fn qemu_pids(id: &str) -> Vec<u32> {
                 .unwrap_or(false)
         })
         .collect()
+}
+
+/// The process exists and is not a zombie.
+pub fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X') | None)
+        }
+        Err(_) => false,
+    }
 }
 
 /// Cgroup directories still named after instance `id`, under v1 or v2 hierarchies.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::support::{free_port, guest_image, palisade_bin, poll};
+use crate::support::{free_port, guest_image, is_running, palisade_bin, poll};
 
 #[test]
 fn up_retries_a_failing_controller_and_stops_everything_on_sigterm() {
@@ -240,14 +240,4 @@ fn children_of(parent: u32) -> Vec<u32> {
             fields.get(1) == Some(&parent.as_str()) && !matches!(fields[0], "Z" | "X")
         })
         .collect()
-}
-
-fn is_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
-            !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X') | None)
-        }
-        Err(_) => false,
-    }
 }
