@@ -412,3 +412,44 @@ fn bad_input_gets_a_clear_4xx_never_a_500() {
     let list: Vec<api::Instance> = p.block_on(alice.client.get("/v1/instances")).unwrap();
     assert!(list.is_empty(), "a refused create left {list:?}");
 }
+
+#[test]
+fn a_client_that_sends_headers_slowly_is_cut_off() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    let p = Platform::start();
+    let addr = p.endpoint.trim_start_matches("https://").to_string();
+    let tls = palisade_common::tls::client_config(&p.ca(), None).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(tls), name).unwrap();
+    let tcp = std::net::TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    stream
+        .write_all(b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+
+    // One more header line every two seconds, never the blank line that ends them.
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "slow client still connected"
+        );
+        let _ = stream.write_all(b"X-Slow: 1\r\n");
+        match stream.read(&mut buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            _ => break, // closed, reset, or answered (408): cut off either way
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "cut off too soon to be a timeout"
+    );
+}
