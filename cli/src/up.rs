@@ -283,6 +283,9 @@ impl Launcher {
                     .arg(format!("https://{}", self.args.agent_listen))
                     .arg("--guest-image")
                     .arg(&self.guest_image)
+                    // The server certificate must name the address clients use.
+                    .arg("--server-name")
+                    .arg(self.args.listen.ip().to_string())
                     // The password and address lines are read from stdout.
                     .stdout(Stdio::piped())
                     .stderr(log);

@@ -17,6 +17,8 @@ pub enum Error {
     NotFound { what: &'static str },
     #[error("this method is not supported on this path")]
     MethodNotAllowed,
+    #[error("the request was not received in time")]
+    RequestTimeout,
     #[error("request bodies are limited to {limit} bytes")]
     TooLarge { limit: usize },
     #[error("{message}")]
@@ -45,6 +47,7 @@ impl Error {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -61,6 +64,7 @@ impl Error {
             Error::NotFound { .. } => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::TooLarge { .. } => "body_too_large",
+            Error::RequestTimeout => "request_timeout",
             Error::Internal(_) => "internal",
         }
     }

@@ -48,6 +48,8 @@ pub struct Controller {
 
 pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     palisade_common::tls::install_crypto_provider();
+    // Everything the controller creates (database, WAL, audit log, keys) is its own alone.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     // Database, keys, logs: nothing under the data dir is for other local users.
@@ -63,7 +65,10 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
             lock_path.display()
         )
     })?;
-    let pki = pki::ensure(&args.data_dir, &args.server_names)?;
+    let agent_host = reqwest::Url::parse(&args.agent_url)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()));
+    let pki = pki::ensure(&args.data_dir, &args.server_names, agent_host.as_slice())?;
     let db = db::Db::open(&args.data_dir.join("palisade.db")).await?;
     let audit = service::audit::AuditLog::open(&args.data_dir.join("audit"))?;
 

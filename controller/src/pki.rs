@@ -45,9 +45,13 @@ impl Pki {
     }
 }
 
-/// Creates what is missing: the CA once, the agent and controller-client certificates once, and
-/// the API server certificate at every start (so new `server_names` take effect).
-pub fn ensure(data_dir: &Path, server_names: &[String]) -> anyhow::Result<Pki> {
+/// Creates what is missing: the CA and the controller-client certificate once; the API server
+/// and local agent certificates at every start (so changed names take effect).
+pub fn ensure(
+    data_dir: &Path,
+    server_names: &[String],
+    agent_names: &[String],
+) -> anyhow::Result<Pki> {
     let pki = Pki::paths(data_dir);
     std::fs::create_dir_all(&pki.dir)?;
     std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(0o700))?;
@@ -72,17 +76,18 @@ pub fn ensure(data_dir: &Path, server_names: &[String]) -> anyhow::Result<Pki> {
         &pki.server_cert,
         &pki.server_key,
     )?;
-    if !pki.agent_cert.exists() || !pki.agent_key.exists() {
-        let names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-        issue(
-            &issuer,
-            "palisade-agent",
-            names,
-            ExtendedKeyUsagePurpose::ServerAuth,
-            &pki.agent_cert,
-            &pki.agent_key,
-        )?;
-    }
+    // The local agent's certificate names the address the controller reaches it at; it is
+    // re-issued at every start (same CA), so a changed agent address takes effect.
+    let mut names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    names.extend(agent_names.iter().cloned());
+    issue(
+        &issuer,
+        "palisade-agent",
+        names,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &pki.agent_cert,
+        &pki.agent_key,
+    )?;
     if !pki.client_cert.exists() || !pki.client_key.exists() {
         issue(
             &issuer,
@@ -169,7 +174,7 @@ mod tests {
     #[test]
     fn keys_are_private_and_certs_chain_to_the_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = ensure(dir.path(), &["api.example".into()]).unwrap();
+        let pki = ensure(dir.path(), &["api.example".into()], &[]).unwrap();
         for key in [
             &pki.server_key,
             &pki.agent_key,
@@ -188,7 +193,7 @@ mod tests {
         .unwrap();
         // A second start keeps the CA (the CLI pinned it).
         let ca = std::fs::read(&pki.ca_cert).unwrap();
-        ensure(dir.path(), &[]).unwrap();
+        ensure(dir.path(), &[], &[]).unwrap();
         assert_eq!(ca, std::fs::read(&pki.ca_cert).unwrap());
     }
 }

@@ -55,6 +55,9 @@ struct RecordState {
     written: bool,
 }
 
+/// How long a client may take to send a request body (64 KiB at most).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Longest text a caller can put into one audit field: requests cannot inflate the log.
 const MAX_AUDIT_TEXT: usize = 256;
 
@@ -295,9 +298,11 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
     if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| too_large())
+    // A body dribbled in slowly must not hold a connection open forever.
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(read) => read.map_err(|_| too_large()),
+        Err(_) => Err(Error::RequestTimeout),
+    }
 }
 
 /// Verifies the request's signature. Returns the principal and whether its password must still

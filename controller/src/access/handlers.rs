@@ -166,6 +166,7 @@ pub async fn create_instance(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
     let tenant = tenant_of(&ctx)?;
     let req: api::InstanceCreate = parse(&body)?;
     let new = c.compute.prepare_instance(&req).await?;
+    ctx.describe("instance.create", format!("instance/{}", new.id));
     let instance = c
         .compute
         .create_instance(&tenant, new, ctx.permit())

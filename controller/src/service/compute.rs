@@ -101,6 +101,8 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
 
 /// A create request that passed its checks.
 pub struct NewInstance {
+    /// Chosen before the record exists, so the audit record can name the instance.
+    pub id: String,
     name: String,
     image_id: String,
     flavor: api::Flavor,
@@ -174,6 +176,7 @@ impl Compute {
                 .await?
                 .ok_or(Error::NotFound { what: "image" })?;
         Ok(NewInstance {
+            id: new_id(),
             name: req.name.clone(),
             image_id: image.get("id"),
             flavor,
@@ -192,11 +195,11 @@ impl Compute {
         permit: impl std::future::Future<Output = Result<()>>,
     ) -> Result<Instance> {
         let NewInstance {
+            id,
             name,
             image_id,
             flavor,
         } = new;
-        let id = new_id();
         let created_at = now();
         // IMMEDIATE: take the write lock now, so the transaction cannot fail to upgrade later.
         let mut tx = self.db.pool.begin_with("BEGIN IMMEDIATE").await?;

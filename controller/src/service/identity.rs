@@ -72,14 +72,55 @@ pub fn random_password() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Argon2id runs at most this many at once (each takes ~19 MiB and a core for tens of ms):
-/// a flood of password attempts queues instead of exhausting memory.
+/// Argon2id runs on two dedicated threads, never more (each hash takes ~19 MiB and a core for
+/// tens of ms). A flood of password attempts queues instead of exhausting memory, and since
+/// only these two threads ever allocate Argon2's buffers, the allocator keeps at most two
+/// arenas' worth of them (on throwaway blocking threads it kept one per thread, up to ~1 GB).
 /// TODO(security): per-source and per-user rate limits and lockout — issue 3.
-static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+const HASH_WORKERS: usize = 2;
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// Runs `work` on one of the hashing threads and waits for its answer.
+async fn on_hash_worker<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    static QUEUE: std::sync::OnceLock<std::sync::mpsc::SyncSender<HashJob>> =
+        std::sync::OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        // Bounded: a burst beyond this waits for room rather than growing the queue.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<HashJob>(1024);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for n in 0..HASH_WORKERS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{n}"))
+                .spawn(move || loop {
+                    let job = rx.lock().map(|rx| rx.recv());
+                    match job {
+                        Ok(Ok(job)) => job(),
+                        _ => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "starting a password hashing thread");
+            }
+        }
+        tx
+    });
+    let (done, answer) = tokio::sync::oneshot::channel();
+    let job: HashJob = Box::new(move || {
+        let _ = done.send(work());
+    });
+    let queue = queue.clone();
+    tokio::task::spawn_blocking(move || queue.send(job))
+        .await?
+        .map_err(|_| anyhow::anyhow!("password hashing threads are gone"))?;
+    Ok(answer.await?)
+}
 
 async fn hash_password(password: String) -> anyhow::Result<String> {
-    let _permit = HASHING.acquire().await?;
-    tokio::task::spawn_blocking(move || {
+    on_hash_worker(move || {
         let mut salt = [0u8; 16];
         getrandom::fill(&mut salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
         Argon2::default()
@@ -91,10 +132,7 @@ async fn hash_password(password: String) -> anyhow::Result<String> {
 }
 
 async fn password_matches(password: String, stored: String) -> bool {
-    let Ok(_permit) = HASHING.acquire().await else {
-        return false;
-    };
-    tokio::task::spawn_blocking(move || {
+    on_hash_worker(move || {
         Argon2::default()
             .verify_password(password.as_bytes(), stored.as_str())
             .is_ok()
