@@ -648,11 +648,14 @@ async fn change_password(client: &Client, user: &str, current: &str) -> anyhow::
     Ok(new_password)
 }
 
+/// 24 random base64url characters, then one of each class the password rule counts, so the
+/// result always passes it (the random part carries the strength).
 fn random_password() -> String {
     use base64::Engine;
     let mut bytes = [0u8; 18];
     getrandom::fill(&mut bytes).expect("the OS random source is available");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    let random = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    format!("{random}-aZ7")
 }
 
 async fn quickstart(

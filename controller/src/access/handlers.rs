@@ -65,7 +65,8 @@ pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
     ctx.describe("auth.password_change", format!("user/{}", req.user));
     let user = identity::verify_password(&c.db, &req.user, &req.current_password).await?;
     ctx.set_subject(&user.id, user.tenant_id.clone());
-    identity::check_new_password(&req.current_password, &req.new_password)?;
+    identity::check_new_password(&req.user, &req.new_password)?;
+    identity::check_not_reused(&c.db, &user.id, &req.new_password).await?;
     ctx.permit().await?;
     identity::set_password(&c.db, &user.id, &req.new_password).await?;
     Ok(StatusCode::NO_CONTENT)

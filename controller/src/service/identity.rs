@@ -190,33 +190,92 @@ pub async fn verify_password(db: &Db, user: &str, password: &str) -> Result<Veri
     })
 }
 
-/// The skeleton's password rule: 12 to 1024 characters, not the current password.
-/// TODO(security): full policy (classes, history, age, lockout) — issue 3.
-pub fn check_new_password(current: &str, new: &str) -> Result<()> {
-    if new.chars().count() < MIN_PASSWORD_LEN || new.len() > MAX_PASSWORD_LEN {
-        return Err(Error::Invalid {
-            code: "password_policy",
-            message: format!(
-                "the new password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"
-            ),
-        });
+/// How many earlier passwords a new one may not repeat (besides the current one).
+const PASSWORD_HISTORY: i64 = 5;
+
+fn policy_error(message: impl Into<String>) -> Error {
+    Error::Invalid {
+        code: "password_policy",
+        message: message.into(),
     }
-    if new == current {
-        return Err(Error::Invalid {
-            code: "password_policy",
-            message: "the new password must differ from the current one".into(),
-        });
+}
+
+/// The platform password rule: 12 to 1024 characters, at least three of the four classes
+/// (lower case, upper case, digits, anything else), not all one character, and not containing
+/// the user name. TODO(security): per-tenant tightening and maximum age — issue 3.
+pub fn check_new_password(user_name: &str, new: &str) -> Result<()> {
+    if new.chars().count() < MIN_PASSWORD_LEN || new.len() > MAX_PASSWORD_LEN {
+        return Err(policy_error(format!(
+            "the new password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"
+        )));
+    }
+    let classes = [
+        new.chars().any(char::is_lowercase),
+        new.chars().any(char::is_uppercase),
+        new.chars().any(|c| c.is_ascii_digit()),
+        new.chars().any(|c| !c.is_alphanumeric()),
+    ];
+    if classes.iter().filter(|present| **present).count() < 3 {
+        return Err(policy_error(
+            "the new password needs three of: lower case, upper case, digits, other characters",
+        ));
+    }
+    let mut distinct: Vec<char> = new.chars().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() < 5 {
+        return Err(policy_error("the new password repeats too few characters"));
+    }
+    if user_name.chars().count() >= 3 && new.to_lowercase().contains(&user_name.to_lowercase()) {
+        return Err(policy_error(
+            "the new password must not contain the user name",
+        ));
     }
     Ok(())
 }
 
+/// Refuses a password equal to the current one or one of the last [`PASSWORD_HISTORY`].
+pub async fn check_not_reused(db: &Db, user_id: &str, new: &str) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT password_hash AS hash FROM users WHERE id = $1 UNION ALL \
+         SELECT hash FROM (SELECT hash FROM password_history WHERE user_id = $1 \
+         ORDER BY replaced_at DESC LIMIT $2)",
+    )
+    .bind(user_id)
+    .bind(PASSWORD_HISTORY)
+    .fetch_all(&db.pool)
+    .await?;
+    for row in rows {
+        if password_matches(new.to_string(), row.get("hash")).await {
+            return Err(Error::Invalid {
+                code: "password_reused",
+                message: format!(
+                    "the new password must differ from the current and last {PASSWORD_HISTORY}"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Sets a new password, keeping the old hash in the history.
 pub async fn set_password(db: &Db, user_id: &str, new: &str) -> Result<()> {
     let hash = hash_password(new.to_string()).await?;
+    let mut tx = db.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO password_history (user_id, hash, replaced_at) \
+         SELECT id, password_hash, $2 FROM users WHERE id = $1",
+    )
+    .bind(user_id)
+    .bind(now())
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("UPDATE users SET password_hash = $1, must_change_password = 0 WHERE id = $2")
         .bind(hash)
         .bind(user_id)
-        .execute(&db.pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -480,6 +539,25 @@ pub async fn get_user(db: &Db, user_id: &str) -> Result<User> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_password_rule() {
+        for ok in ["Correct-horse-7", "tr0ub4dor&3xyz", "Ünïcödé-Pässwort-9"] {
+            assert!(check_new_password("alice", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "Short-1",              // too short
+            "            ",         // twelve spaces: one class, one character
+            "alllowercaseletters",  // one class
+            "lowercase-only-words", // two classes
+            "Aa1!Aa1!Aa1!Aa1!",     // four distinct characters
+            "My-alice-Password-1",  // contains the user name
+            "MY-ALICE-PASSWORD-1",  // ... in any case
+        ] {
+            let err = check_new_password("alice", bad).unwrap_err();
+            assert_eq!(err.code(), "password_policy", "{bad}");
+        }
+    }
 
     #[tokio::test]
     async fn nonces_are_single_use_and_purged_only_after_the_window() {

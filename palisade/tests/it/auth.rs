@@ -149,7 +149,7 @@ fn the_initial_admin_password_only_changes_itself() {
     let mut change = api::PasswordChange {
         user: "admin".into(),
         current_password: "not-the-password".into(),
-        new_password: "a-long-enough-password".into(),
+        new_password: "A-long-enough-passw0rd".into(),
     };
     let err = api_error(
         p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
@@ -168,7 +168,7 @@ fn the_initial_admin_password_only_changes_itself() {
     assert_eq!((err.status, err.code.as_str()), (400, "password_policy"));
 
     // After the change the old password is dead and keys can be made.
-    change.new_password = "a-long-enough-password".into();
+    change.new_password = "A-long-enough-passw0rd".into();
     let _: serde_json::Value = p
         .block_on(anonymous.post("/v1/auth/password", &change))
         .unwrap();
@@ -178,12 +178,38 @@ fn the_initial_admin_password_only_changes_itself() {
     );
     assert_eq!(err.status, 401);
     let create = api::KeyCreate {
-        password: "a-long-enough-password".into(),
+        password: "A-long-enough-passw0rd".into(),
         ..create
     };
     let _: api::ApiKey = p
         .block_on(anonymous.post("/v1/auth/keys", &create))
         .unwrap();
+
+    // Neither the current password nor a recent one can come back; a weak one never.
+    let cycle = |current: &str, new: &str| {
+        let change = api::PasswordChange {
+            user: "admin".into(),
+            current_password: current.into(),
+            new_password: new.into(),
+        };
+        p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
+            .map_err(api_error)
+    };
+    let reused = cycle("A-long-enough-passw0rd", "A-long-enough-passw0rd").unwrap_err();
+    assert_eq!(
+        (reused.status, reused.code.as_str()),
+        (400, "password_reused")
+    );
+    let reused = cycle("A-long-enough-passw0rd", &initial).unwrap_err();
+    assert_eq!(
+        (reused.status, reused.code.as_str()),
+        (400, "password_reused")
+    );
+    let weak = cycle("A-long-enough-passw0rd", "            ").unwrap_err();
+    assert_eq!((weak.status, weak.code.as_str()), (400, "password_policy"));
+    cycle("A-long-enough-passw0rd", "Another-passw0rd-2").unwrap();
+    let back = cycle("Another-passw0rd-2", "A-long-enough-passw0rd").unwrap_err();
+    assert_eq!(back.code, "password_reused");
 }
 
 #[test]

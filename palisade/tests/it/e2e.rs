@@ -73,7 +73,7 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "--password",
         &alice_initial,
         "--new-password",
-        "alice-pass-1234",
+        "Wonder-land-1234",
     ]);
     p.cli_ok(&[
         "--profile",
@@ -83,7 +83,7 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "--user",
         "alice",
         "--password",
-        "alice-pass-1234",
+        "Wonder-land-1234",
     ]);
     let table = p.cli_ok(&["--profile", "tenant", "image", "list"]);
     assert!(table.contains("debian-12-busybox"), "{table}");

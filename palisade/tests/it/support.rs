@@ -235,7 +235,7 @@ impl Platform {
 
     /// Changes `user`'s password and registers a fresh key; returns a signing client.
     pub fn enrol(&self, user: &str, initial: &str) -> Signer {
-        let password = format!("{user}-Secret-{}", free_port());
+        let password = format!("Secret-{}-Pass", free_port());
         let anonymous = self.anonymous();
         let change = api::PasswordChange {
             user: user.into(),
