@@ -17,6 +17,8 @@ pub enum Error {
     NotFound { what: &'static str },
     #[error("this method is not supported on this path")]
     MethodNotAllowed,
+    #[error("too many requests; retry after {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     #[error("the request was not received in time")]
     RequestTimeout,
     #[error("request bodies are limited to {limit} bytes")]
@@ -48,6 +50,7 @@ impl Error {
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -65,6 +68,7 @@ impl Error {
             Error::MethodNotAllowed => "method_not_allowed",
             Error::TooLarge { .. } => "body_too_large",
             Error::RequestTimeout => "request_timeout",
+            Error::RateLimited { .. } => "rate_limited",
             Error::Internal(_) => "internal",
         }
     }

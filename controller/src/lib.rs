@@ -33,6 +33,12 @@ pub struct ControllerArgs {
     /// Extra DNS names or IP addresses for the API server certificate.
     #[arg(long = "server-name")]
     pub server_names: Vec<String>,
+    /// Requests per second one source address may make (bursts of twice that); more get 429.
+    #[arg(long, default_value_t = 100)]
+    pub rate_limit_per_source: u32,
+    /// Requests per second one API key may make (bursts of twice that); more get 429.
+    #[arg(long, default_value_t = 50)]
+    pub rate_limit_per_key: u32,
     /// Seconds between reconciliation passes (a change also triggers one at once).
     #[arg(long, default_value_t = 5)]
     pub reconcile_interval_secs: u64,
@@ -41,6 +47,7 @@ pub struct ControllerArgs {
 /// Shared state of a running controller.
 pub struct Controller {
     pub db: db::Db,
+    pub limits: access::limits::Limits,
     pub audit: service::audit::AuditLog,
     pub compute: service::compute::Compute,
     pub data_dir: PathBuf,
@@ -84,6 +91,7 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     let compute = service::compute::Compute::new(db.clone(), agent);
     let controller = Arc::new(Controller {
         db,
+        limits: access::limits::Limits::new(args.rate_limit_per_source, args.rate_limit_per_key),
         audit,
         compute,
         data_dir: args.data_dir.clone(),
@@ -91,20 +99,22 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     controller
         .compute
         .spawn_reconciler(std::time::Duration::from_secs(args.reconcile_interval_secs));
-    spawn_nonce_purge(controller.db.clone());
+    spawn_housekeeping(controller.clone());
     access::server::run(controller, args.listen, &pki).await
 }
 
-/// Forgets nonces too old to matter (their requests fail the time window anyway), once a minute.
-fn spawn_nonce_purge(db: db::Db) {
+/// Once a minute: forgets nonces too old to matter (their requests fail the time window
+/// anyway) and the rate-limit state of callers back at full budget.
+fn spawn_housekeeping(controller: Arc<Controller>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             tick.tick().await;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            if let Err(e) = service::identity::purge_nonces(&db, now).await {
+            if let Err(e) = service::identity::purge_nonces(&controller.db, now).await {
                 tracing::warn!(error = %format!("{e:#}"), "purging old nonces");
             }
+            controller.limits.forget_idle();
         }
     });
 }

@@ -170,6 +170,11 @@ impl IntoResponse for Error {
         let body = ErrorBody::new(self.code(), self.to_string());
         let mut response = (self.status(), axum::Json(body)).into_response();
         response.extensions_mut().insert(ErrorCode(self.code()));
+        if let Error::RateLimited { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(retry_after_secs));
+        }
         response
     }
 }
@@ -196,7 +201,7 @@ pub async fn guard(
     ctx.describe(&format!("http.{}", parts.method), parts.uri.path());
     let span = tracing::info_span!("request", request_id = %ctx.request_id,
         method = %parts.method, path = %parts.uri.path(), peer = %ctx.source);
-    guarded(controller, ctx, parts, body, next)
+    guarded(controller, ctx, parts, body, next, peer.ip())
         .instrument(span)
         .await
 }
@@ -207,12 +212,15 @@ async fn guarded(
     mut parts: Parts,
     body: Body,
     next: Next,
+    peer_ip: std::net::IpAddr,
 ) -> Response {
     let started = std::time::Instant::now();
     let outcome = async {
+        controller.limits.check_source(peer_ip)?;
         let body = read_body(&parts.headers, body).await?;
         if !is_password_route(&parts.method, parts.uri.path()) {
             let principal = authenticate(&controller, &ctx, &parts, &body).await?;
+            controller.limits.check_key(&principal.0.key_id)?;
             if principal.1 {
                 ctx.principal = Some(principal.0);
                 return Err(Error::Forbidden {

@@ -4,4 +4,5 @@
 
 pub mod guard;
 pub mod handlers;
+pub mod limits;
 pub mod server;

@@ -479,3 +479,65 @@ fn a_client_that_sends_headers_slowly_is_cut_off() {
         "cut off too soon to be a timeout"
     );
 }
+
+#[test]
+fn a_caller_over_its_rate_gets_429_and_others_are_unaffected() {
+    let p = Platform::start_with_args(&["--rate-limit-per-key", "2"]);
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let (_, bob) = p.tenant(&admin, "other", None);
+    let raw = p.raw();
+
+    // Alice fires 30 signed requests at once: beyond her burst of 4 she is refused.
+    let statuses: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..30)
+            .map(|_| {
+                scope.spawn(|| {
+                    let r = raw.signed(&p, &alice, "GET", "/v1/whoami", b"");
+                    (r.status, r.code().to_string())
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let limited = statuses
+        .iter()
+        .filter(|(s, c)| *s == 429 && c == "rate_limited")
+        .count();
+    let served = statuses.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(limited + served, 30, "{statuses:?}");
+    assert!(
+        served <= 8 && limited >= 20,
+        "{served} served, {limited} limited"
+    );
+
+    // Bob, same source address, different key: unaffected.
+    assert_eq!(raw.signed(&p, &bob, "GET", "/v1/whoami", b"").status, 200);
+    // Each refusal is audited as such.
+    let text = std::fs::read_to_string(p.audit_log()).unwrap();
+    let audited = text
+        .lines()
+        .filter(|l| l.contains("\"code\":\"rate_limited\""))
+        .count();
+    assert_eq!(audited, limited);
+}
+
+#[test]
+fn a_source_over_its_rate_gets_429_before_anything_is_read() {
+    let p = Platform::start_with_args(&["--rate-limit-per-source", "3"]);
+    let raw = p.raw();
+    // Unsigned requests from one address: the budget (burst 6) runs out, then 429 whatever
+    // the request.
+    let codes: Vec<String> = (0..60)
+        .map(|_| {
+            raw.send(&p, "GET", "/v1/whoami", b"", &[])
+                .code()
+                .to_string()
+        })
+        .collect();
+    let limited = codes.iter().filter(|c| *c == "rate_limited").count();
+    assert!(limited >= 20, "only {limited} of 60 limited: {codes:?}");
+    assert!(codes
+        .iter()
+        .all(|c| c == "rate_limited" || c == "signature_missing"));
+}

@@ -69,6 +69,8 @@ pub struct Platform {
     pub dir: tempfile::TempDir,
     /// The guest image directory the controller registers at start.
     pub image: PathBuf,
+    /// Extra `palisade controller` arguments, kept for restarts.
+    pub controller_args: Vec<String>,
     pub endpoint: String,
     pub agent_port: u16,
     pub initial_password: Option<String>,
@@ -83,7 +85,16 @@ impl Platform {
         Platform::start_with_image(guest_image())
     }
 
+    /// A fresh platform whose controller gets `args` as well.
+    pub fn start_with_args(args: &[&str]) -> Platform {
+        Platform::start_inner(guest_image(), args.iter().map(|a| a.to_string()).collect())
+    }
+
     pub fn start_with_image(image: PathBuf) -> Platform {
+        Platform::start_inner(image, Vec::new())
+    }
+
+    fn start_inner(image: PathBuf, controller_args: Vec<String>) -> Platform {
         let dir = tempfile::Builder::new()
             .prefix("palisade-it-")
             .tempdir()
@@ -96,6 +107,7 @@ impl Platform {
         let mut platform = Platform {
             dir,
             image,
+            controller_args,
             endpoint: String::new(),
             agent_port: free_port(),
             initial_password: None,
@@ -146,6 +158,7 @@ impl Platform {
             .arg(&self.image)
             .arg("--reconcile-interval-secs")
             .arg("1")
+            .args(&self.controller_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(self.log("controller.log"))
