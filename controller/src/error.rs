@@ -10,6 +10,10 @@ pub enum Error {
     Invalid { code: &'static str, message: String },
     #[error("{message}")]
     Unauthorized { code: &'static str, message: String },
+    /// A password login refused. Wrong password, unknown user and locked account look the same
+    /// to the caller; only the audit record tells a lock apart.
+    #[error("user name or password is wrong, or the account is locked for a while")]
+    LoginRefused { locked: bool },
     #[error("{message}")]
     Forbidden { code: &'static str, message: String },
     /// The object does not exist *or the caller may not see it*: the two are indistinguishable.
@@ -44,7 +48,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Invalid { .. } => StatusCode::BAD_REQUEST,
-            Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Error::Unauthorized { .. } | Error::LoginRefused { .. } => StatusCode::UNAUTHORIZED,
             Error::Forbidden { .. } => StatusCode::FORBIDDEN,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -65,11 +69,23 @@ impl Error {
             | Error::Conflict { code, .. }
             | Error::Unavailable { code, .. } => code,
             Error::NotFound { .. } => "not_found",
+            Error::LoginRefused { .. } => "credentials_invalid",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::TooLarge { .. } => "body_too_large",
             Error::RequestTimeout => "request_timeout",
             Error::RateLimited { .. } => "rate_limited",
             Error::Internal(_) => "internal",
+        }
+    }
+}
+
+impl Error {
+    /// The code the audit record carries: the public code, except where the public answer is
+    /// deliberately vaguer than the truth.
+    pub fn audit_code(&self) -> &'static str {
+        match self {
+            Error::LoginRefused { locked: true } => "account_locked",
+            _ => self.code(),
         }
     }
 }

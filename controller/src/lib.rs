@@ -39,6 +39,12 @@ pub struct ControllerArgs {
     /// Requests per second one API key may make (bursts of twice that); more get 429.
     #[arg(long, default_value_t = 50)]
     pub rate_limit_per_key: u32,
+    /// Wrong passwords in a row that lock an account.
+    #[arg(long, default_value_t = 5)]
+    pub lockout_after: u32,
+    /// First lock's length in seconds; each further lock doubles it (at most an hour).
+    #[arg(long, default_value_t = 30)]
+    pub lockout_secs: u32,
     /// Seconds between reconciliation passes (a change also triggers one at once).
     #[arg(long, default_value_t = 5)]
     pub reconcile_interval_secs: u64,
@@ -47,6 +53,7 @@ pub struct ControllerArgs {
 /// Shared state of a running controller.
 pub struct Controller {
     pub db: db::Db,
+    pub lockout: service::identity::Lockout,
     pub limits: access::limits::Limits,
     pub audit: service::audit::AuditLog,
     pub compute: service::compute::Compute,
@@ -91,6 +98,10 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     let compute = service::compute::Compute::new(db.clone(), agent);
     let controller = Arc::new(Controller {
         db,
+        lockout: service::identity::Lockout {
+            after: args.lockout_after,
+            base_secs: args.lockout_secs,
+        },
         limits: access::limits::Limits::new(args.rate_limit_per_source, args.rate_limit_per_key),
         audit,
         compute,

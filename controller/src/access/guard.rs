@@ -169,7 +169,9 @@ impl IntoResponse for Error {
         }
         let body = ErrorBody::new(self.code(), self.to_string());
         let mut response = (self.status(), axum::Json(body)).into_response();
-        response.extensions_mut().insert(ErrorCode(self.code()));
+        response
+            .extensions_mut()
+            .insert(ErrorCode(self.audit_code()));
         if let Error::RateLimited { retry_after_secs } = self {
             response
                 .headers_mut()

@@ -63,7 +63,8 @@ fn canonical_id(id: &str, what: &'static str) -> Result<String> {
 pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<StatusCode> {
     let req: api::PasswordChange = parse(&body)?;
     ctx.describe("auth.password_change", format!("user/{}", req.user));
-    let user = identity::verify_password(&c.db, &req.user, &req.current_password).await?;
+    let user =
+        identity::verify_password(&c.db, c.lockout, &req.user, &req.current_password).await?;
     ctx.set_subject(&user.id, user.tenant_id.clone());
     identity::check_new_password(&req.user, &req.new_password)?;
     identity::check_not_reused(&c.db, &user.id, &req.new_password).await?;
@@ -75,7 +76,7 @@ pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
 pub async fn create_key(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::KeyCreate = parse(&body)?;
     ctx.describe("key.create", format!("user/{}", req.user));
-    let user = identity::verify_password(&c.db, &req.user, &req.password).await?;
+    let user = identity::verify_password(&c.db, c.lockout, &req.user, &req.password).await?;
     ctx.set_subject(&user.id, user.tenant_id.clone());
     if user.must_change_password {
         return Err(Error::Forbidden {

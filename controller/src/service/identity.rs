@@ -160,34 +160,86 @@ pub struct VerifiedUser {
     pub must_change_password: bool,
 }
 
-/// Checks a user's password. Unknown user and wrong password are the same answer.
-pub async fn verify_password(db: &Db, user: &str, password: &str) -> Result<VerifiedUser> {
-    let refused = || Error::Unauthorized {
-        code: "credentials_invalid",
-        message: "user name or password is wrong".into(),
-    };
+/// Account lockout: after `after` wrong passwords in a row, the account refuses every password
+/// for `base_secs`, doubling with each further lock (capped at an hour) until a success.
+#[derive(Debug, Clone, Copy)]
+pub struct Lockout {
+    pub after: u32,
+    pub base_secs: u32,
+}
+
+const MAX_LOCK_SECS: i64 = 3600;
+
+/// Checks a user's password. Unknown user, wrong password and locked account are the same
+/// answer and cost the same work, so neither timing nor text tells who exists or is locked.
+pub async fn verify_password(
+    db: &Db,
+    lockout: Lockout,
+    user: &str,
+    password: &str,
+) -> Result<VerifiedUser> {
+    let refused = |locked| Error::LoginRefused { locked };
     if password.len() > MAX_PASSWORD_LEN {
-        return Err(refused());
+        return Err(refused(false));
     }
     let row = sqlx::query(
-        "SELECT id, tenant_id, password_hash, must_change_password FROM users WHERE name = $1",
+        "SELECT id, tenant_id, password_hash, must_change_password, locked_until FROM users \
+         WHERE name = $1",
     )
     .bind(user)
     .fetch_optional(&db.pool)
     .await?;
     let Some(row) = row else {
-        // Spend the same work as for a real user, so timing does not tell who exists.
         password_matches(password.to_string(), unknown_user_hash().await).await;
-        return Err(refused());
+        return Err(refused(false));
     };
-    if !password_matches(password.to_string(), row.get("password_hash")).await {
-        return Err(refused());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let id: String = row.get("id");
+    if row
+        .get::<Option<i64>, _>("locked_until")
+        .is_some_and(|until| until > now)
+    {
+        password_matches(password.to_string(), unknown_user_hash().await).await;
+        return Err(refused(true));
     }
+    if !password_matches(password.to_string(), row.get("password_hash")).await {
+        let locked = record_failure(db, lockout, &id, now).await?;
+        return Err(refused(locked));
+    }
+    sqlx::query(
+        "UPDATE users SET failed_logins = 0, lockouts = 0, locked_until = NULL WHERE id = $1",
+    )
+    .bind(&id)
+    .execute(&db.pool)
+    .await?;
     Ok(VerifiedUser {
-        id: row.get("id"),
+        id,
         tenant_id: row.get("tenant_id"),
         must_change_password: row.get::<i64, _>("must_change_password") != 0,
     })
+}
+
+/// Counts a wrong password, locking the account when it was one too many. One statement, so
+/// parallel attempts cannot slip past the count. Returns whether the account is now locked.
+async fn record_failure(db: &Db, lockout: Lockout, user_id: &str, now: i64) -> Result<bool> {
+    let row = sqlx::query(
+        "UPDATE users SET \
+           failed_logins = CASE WHEN failed_logins + 1 >= $2 THEN 0 ELSE failed_logins + 1 END, \
+           lockouts = CASE WHEN failed_logins + 1 >= $2 THEN lockouts + 1 ELSE lockouts END, \
+           locked_until = CASE WHEN failed_logins + 1 >= $2 \
+             THEN $3 + MIN($4 * (1 << MIN(lockouts, 20)), $5) ELSE locked_until END \
+         WHERE id = $1 RETURNING locked_until",
+    )
+    .bind(user_id)
+    .bind(i64::from(lockout.after.max(1)))
+    .bind(now)
+    .bind(i64::from(lockout.base_secs))
+    .bind(MAX_LOCK_SECS)
+    .fetch_one(&db.pool)
+    .await?;
+    Ok(row
+        .get::<Option<i64>, _>("locked_until")
+        .is_some_and(|until| until > now))
 }
 
 /// How many earlier passwords a new one may not repeat (besides the current one).

@@ -66,6 +66,8 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
         client: p.anonymous(),
         key_id: "key-00000000-0000-0000-0000-000000000000".into(),
         key: ed25519_dalek::SigningKey::from_bytes(&rand_bytes()),
+        user: String::new(),
+        password: String::new(),
     };
     let r = raw.signed(&p, &stranger, "GET", "/v1/whoami", b"");
     assert_eq!((r.status, r.code()), (401, "key_invalid"));
@@ -540,4 +542,94 @@ fn a_source_over_its_rate_gets_429_before_anything_is_read() {
     assert!(codes
         .iter()
         .all(|c| c == "rate_limited" || c == "signature_missing"));
+}
+
+#[test]
+fn wrong_passwords_lock_the_account_with_growing_back_off_and_are_audited() {
+    use std::time::{Duration, Instant};
+
+    // Locks last 3 s, then 6 s (whole seconds on the server: effectively 2-3 s, then 5-6 s).
+    let p = Platform::start_with_args(&["--lockout-after", "3", "--lockout-secs", "3"]);
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let anonymous = p.anonymous();
+    let try_key = |password: &str| {
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+        let body = api::KeyCreate {
+            user: alice.user.clone(),
+            password: password.into(),
+            public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+            name: None,
+        };
+        p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &body))
+            .map(|_| ())
+            .map_err(api_error)
+    };
+    let audit_codes = |n: usize| -> Vec<String> {
+        let text = std::fs::read_to_string(p.audit_log()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len() - n..]
+            .iter()
+            .map(|l| {
+                let r: serde_json::Value = serde_json::from_str(l).unwrap();
+                r["code"].as_str().unwrap_or("").to_string()
+            })
+            .collect()
+    };
+
+    // Three wrong passwords lock it; then even the right one is refused, with the same answer.
+    for _ in 0..3 {
+        let e = try_key("Wrong-passw0rd-!").unwrap_err();
+        assert_eq!((e.status, e.code.as_str()), (401, "credentials_invalid"));
+    }
+    let locked_at = Instant::now();
+    let e = try_key(&alice.password).unwrap_err();
+    assert_eq!((e.status, e.code.as_str()), (401, "credentials_invalid"));
+    assert_eq!(
+        audit_codes(4),
+        [
+            "credentials_invalid",
+            "credentials_invalid",
+            "account_locked",
+            "account_locked"
+        ]
+    );
+
+    // After the lock the right password works and clears the count and the back-off.
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(locked_at.elapsed()));
+    try_key(&alice.password).unwrap();
+
+    // Two locks with no success between them: the second lasts twice as long.
+    for _ in 0..3 {
+        try_key("Wrong-passw0rd-!").unwrap_err();
+    }
+    std::thread::sleep(Duration::from_millis(3500));
+    for _ in 0..3 {
+        try_key("Wrong-passw0rd-!").unwrap_err();
+    }
+    let second_lock = Instant::now();
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        try_key(&alice.password).is_err(),
+        "the second lock was not longer"
+    );
+    std::thread::sleep(Duration::from_millis(6500).saturating_sub(second_lock.elapsed()));
+    try_key(&alice.password).unwrap();
+
+    // Unknown users get the same answer and are never "locked" in the audit log.
+    for _ in 0..5 {
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+        let body = api::KeyCreate {
+            user: "nobody-here".into(),
+            password: "Wrong-passw0rd-!".into(),
+            public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+            name: None,
+        };
+        let e = api_error(
+            p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &body))
+                .unwrap_err(),
+        );
+        assert_eq!((e.status, e.code.as_str()), (401, "credentials_invalid"));
+    }
+    assert!(audit_codes(5).iter().all(|c| c == "credentials_invalid"));
 }

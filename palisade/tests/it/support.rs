@@ -261,7 +261,7 @@ impl Platform {
         let key = SigningKey::from_bytes(&rand_bytes());
         let create = api::KeyCreate {
             user: user.into(),
-            password,
+            password: password.clone(),
             public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
             name: None,
         };
@@ -277,6 +277,8 @@ impl Platform {
             .unwrap(),
             key_id: created.id,
             key,
+            user: user.to_string(),
+            password,
         }
     }
 
@@ -485,6 +487,8 @@ pub struct Signer {
     pub client: Client,
     pub key_id: String,
     pub key: SigningKey,
+    pub user: String,
+    pub password: String,
 }
 
 pub fn rand_bytes() -> [u8; 32] {
