@@ -310,7 +310,7 @@ pub async fn check_not_reused(db: &Db, user_id: &str, new: &str) -> Result<()> {
     Ok(())
 }
 
-/// Sets a new password, keeping the old hash in the history.
+/// Sets a new password, keeping the old hash in the history and revoking the user's keys.
 pub async fn set_password(db: &Db, user_id: &str, new: &str) -> Result<()> {
     let hash = hash_password(new.to_string()).await?;
     let mut tx = db.pool.begin().await?;
@@ -325,6 +325,13 @@ pub async fn set_password(db: &Db, user_id: &str, new: &str) -> Result<()> {
     sqlx::query("UPDATE users SET password_hash = $1, must_change_password = 0 WHERE id = $2")
         .bind(hash)
         .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    // A password change ends every credential made under the old password: each key is
+    // looked up on every request, so they fail from the next one on.
+    sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL")
+        .bind(user_id)
+        .bind(now())
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -633,3 +633,52 @@ fn wrong_passwords_lock_the_account_with_growing_back_off_and_are_audited() {
     }
     assert!(audit_codes(5).iter().all(|c| c == "credentials_invalid"));
 }
+
+#[test]
+fn a_password_change_revokes_every_key_of_that_user_at_once() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let (_, bob) = p.tenant(&admin, "other", None);
+    let anonymous = p.anonymous();
+    // Alice holds ten keys.
+    let signers: Vec<Signer> = (0..9)
+        .map(|_| {
+            let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+            let body = api::KeyCreate {
+                user: alice.user.clone(),
+                password: alice.password.clone(),
+                public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+                name: None,
+            };
+            let created: api::ApiKey = p.block_on(anonymous.post("/v1/auth/keys", &body)).unwrap();
+            Signer {
+                client: p.anonymous(),
+                key_id: created.id,
+                key,
+                user: alice.user.clone(),
+                password: alice.password.clone(),
+            }
+        })
+        .collect();
+    let raw = p.raw();
+    for s in signers.iter().chain([&alice]) {
+        assert_eq!(raw.signed(&p, s, "GET", "/v1/whoami", b"").status, 200);
+    }
+
+    let change = api::PasswordChange {
+        user: alice.user.clone(),
+        current_password: alice.password.clone(),
+        new_password: "Brand-new-passw0rd".into(),
+    };
+    let _: serde_json::Value = p
+        .block_on(anonymous.post("/v1/auth/password", &change))
+        .unwrap();
+    for s in signers.iter().chain([&alice]) {
+        let r = raw.signed(&p, s, "GET", "/v1/whoami", b"");
+        assert_eq!((r.status, r.code()), (401, "key_invalid"), "{}", s.key_id);
+    }
+    // Nobody else's keys were touched.
+    assert_eq!(raw.signed(&p, &bob, "GET", "/v1/whoami", b"").status, 200);
+    assert_eq!(raw.signed(&p, &admin, "GET", "/v1/whoami", b"").status, 200);
+}
