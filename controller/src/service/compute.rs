@@ -367,15 +367,15 @@ impl Compute {
     ) -> anyhow::Result<()> {
         let running = actual == Some(PowerState::Running);
         match desired {
-            "running" if running => self.set_state(&instance.id, "running").await,
+            "running" if running => self.set_state(&instance.id, "running", None).await,
             "running" if instance.state == "running" => {
                 // It was running and is no more: it stopped or crashed on its own.
                 tracing::warn!(instance = %instance.id, "instance exited unexpectedly");
-                self.set_desired_state(&instance.id, "stopped", "stopped")
+                self.set_state(&instance.id, "stopped", Some("stopped"))
                     .await
             }
             "running" => match self.agent.start(&self.spec(instance).await?).await {
-                Ok(_) => self.set_state(&instance.id, "running").await,
+                Ok(_) => self.set_state(&instance.id, "running", None).await,
                 Err(AgentError::Refused { code, message, .. }) => {
                     tracing::warn!(instance = %instance.id, %code, %message, "start refused");
                     // Retrying will not help: stop wanting it to run, and say why.
@@ -399,7 +399,7 @@ impl Compute {
                 if instance.state == "error" {
                     return Ok(());
                 }
-                self.set_state(&instance.id, "stopped").await
+                self.set_state(&instance.id, "stopped", None).await
             }
             "deleted" => {
                 let report = self.agent.delete(&instance.id).await?;
@@ -438,26 +438,18 @@ impl Compute {
         })
     }
 
-    async fn set_state(&self, id: &str, state: &str) -> anyhow::Result<()> {
+    /// Records what the reconciler saw or did; `desired` too when it changes what is wanted.
+    async fn set_state(&self, id: &str, state: &str, desired: Option<&str>) -> anyhow::Result<()> {
         sqlx::query(
-            "UPDATE instances SET state = $1, updated_at = $2 WHERE id = $3 AND state <> $1",
+            "UPDATE instances SET state = $1, desired = COALESCE($2, desired), updated_at = $3 \
+             WHERE id = $4 AND (state <> $1 OR desired <> COALESCE($2, desired))",
         )
         .bind(state)
+        .bind(desired)
         .bind(now())
         .bind(id)
         .execute(&self.db.pool)
         .await?;
-        Ok(())
-    }
-
-    async fn set_desired_state(&self, id: &str, desired: &str, state: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET desired = $1, state = $2, updated_at = $3 WHERE id = $4")
-            .bind(desired)
-            .bind(state)
-            .bind(now())
-            .bind(id)
-            .execute(&self.db.pool)
-            .await?;
         Ok(())
     }
 }

@@ -81,3 +81,28 @@ fn a_second_controller_on_the_same_data_dir_refuses_to_start() {
     // The first one still serves.
     let _ = p.admin();
 }
+
+#[test]
+fn a_vm_that_dies_on_its_own_is_recorded_stopped_and_can_be_started_again() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let id = p.create_instance(&alice, "fragile").unwrap().id;
+    p.wait_state(&alice, &id, "running");
+    for pid in qemu_pids(&id) {
+        let _ = std::process::Command::new("kill")
+            .arg("-9")
+            .arg(pid.to_string())
+            .status();
+    }
+    // Not restarted behind the tenant's back: recorded as stopped.
+    p.wait_state(&alice, &id, "stopped");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(qemu_pids(&id).is_empty());
+    assert_eq!(p.instance(&alice, &id).state, "stopped");
+    let _: serde_json::Value = p
+        .block_on(alice.client.post(&format!("/v1/instances/{id}/start"), &()))
+        .unwrap();
+    p.wait_state(&alice, &id, "running");
+    p.wait_console(&alice, &id, BOOT_MARKER);
+}
