@@ -14,16 +14,32 @@ packages=(
   ca-certificates
 )
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
+missing_packages() {
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+
+# Installing one package can remove another (a newer qemu-utils from backports conflicts
+# with Debian 12's qemu-system-x86 and is removed for it), so look again after installing.
+export DEBIAN_FRONTEND=noninteractive
+updated=
+for round in 1 2; do
+  missing_packages
+  [ "${#missing[@]}" -eq 0 ] && break
   echo "installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  [ -n "$updated" ] || { apt-get update -qq; updated=1; }
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+done
+missing_packages
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "could not install: ${missing[*]}" >&2
+  exit 1
 fi
+for tool in qemu-system-x86_64 qemu-img nft ip tc; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing after installing packages" >&2; exit 1; }
+done
 
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: Palisade needs a Rust toolchain >= 1.95 (rustup)" >&2
