@@ -5,11 +5,14 @@ pub mod config;
 mod output;
 pub mod up;
 
+use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::{ArgGroup, Args, Subcommand};
+use ed25519_dalek::SigningKey;
 use palisade_common::api;
 use reqwest::Method;
 
@@ -40,20 +43,41 @@ pub enum Command {
     /// Manage CLI profiles.
     #[command(subcommand)]
     Profile(ProfileCmd),
+    /// Log in (password, second factor): the profile gets a short-lived session key.
+    Login {
+        #[arg(long)]
+        user: String,
+        #[arg(long, env = "PALISADE_PASSWORD", hide_env_values = true)]
+        password: String,
+        #[command(flatten)]
+        factor: SecondFactor,
+    },
     /// Change a password (the only thing an initial password may do).
     #[command(subcommand)]
     Password(PasswordCmd),
-    /// Create API keys (Ed25519, made here; only the public key is sent).
+    /// API keys (Ed25519, made here; only the public key is sent).
     #[command(subcommand)]
     Key(KeyCmd),
+    /// The second factor (TOTP): enrol, and prove it for administrative actions.
+    #[command(subcommand)]
+    Mfa(MfaCmd),
     /// Show who the profile's key belongs to.
     Whoami,
-    /// Tenants (platform administrators).
+    /// Tenants (platform administrators; tenant administrators for their own settings).
     #[command(subcommand)]
     Tenant(TenantCmd),
-    /// Users (platform administrators).
+    /// Users (platform and tenant administrators).
     #[command(subcommand)]
     User(UserCmd),
+    /// Groups of a tenant's users, for its policies (tenant administrators).
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// The tenant's Cedar access policies (tenant administrators).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Identity alerts, e.g. failed-login bursts (security and tenant administrators).
+    #[command(subcommand)]
+    Alert(ListOnly),
     /// Instance sizes.
     #[command(subcommand)]
     Flavor(ListOnly),
@@ -68,6 +92,17 @@ pub enum Command {
     Audit(AuditCmd),
     /// Start the all-in-one platform (controller + local agent) and a demo VM.
     Up(up::UpArgs),
+}
+
+/// The second factor of a password login, for accounts bound to MFA.
+#[derive(Debug, Args)]
+pub struct SecondFactor {
+    /// A code from the authenticator app.
+    #[arg(long, conflicts_with = "recovery_code")]
+    pub totp_code: Option<String>,
+    /// A one-time recovery code, when the authenticator is lost.
+    #[arg(long)]
+    pub recovery_code: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,15 +141,60 @@ pub enum KeyCmd {
         password: String,
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        factor: SecondFactor,
+        /// Days until the key expires (default and maximum set by the platform).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
     },
-    /// The profile user's live keys.
+    /// The profile user's live keys and sessions.
     List,
+    /// Replace one of the profile's API keys with a new key pair made here.
+    Rotate {
+        id: String,
+        /// Seconds the old key keeps working (at most 86400; default: it stops now).
+        #[arg(long, default_value_t = 0)]
+        overlap_secs: u32,
+    },
     /// Revoke a key: requests it signs are refused from then on.
     Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
+pub enum MfaCmd {
+    /// Start TOTP enrolment: prints the secret for an authenticator app (shown once).
+    Enrol {
+        #[arg(long)]
+        user: String,
+        #[arg(long, env = "PALISADE_PASSWORD", hide_env_values = true)]
+        password: String,
+    },
+    /// Finish enrolment with a first code; prints the recovery codes (shown once).
+    Confirm {
+        #[arg(long)]
+        user: String,
+        #[arg(long, env = "PALISADE_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// A code from the authenticator app.
+        #[arg(long)]
+        code: String,
+    },
+    /// Prove the second factor again for the profile's key (administrative actions need a
+    /// recent proof).
+    #[command(group(ArgGroup::new("factor").required(true).args(["code", "recovery_code"])))]
+    Verify {
+        /// A code from the authenticator app.
+        #[arg(long)]
+        code: Option<String>,
+        /// A one-time recovery code, when the authenticator is lost.
+        #[arg(long)]
+        recovery_code: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TenantCmd {
+    /// Create a tenant with its quota (defaults: 10 instances, 16 vCPUs, 16 GiB).
     Create {
         name: String,
         #[arg(long)]
@@ -125,15 +205,114 @@ pub enum TenantCmd {
         max_memory_mib: Option<u32>,
     },
     List,
+    /// One tenant, with its password rules.
+    Show {
+        id: String,
+    },
+    /// Refuse every request of the tenant's users until it is enabled again.
+    Disable {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
+    /// Delete a tenant and its users (refused while it has instances).
+    Delete {
+        id: String,
+    },
+    /// Tighten the tenant's identity rules; only the settings given change.
+    #[command(group(
+        ArgGroup::new("setting")
+            .required(true)
+            .multiple(true)
+            .args(["require_mfa", "password_min_length", "password_max_age_days"])
+    ))]
+    Settings {
+        id: String,
+        /// Every user of the tenant must use a second factor.
+        #[arg(long, value_name = "true|false")]
+        require_mfa: Option<bool>,
+        /// 0 = the platform's minimum.
+        #[arg(long)]
+        password_min_length: Option<u32>,
+        /// 0 = the platform's maximum age.
+        #[arg(long)]
+        password_max_age_days: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum UserCmd {
-    /// Create a tenant user; its random initial password is printed once.
+    /// Create a user; its random initial password is printed once.
     Create {
         name: String,
+        /// The user's tenant; without it, a platform account (which needs --role).
         #[arg(long)]
-        tenant: String,
+        tenant: Option<String>,
+        /// Default `member` in a tenant.
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// The users of a tenant (default: your own tenant, or the platform's accounts).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    /// Change a user's role (platform roles for platform accounts, tenant roles otherwise).
+    SetRole {
+        id: String,
+        role: String,
+    },
+    /// Disable a user: their keys are revoked, and they cannot log in until enabled.
+    Disable {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// Remove the user's second factor and revoke their keys, so they can enrol anew.
+    ResetMfa {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    Create {
+        name: String,
+    },
+    /// The tenant's groups and their members (user ids).
+    List,
+    Delete {
+        id: String,
+    },
+    /// Add a user to a group.
+    Add {
+        group: String,
+        user: String,
+    },
+    /// Remove a user from a group.
+    Remove {
+        group: String,
+        user: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Print the tenant's policies.
+    Get,
+    /// Replace the tenant's policies; they must validate, or nothing changes.
+    Put {
+        /// Cedar policy file; `-` for stdin.
+        #[arg(long)]
+        file: PathBuf,
     },
 }
 
@@ -150,11 +329,18 @@ pub enum InstanceCmd {
         image: String,
         #[arg(long, default_value = "tiny")]
         flavor: String,
+        /// A label tenant policies can match; repeat for more.
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
         /// Wait until it runs.
         #[arg(long)]
         wait: bool,
     },
-    List,
+    List {
+        /// The tenant whose instances to list (platform operators).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     Show {
         id: String,
     },
@@ -205,6 +391,11 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
     };
     match command {
         Command::Profile(cmd) => ctx.profile(cmd),
+        Command::Login {
+            user,
+            password,
+            factor,
+        } => ctx.login(user, password, factor).await,
         Command::Password(PasswordCmd::Change {
             user,
             password,
@@ -219,28 +410,8 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             println!("password changed");
             Ok(())
         }
-        Command::Key(KeyCmd::Create {
-            user,
-            password,
-            name,
-        }) => ctx.create_key(user, password, name).await,
-        Command::Key(KeyCmd::List) => {
-            let keys: Vec<api::ApiKey> = ctx.signed()?.get("/v1/keys").await?;
-            ctx.show(&keys, |t| {
-                t.row(["KEY", "NAME", "CREATED", "PUBLIC KEY"]);
-                for k in &keys {
-                    t.row([&k.id, &k.name, &k.created_at, &k.public_key]);
-                }
-            })
-        }
-        Command::Key(KeyCmd::Revoke { id }) => {
-            let path = format!("/v1/keys/{id}");
-            ctx.signed()?
-                .send(Method::DELETE, &path, Vec::new())
-                .await?;
-            println!("key {id} revoked");
-            Ok(())
-        }
+        Command::Key(cmd) => ctx.key(cmd).await,
+        Command::Mfa(cmd) => ctx.mfa(cmd).await,
         Command::Whoami => {
             let me: api::Whoami = ctx.signed()?.get("/v1/whoami").await?;
             ctx.show(&me, |t| {
@@ -255,22 +426,10 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Tenant(cmd) => ctx.tenant(cmd).await,
-        Command::User(UserCmd::Create { name, tenant }) => {
-            let body = api::UserCreate {
-                name,
-                tenant_id: tenant,
-            };
-            let created: api::UserCreated = ctx.signed()?.post("/v1/users", &body).await?;
-            ctx.show(&created, |t| {
-                t.row(["USER", "ID", "TENANT", "INITIAL PASSWORD (shown once)"]);
-                t.row([
-                    &created.user.name,
-                    &created.user.id,
-                    created.user.tenant_id.as_deref().unwrap_or("-"),
-                    &created.initial_password,
-                ]);
-            })
-        }
+        Command::User(cmd) => ctx.user(cmd).await,
+        Command::Group(cmd) => ctx.group(cmd).await,
+        Command::Policy(cmd) => ctx.policy(cmd).await,
+        Command::Alert(ListOnly::List) => ctx.alerts().await,
         Command::Flavor(ListOnly::List) => {
             let flavors: Vec<api::Flavor> = ctx.signed()?.get("/v1/flavors").await?;
             ctx.show(&flavors, |t| {
@@ -305,6 +464,73 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// Sends a request whose answer has no body (204 No Content).
+async fn call<B: serde::Serialize>(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: Option<&B>,
+) -> anyhow::Result<()> {
+    let body = match body {
+        Some(b) => serde_json::to_vec(b)?,
+        None => Vec::new(),
+    };
+    client.send(method, path, body).await?;
+    Ok(())
+}
+
+/// `path?name=value`, the value percent-encoded so that it cannot add parameters.
+fn with_query(path: &str, name: &str, value: Option<&str>) -> String {
+    let Some(value) = value else {
+        return path.to_string();
+    };
+    let encoded: String = value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("{path}?{name}={encoded}")
+}
+
+/// `key=value`, for `--tag`.
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// Items separated by commas, or `-` for none.
+fn joined(items: impl Iterator<Item = impl std::fmt::Display>) -> String {
+    let text = items.map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text
+    }
+}
+
+/// `900` → `15m`: the largest unit that divides the duration exactly.
+fn seconds(secs: u64) -> String {
+    match secs {
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 struct Ctx {
     global: Global,
     config_path: PathBuf,
@@ -322,7 +548,7 @@ impl Ctx {
         let profile = config.profile(&self.global.profile)?;
         let key_id = profile.key_id.clone().with_context(|| {
             format!(
-                "profile {:?} has no key yet (see `palisade key create`)",
+                "profile {:?} has no key yet (see `palisade key create` or `palisade login`)",
                 self.global.profile
             )
         })?;
@@ -386,36 +612,194 @@ impl Ctx {
         }
     }
 
-    async fn create_key(
+    /// Makes the profile sign with `key` (registered as `key_id`) from now on; `user`, when
+    /// given, becomes the profile's user.
+    fn store_key(
+        &self,
+        user: Option<String>,
+        key_id: &str,
+        key: &SigningKey,
+    ) -> anyhow::Result<()> {
+        config::save_key(&self.config_path, &self.global.profile, key)?;
+        let mut config = Config::load(&self.config_path)?;
+        if let Some(profile) = config.profiles.get_mut(&self.global.profile) {
+            if user.is_some() {
+                profile.user = user;
+            }
+            profile.key_id = Some(key_id.to_string());
+        }
+        config.save(&self.config_path)
+    }
+
+    async fn login(
         &self,
         user: String,
         password: String,
-        name: Option<String>,
+        factor: SecondFactor,
     ) -> anyhow::Result<()> {
         let key = config::new_key();
-        let body = api::KeyCreate {
+        let body = api::Login {
             user: user.clone(),
             password,
             public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
-            name,
+            totp_code: factor.totp_code,
+            recovery_code: factor.recovery_code,
         };
-        let created: api::ApiKey = self.unsigned()?.post("/v1/auth/keys", &body).await?;
-        config::save_key(&self.config_path, &self.global.profile, &key)?;
-        let mut config = Config::load(&self.config_path)?;
-        if let Some(profile) = config.profiles.get_mut(&self.global.profile) {
-            profile.user = Some(user);
-            profile.key_id = Some(created.id.clone());
-        }
-        config.save(&self.config_path)?;
-        self.show(&created, |t| {
-            t.row(["KEY", "NAME", "USER ID"]);
-            t.row([&created.id, &created.name, &created.user_id]);
+        let session: api::ApiKey = self.unsigned()?.post("/v1/auth/login", &body).await?;
+        self.store_key(Some(user), &session.id, &key)?;
+        self.show(&session, |t| {
+            t.row(["SESSION KEY", "EXPIRES", "IDLE TIMEOUT"]);
+            t.row([
+                session.id.clone(),
+                session.expires_at.clone().unwrap_or_else(|| "-".into()),
+                session
+                    .idle_timeout_secs
+                    .map_or_else(|| "-".into(), seconds),
+            ]);
         })
+    }
+
+    async fn key(&self, cmd: KeyCmd) -> anyhow::Result<()> {
+        match cmd {
+            KeyCmd::Create {
+                user,
+                password,
+                name,
+                factor,
+                expires_in_days,
+            } => {
+                let key = config::new_key();
+                let body = api::KeyCreate {
+                    user: user.clone(),
+                    password,
+                    public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+                    name,
+                    totp_code: factor.totp_code,
+                    recovery_code: factor.recovery_code,
+                    expires_in_days,
+                };
+                let created: api::ApiKey = self.unsigned()?.post("/v1/auth/keys", &body).await?;
+                self.store_key(Some(user), &created.id, &key)?;
+                self.show_new_key(&created)
+            }
+            KeyCmd::List => {
+                let keys: Vec<api::ApiKey> = self.signed()?.get("/v1/keys").await?;
+                self.show(&keys, |t| {
+                    t.row(["KEY", "NAME", "KIND", "CREATED", "EXPIRES", "PUBLIC KEY"]);
+                    for k in &keys {
+                        t.row([
+                            &k.id,
+                            &k.name,
+                            &k.kind,
+                            &k.created_at,
+                            k.expires_at.as_deref().unwrap_or("-"),
+                            &k.public_key,
+                        ]);
+                    }
+                })
+            }
+            KeyCmd::Rotate { id, overlap_secs } => self.rotate_key(&id, overlap_secs).await,
+            KeyCmd::Revoke { id } => {
+                let path = format!("/v1/keys/{id}");
+                call(&self.signed()?, Method::DELETE, &path, None::<&()>).await?;
+                println!("key {id} revoked");
+                Ok(())
+            }
+        }
+    }
+
+    /// Rotates the profile's own key: the new private key has nowhere else to go, so a key
+    /// held by another profile is rotated from that profile.
+    async fn rotate_key(&self, id: &str, overlap_secs: u32) -> anyhow::Result<()> {
+        let config = Config::load(&self.config_path)?;
+        let current = config.profile(&self.global.profile)?.key_id.clone();
+        if current.as_deref() != Some(id) {
+            anyhow::bail!(
+                "key {id} is not the key of profile {:?}: rotate it with the profile that holds it",
+                self.global.profile
+            );
+        }
+        let key = config::new_key();
+        let body = api::KeyRotate {
+            public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+            overlap_secs,
+        };
+        let path = format!("/v1/keys/{id}/rotate");
+        let rotated: api::ApiKey = self.signed()?.post(&path, &body).await?;
+        self.store_key(None, &rotated.id, &key).with_context(|| {
+            format!(
+                "saving the new key {} (the old one was rotated)",
+                rotated.id
+            )
+        })?;
+        self.show_new_key(&rotated)
+    }
+
+    fn show_new_key(&self, key: &api::ApiKey) -> anyhow::Result<()> {
+        self.show(key, |t| {
+            t.row(["KEY", "NAME", "KIND", "EXPIRES", "USER ID"]);
+            t.row([
+                &key.id,
+                &key.name,
+                &key.kind,
+                key.expires_at.as_deref().unwrap_or("-"),
+                &key.user_id,
+            ]);
+        })
+    }
+
+    async fn mfa(&self, cmd: MfaCmd) -> anyhow::Result<()> {
+        match cmd {
+            MfaCmd::Enrol { user, password } => {
+                let body = api::TotpEnrol { user, password };
+                let enrolment: api::TotpEnrolment =
+                    self.unsigned()?.post("/v1/auth/mfa/totp", &body).await?;
+                self.show(&enrolment, |t| {
+                    t.row(["SECRET (shown once)", "OTPAUTH URI"]);
+                    t.row([&enrolment.secret, &enrolment.otpauth_uri]);
+                })
+            }
+            MfaCmd::Confirm {
+                user,
+                password,
+                code,
+            } => {
+                let body = api::TotpConfirm {
+                    user,
+                    password,
+                    code,
+                };
+                let codes: api::RecoveryCodes = self
+                    .unsigned()?
+                    .post("/v1/auth/mfa/totp/confirm", &body)
+                    .await?;
+                self.show(&codes, |t| {
+                    t.row(["RECOVERY CODES (shown once)"]);
+                    for code in &codes.recovery_codes {
+                        t.row([code]);
+                    }
+                })
+            }
+            MfaCmd::Verify {
+                code,
+                recovery_code,
+            } => {
+                let body = api::MfaVerify {
+                    totp_code: code,
+                    recovery_code,
+                };
+                let client = self.signed()?;
+                call(&client, Method::POST, "/v1/auth/mfa/verify", Some(&body)).await?;
+                println!("second factor verified");
+                Ok(())
+            }
+        }
     }
 
     async fn tenant(&self, cmd: TenantCmd) -> anyhow::Result<()> {
         let client = self.signed()?;
-        match cmd {
+        let path = |id: &str, tail: &str| format!("/v1/tenants/{id}{tail}");
+        let (id, done) = match cmd {
             TenantCmd::Create {
                 name,
                 max_instances,
@@ -433,24 +817,267 @@ impl Ctx {
                     quota: Some(quota),
                 };
                 let tenant: api::Tenant = client.post("/v1/tenants", &body).await?;
-                self.show_one(&tenant, |c| c.show_tenants(std::slice::from_ref(&tenant)))
+                return self.show_tenant(&tenant);
             }
             TenantCmd::List => {
-                self.show_tenants(&client.get::<Vec<api::Tenant>>("/v1/tenants").await?)
+                let tenants: Vec<api::Tenant> = client.get("/v1/tenants").await?;
+                return self.show_tenants(&tenants);
             }
-        }
+            TenantCmd::Show { id } => {
+                let tenant: api::Tenant = client.get(&path(&id, "")).await?;
+                return self.show_tenant(&tenant);
+            }
+            TenantCmd::Settings {
+                id,
+                require_mfa,
+                password_min_length,
+                password_max_age_days,
+            } => {
+                let mut settings = client.get::<api::Tenant>(&path(&id, "")).await?.settings;
+                settings.require_mfa = require_mfa.unwrap_or(settings.require_mfa);
+                settings.password_min_length =
+                    password_min_length.unwrap_or(settings.password_min_length);
+                settings.password_max_age_days =
+                    password_max_age_days.unwrap_or(settings.password_max_age_days);
+                let tenant: api::Tenant = client
+                    .json(Method::PUT, &path(&id, "/settings"), Some(&settings))
+                    .await?;
+                return self.show_tenant(&tenant);
+            }
+            TenantCmd::Disable { id } => {
+                call(&client, Method::POST, &path(&id, "/disable"), None::<&()>).await?;
+                (id, "disabled")
+            }
+            TenantCmd::Enable { id } => {
+                call(&client, Method::POST, &path(&id, "/enable"), None::<&()>).await?;
+                (id, "enabled")
+            }
+            TenantCmd::Delete { id } => {
+                call(&client, Method::DELETE, &path(&id, ""), None::<&()>).await?;
+                (id, "deleted")
+            }
+        };
+        println!("tenant {id} {done}");
+        Ok(())
     }
 
     fn show_tenants(&self, tenants: &[api::Tenant]) -> anyhow::Result<()> {
         self.show(&tenants, |t| {
-            t.row(["NAME", "ID", "MAX INSTANCES", "MAX VCPUS", "MAX MEMORY MIB"]);
+            t.row([
+                "NAME",
+                "ID",
+                "DISABLED",
+                "REQUIRE MFA",
+                "MAX INSTANCES",
+                "MAX VCPUS",
+                "MAX MEMORY MIB",
+            ]);
             for x in tenants {
                 t.row([
                     x.name.clone(),
                     x.id.clone(),
+                    yes_no(x.disabled).into(),
+                    yes_no(x.settings.require_mfa).into(),
                     x.quota.instances.to_string(),
                     x.quota.vcpus.to_string(),
                     x.quota.memory_mib.to_string(),
+                ]);
+            }
+        })
+    }
+
+    /// One tenant, with the password rules that the list leaves out.
+    fn show_tenant(&self, tenant: &api::Tenant) -> anyhow::Result<()> {
+        self.show_one(tenant, |c| {
+            c.show_tenants(std::slice::from_ref(tenant))?;
+            let rule = |n: u32| match n {
+                0 => "platform default".to_string(),
+                n => n.to_string(),
+            };
+            let mut t = Table::default();
+            t.row(["PASSWORD MIN LENGTH", "PASSWORD MAX AGE DAYS", "CREATED"]);
+            t.row([
+                rule(tenant.settings.password_min_length),
+                rule(tenant.settings.password_max_age_days),
+                tenant.created_at.clone(),
+            ]);
+            print!("\n{t}");
+            Ok(())
+        })
+    }
+
+    async fn user(&self, cmd: UserCmd) -> anyhow::Result<()> {
+        let client = self.signed()?;
+        let path = |id: &str, tail: &str| format!("/v1/users/{id}{tail}");
+        let (id, done) = match cmd {
+            UserCmd::Create { name, tenant, role } => {
+                let body = api::UserCreate {
+                    name,
+                    tenant_id: tenant,
+                    role,
+                };
+                let created: api::UserCreated = client.post("/v1/users", &body).await?;
+                return self.show(&created, |t| {
+                    t.row([
+                        "USER",
+                        "ID",
+                        "TENANT",
+                        "ROLE",
+                        "INITIAL PASSWORD (shown once)",
+                    ]);
+                    t.row([
+                        &created.user.name,
+                        &created.user.id,
+                        created.user.tenant_id.as_deref().unwrap_or("-"),
+                        &created.user.role,
+                        &created.initial_password,
+                    ]);
+                });
+            }
+            UserCmd::List { tenant } => {
+                let path = with_query("/v1/users", "tenant", tenant.as_deref());
+                return self.show_users(&client.get::<Vec<api::User>>(&path).await?);
+            }
+            UserCmd::Show { id } => {
+                let user: api::User = client.get(&path(&id, "")).await?;
+                return self.show_one(&user, |c| c.show_users(std::slice::from_ref(&user)));
+            }
+            UserCmd::SetRole { id, role } => {
+                let body = api::RoleSet { role: role.clone() };
+                call(&client, Method::PUT, &path(&id, "/role"), Some(&body)).await?;
+                println!("user {id} is now {role}");
+                return Ok(());
+            }
+            UserCmd::Disable { id } => {
+                call(&client, Method::POST, &path(&id, "/disable"), None::<&()>).await?;
+                (id, "disabled")
+            }
+            UserCmd::Enable { id } => {
+                call(&client, Method::POST, &path(&id, "/enable"), None::<&()>).await?;
+                (id, "enabled")
+            }
+            UserCmd::Delete { id } => {
+                call(&client, Method::DELETE, &path(&id, ""), None::<&()>).await?;
+                (id, "deleted")
+            }
+            UserCmd::ResetMfa { id } => {
+                call(&client, Method::DELETE, &path(&id, "/mfa"), None::<&()>).await?;
+                (id, "has no second factor now")
+            }
+        };
+        println!("user {id} {done}");
+        Ok(())
+    }
+
+    fn show_users(&self, users: &[api::User]) -> anyhow::Result<()> {
+        self.show(&users, |t| {
+            t.row(["NAME", "ID", "TENANT", "ROLE", "DISABLED", "MFA"]);
+            for u in users {
+                t.row([
+                    &u.name,
+                    &u.id,
+                    u.tenant_id.as_deref().unwrap_or("-"),
+                    &u.role,
+                    yes_no(u.disabled),
+                    yes_no(u.mfa_enrolled),
+                ]);
+            }
+        })
+    }
+
+    async fn group(&self, cmd: GroupCmd) -> anyhow::Result<()> {
+        let client = self.signed()?;
+        let member = |group: &str, user: &str| format!("/v1/groups/{group}/members/{user}");
+        match cmd {
+            GroupCmd::Create { name } => {
+                let body = api::GroupCreate { name };
+                let group: api::Group = client.post("/v1/groups", &body).await?;
+                self.show_one(&group, |c| c.show_groups(std::slice::from_ref(&group)))
+            }
+            GroupCmd::List => self.show_groups(&client.get::<Vec<api::Group>>("/v1/groups").await?),
+            GroupCmd::Delete { id } => {
+                let path = format!("/v1/groups/{id}");
+                call(&client, Method::DELETE, &path, None::<&()>).await?;
+                println!("group {id} deleted");
+                Ok(())
+            }
+            GroupCmd::Add { group, user } => {
+                call(&client, Method::PUT, &member(&group, &user), None::<&()>).await?;
+                println!("user {user} added to group {group}");
+                Ok(())
+            }
+            GroupCmd::Remove { group, user } => {
+                call(&client, Method::DELETE, &member(&group, &user), None::<&()>).await?;
+                println!("user {user} removed from group {group}");
+                Ok(())
+            }
+        }
+    }
+
+    fn show_groups(&self, groups: &[api::Group]) -> anyhow::Result<()> {
+        self.show(&groups, |t| {
+            t.row(["NAME", "ID", "CREATED", "MEMBERS"]);
+            for g in groups {
+                t.row([
+                    g.name.clone(),
+                    g.id.clone(),
+                    g.created_at.clone(),
+                    joined(g.members.iter()),
+                ]);
+            }
+        })
+    }
+
+    async fn policy(&self, cmd: PolicyCmd) -> anyhow::Result<()> {
+        let client = self.signed()?;
+        match cmd {
+            PolicyCmd::Get => {
+                let policies: api::Policies = client.get("/v1/policies").await?;
+                self.show_one(&policies, |_| {
+                    // Another administrator wrote this text: keep escape sequences away from
+                    // the terminal.
+                    let text = output::printable(&policies.text);
+                    if text.is_empty() {
+                        eprintln!("the tenant has no policies of its own");
+                    }
+                    print!("{text}");
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        println!();
+                    }
+                    Ok(())
+                })
+            }
+            PolicyCmd::Put { file } => {
+                let text = if file.as_os_str() == "-" {
+                    let mut text = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .context("reading policies from stdin")?;
+                    text
+                } else {
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?
+                };
+                let body = api::Policies { text };
+                call(&client, Method::PUT, "/v1/policies", Some(&body)).await?;
+                println!("policies replaced");
+                Ok(())
+            }
+        }
+    }
+
+    async fn alerts(&self) -> anyhow::Result<()> {
+        let alerts: Vec<api::Alert> = self.signed()?.get("/v1/alerts").await?;
+        self.show(&alerts, |t| {
+            t.row(["ID", "KIND", "USER", "SOURCE", "CREATED", "DETAIL"]);
+            for a in &alerts {
+                t.row([
+                    &a.id,
+                    &a.kind,
+                    a.user_id.as_deref().unwrap_or("-"),
+                    &a.source,
+                    &a.created_at,
+                    &a.detail,
                 ]);
             }
         })
@@ -464,9 +1091,17 @@ impl Ctx {
                 name,
                 image,
                 flavor,
+                tags,
                 wait,
             } => {
+                let mut by_key = BTreeMap::new();
+                for (key, value) in tags {
+                    if by_key.insert(key.clone(), value).is_some() {
+                        anyhow::bail!("tag {key:?} given twice");
+                    }
+                }
                 let body = api::InstanceCreate {
+                    tags: by_key,
                     name,
                     image,
                     flavor,
@@ -476,8 +1111,9 @@ impl Ctx {
                     wait.then_some("running"),
                 )
             }
-            InstanceCmd::List => {
-                let list: Vec<api::Instance> = client.get("/v1/instances").await?;
+            InstanceCmd::List { tenant } => {
+                let path = with_query("/v1/instances", "tenant", tenant.as_deref());
+                let list: Vec<api::Instance> = client.get(&path).await?;
                 return self.show_instances(&list);
             }
             InstanceCmd::Show { id } => (client.get(&path(&id, "")).await?, None),
@@ -524,7 +1160,15 @@ impl Ctx {
 
     fn show_instances(&self, list: &[api::Instance]) -> anyhow::Result<()> {
         self.show(&list, |t| {
-            t.row(["NAME", "ID", "STATE", "FLAVOR", "CREATED", "DISK ERASED"]);
+            t.row([
+                "NAME",
+                "ID",
+                "STATE",
+                "FLAVOR",
+                "CREATED",
+                "DISK ERASED",
+                "TAGS",
+            ]);
             for i in list {
                 let state = match &i.last_error {
                     Some(e) => format!("{} ({e})", i.state),
@@ -537,6 +1181,7 @@ impl Ctx {
                     i.flavor.clone(),
                     i.created_at.clone(),
                     i.disk_erased_at.clone().unwrap_or_else(|| "-".into()),
+                    joined(i.tags.iter().map(|(k, v)| format!("{k}={v}"))),
                 ]);
             }
         })

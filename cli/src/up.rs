@@ -612,6 +612,7 @@ async fn enrol(
     ca: &Path,
     user: &str,
     password: &str,
+    totp_code: Option<String>,
 ) -> anyhow::Result<Client> {
     let key = config::new_key();
     let anonymous = Client::new(endpoint, ca, None)?;
@@ -620,6 +621,9 @@ async fn enrol(
         password: password.into(),
         public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
         name: Some(format!("{profile}-cli")),
+        totp_code,
+        recovery_code: None,
+        expires_in_days: None,
     };
     let created: api::ApiKey = anonymous.post("/v1/auth/keys", &body).await?;
     config::save_key(config_path, profile, &key)?;
@@ -667,10 +671,55 @@ async fn quickstart(
 ) -> anyhow::Result<()> {
     let anonymous = Client::new(endpoint, ca, None)?;
     let admin_password = change_password(&anonymous, "admin", initial).await?;
-    let admin = enrol(config_path, "admin", endpoint, ca, "admin", &admin_password).await?;
+    // Platform accounts must use a second factor: enrol TOTP, acting once as the
+    // administrator's authenticator app (the secret is printed for the real one).
+    let enrolment: api::TotpEnrolment = anonymous
+        .post(
+            "/v1/auth/mfa/totp",
+            &api::TotpEnrol {
+                user: "admin".into(),
+                password: admin_password.clone(),
+            },
+        )
+        .await?;
+    let totp = totp_rs::Totp::from_url(&enrolment.otpauth_uri)
+        .map_err(|e| anyhow::anyhow!("the enrolment URI does not parse: {e:?}"))?;
+    // Near the end of a step, wait for the next one: both codes must still be in the
+    // server's window (one step either way) when they arrive.
+    let unix_now = || time::OffsetDateTime::now_utc().unix_timestamp().max(30);
+    if unix_now() % 30 >= 25 {
+        tokio::time::sleep(Duration::from_secs((31 - unix_now() % 30) as u64)).await;
+    }
+    let now = unix_now() as u64;
+    // Each code is accepted once per 30 s step, with one step of skew: confirm with the
+    // previous step's code and register the key with the current one.
+    let codes: api::RecoveryCodes = anonymous
+        .post(
+            "/v1/auth/mfa/totp/confirm",
+            &api::TotpConfirm {
+                user: "admin".into(),
+                password: admin_password.clone(),
+                code: totp.generate(now - 30).to_string(),
+            },
+        )
+        .await?;
+    let admin = enrol(
+        config_path,
+        "admin",
+        endpoint,
+        ca,
+        "admin",
+        &admin_password,
+        Some(totp.generate(now).to_string()),
+    )
+    .await?;
     println!(
         "Platform administrator: user admin, password {admin_password} (shown once), \
-              CLI profile 'admin'"
+              CLI profile 'admin'\n  TOTP (add to your authenticator app, shown once): {}\n  \
+              Recovery codes (shown once): {}\n  Administrative calls need a second-factor \
+              proof younger than 15 minutes: `palisade --profile admin mfa verify --code <code>`",
+        enrolment.otpauth_uri,
+        codes.recovery_codes.join(" ")
     );
 
     let tenant: api::Tenant = admin
@@ -687,12 +736,22 @@ async fn quickstart(
             "/v1/users",
             &api::UserCreate {
                 name: "demo".into(),
-                tenant_id: tenant.id.clone(),
+                tenant_id: Some(tenant.id.clone()),
+                role: Some("tenant_admin".into()),
             },
         )
         .await?;
     let demo_password = change_password(&anonymous, "demo", &user.initial_password).await?;
-    let demo = enrol(config_path, "demo", endpoint, ca, "demo", &demo_password).await?;
+    let demo = enrol(
+        config_path,
+        "demo",
+        endpoint,
+        ca,
+        "demo",
+        &demo_password,
+        None,
+    )
+    .await?;
     println!(
         "Tenant demo ({}): user demo, password {demo_password} (shown once), CLI profile \
               'demo'",
@@ -702,6 +761,7 @@ async fn quickstart(
     let images: Vec<api::Image> = demo.get("/v1/images").await?;
     let image = images.first().context("no image registered")?;
     let create = api::InstanceCreate {
+        tags: Default::default(),
         name: "demo-vm".into(),
         image: image.id.clone(),
         flavor: "tiny".into(),

@@ -28,6 +28,28 @@ pub struct KeyCreate {
     pub public_key: String,
     #[serde(default)]
     pub name: Option<String>,
+    /// The second factor, required when the account is bound to MFA.
+    #[serde(default)]
+    pub totp_code: Option<String>,
+    #[serde(default)]
+    pub recovery_code: Option<String>,
+    /// Days until the key expires (default and maximum set by the platform).
+    #[serde(default)]
+    pub expires_in_days: Option<u32>,
+}
+
+/// `POST /v1/auth/login`: a human login (password and, when bound, a second factor) that
+/// registers a short-lived session key made on the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+    pub public_key: String,
+    #[serde(default)]
+    pub totp_code: Option<String>,
+    #[serde(default)]
+    pub recovery_code: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -38,6 +60,64 @@ pub struct ApiKey {
     pub name: String,
     pub public_key: String,
     pub created_at: String,
+    /// `api` (long-lived, expires) or `session` (short-lived, idle timeout).
+    pub kind: String,
+    /// RFC 3339; `None` only for keys made before expiry existed.
+    pub expires_at: Option<String>,
+    /// Sessions end after this long without a request.
+    pub idle_timeout_secs: Option<u64>,
+}
+
+/// `POST /v1/keys/{id}/rotate`: a new key replaces one of the caller's; the old one keeps
+/// working for `overlap_secs` (default 0: it stops now).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRotate {
+    pub public_key: String,
+    #[serde(default)]
+    pub overlap_secs: u32,
+}
+
+/// `POST /v1/auth/mfa/totp`: starts TOTP enrolment (password-authenticated).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TotpEnrol {
+    pub user: String,
+    pub password: String,
+}
+
+/// The new TOTP secret, shown once: base32 and as an `otpauth://` URI for authenticator apps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TotpEnrolment {
+    pub secret: String,
+    pub otpauth_uri: String,
+}
+
+/// `POST /v1/auth/mfa/totp/confirm`: the first code proves the authenticator holds the secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TotpConfirm {
+    pub user: String,
+    pub password: String,
+    pub code: String,
+}
+
+/// One-time recovery codes, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryCodes {
+    pub recovery_codes: Vec<String>,
+}
+
+/// `POST /v1/auth/mfa/verify` (signed): a fresh second-factor proof for the signing key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MfaVerify {
+    #[serde(default)]
+    pub totp_code: Option<String>,
+    #[serde(default)]
+    pub recovery_code: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,20 +146,53 @@ pub struct TenantCreate {
     pub quota: Option<Quota>,
 }
 
+/// A tenant's tightening of the platform's identity rules; it can only make them stricter.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Every user of the tenant must use a second factor.
+    #[serde(default)]
+    pub require_mfa: bool,
+    /// 0 = the platform's minimum.
+    #[serde(default)]
+    pub password_min_length: u32,
+    /// 0 = the platform's maximum age.
+    #[serde(default)]
+    pub password_max_age_days: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Tenant {
     pub id: String,
     pub name: String,
     pub quota: Quota,
+    pub settings: TenantSettings,
+    pub disabled: bool,
     pub created_at: String,
 }
+
+/// Platform roles (accounts without a tenant) and tenant roles.
+pub const PLATFORM_ROLES: &[&str] = &["platform_admin", "security_admin", "auditor", "operator"];
+pub const TENANT_ROLES: &[&str] = &["tenant_admin", "member", "reader"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserCreate {
     pub name: String,
-    pub tenant_id: String,
+    /// The tenant; omitted for a platform account.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// Default `member` in a tenant; required for a platform account.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// `PUT /v1/users/{id}/role`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSet {
+    pub role: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -89,8 +202,63 @@ pub struct User {
     pub name: String,
     /// `None` for platform accounts.
     pub tenant_id: Option<String>,
-    /// `platform_admin` or `tenant_member`.
+    /// One of [`PLATFORM_ROLES`] or [`TENANT_ROLES`].
     pub role: String,
+    pub disabled: bool,
+    pub mfa_enrolled: bool,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupCreate {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    /// User ids.
+    pub members: Vec<String>,
+    pub created_at: String,
+}
+
+/// A tenant's Cedar policies, as one text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Policies {
+    pub text: String,
+}
+
+/// `PUT /v1/tenants/{id}/webhook`: where identity alerts are posted (`None` removes it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSet {
+    pub url: Option<String>,
+}
+
+/// The webhook and, once (when set), the secret its calls are signed with:
+/// `x-palisade-signature: sha256=<hex HMAC-SHA256 of the body>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: Option<String>,
+    pub secret: Option<String>,
+}
+
+/// An identity anomaly: a burst of failed logins, a new source address, ...
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Alert {
+    pub id: String,
+    pub tenant_id: Option<String>,
+    pub user_id: Option<String>,
+    pub kind: String,
+    pub detail: String,
+    pub source: String,
     pub created_at: String,
 }
 
@@ -153,6 +321,9 @@ pub struct InstanceCreate {
     /// Image id or name.
     pub image: String,
     pub flavor: String,
+    /// Labels that tenant policies can match (`resource.getTag("env")`).
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -166,6 +337,7 @@ pub struct Instance {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disk_gib: u32,
+    pub tags: std::collections::BTreeMap<String, String>,
     /// `starting`, `running`, `stopping`, `stopped`, `deleting`, `deleted` or `error`.
     pub state: String,
     pub last_error: Option<String>,

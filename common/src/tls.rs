@@ -79,6 +79,21 @@ pub fn client_config(
     Ok(config)
 }
 
+/// Client configuration for public endpoints (webhooks, identity providers): the host's own
+/// trust store (`/etc/ssl/certs`, kept by the operator), nothing built in.
+pub fn public_client_config() -> Result<rustls::ClientConfig, TlsError> {
+    install_crypto_provider();
+    let mut roots = RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for cert in found.certs {
+        // A certificate the store holds but rustls cannot use is skipped, not fatal.
+        let _ = roots.add(cert);
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Server configuration; with `client_ca`, every client must present a certificate chaining to
 /// it (mutual TLS).
 pub fn server_config(

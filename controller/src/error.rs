@@ -13,7 +13,17 @@ pub enum Error {
     /// A password login refused. Wrong password, unknown user and locked account look the same
     /// to the caller; only the audit record tells a lock apart.
     #[error("user name or password is wrong, or the account is locked for a while")]
-    LoginRefused { locked: bool },
+    LoginRefused {
+        locked: bool,
+        new_lock: Option<NewLock>,
+    },
+    /// A second factor refused (wrong, malformed or reused); `locked` when it was one failure
+    /// too many and locked the account (the audit record says so, the caller is not told).
+    #[error("the second factor is wrong, malformed or already used")]
+    MfaRefused {
+        locked: bool,
+        new_lock: Option<NewLock>,
+    },
     #[error("{message}")]
     Forbidden { code: &'static str, message: String },
     /// The object does not exist *or the caller may not see it*: the two are indistinguishable.
@@ -35,6 +45,13 @@ pub enum Error {
     Internal(#[source] anyhow::Error),
 }
 
+/// The account a failed login has just locked (the anomaly detector raises an alert for it).
+#[derive(Debug, Clone)]
+pub struct NewLock {
+    pub user_id: String,
+    pub tenant_id: Option<String>,
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
@@ -48,7 +65,9 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Invalid { .. } => StatusCode::BAD_REQUEST,
-            Error::Unauthorized { .. } | Error::LoginRefused { .. } => StatusCode::UNAUTHORIZED,
+            Error::Unauthorized { .. } | Error::LoginRefused { .. } | Error::MfaRefused { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
             Error::Forbidden { .. } => StatusCode::FORBIDDEN,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -70,6 +89,7 @@ impl Error {
             | Error::Unavailable { code, .. } => code,
             Error::NotFound { .. } => "not_found",
             Error::LoginRefused { .. } => "credentials_invalid",
+            Error::MfaRefused { .. } => "mfa_invalid",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::TooLarge { .. } => "body_too_large",
             Error::RequestTimeout => "request_timeout",
@@ -84,7 +104,9 @@ impl Error {
     /// deliberately vaguer than the truth.
     pub fn audit_code(&self) -> &'static str {
         match self {
-            Error::LoginRefused { locked: true } => "account_locked",
+            Error::LoginRefused { locked: true, .. } | Error::MfaRefused { locked: true, .. } => {
+                "account_locked"
+            }
             _ => self.code(),
         }
     }

@@ -48,12 +48,37 @@ pub struct ControllerArgs {
     /// Seconds between reconciliation passes (a change also triggers one at once).
     #[arg(long, default_value_t = 5)]
     pub reconcile_interval_secs: u64,
+    /// A login session ends after this many seconds without a request.
+    #[arg(long, default_value_t = 900)]
+    pub session_idle_secs: u32,
+    /// A login session ends this many seconds after the login, used or not.
+    #[arg(long, default_value_t = 8 * 3600)]
+    pub session_max_secs: u32,
+    /// Longest (and default) lifetime of an API key, in days.
+    #[arg(long, default_value_t = 90)]
+    pub key_max_days: u32,
+    /// Passwords older than this must be changed before anything else (0 = no maximum;
+    /// tenants may set a shorter one).
+    #[arg(long, default_value_t = 0)]
+    pub password_max_age_days: u32,
+    /// Seconds a second-factor proof counts as fresh for administrative actions.
+    #[arg(long, default_value_t = 900)]
+    pub mfa_fresh_secs: u32,
+    /// Let tenants' alert webhooks use plain HTTP and private, loopback or link-local
+    /// addresses (on-premises receivers). Off: public HTTPS endpoints only.
+    #[arg(long)]
+    pub webhook_allow_private: bool,
 }
 
 /// Shared state of a running controller.
 pub struct Controller {
     pub db: db::Db,
     pub lockout: service::identity::Lockout,
+    pub rules: service::identity::CredentialRules,
+    pub authz: access::authz::Authz,
+    /// The platform master key: seals TOTP seeds, keys recovery-code hashes.
+    pub secrets: service::secrets::MasterKey,
+    pub alerts: service::alerts::Alerts,
     pub limits: access::limits::Limits,
     pub audit: service::audit::AuditLog,
     pub compute: service::compute::Compute,
@@ -85,6 +110,8 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     let pki = pki::ensure(&args.data_dir, &args.server_names, agent_host.as_slice())?;
     let db = db::Db::open(&args.data_dir.join("palisade.db")).await?;
     let audit = service::audit::AuditLog::open(&args.data_dir.join("audit"))?;
+    let secrets = service::secrets::MasterKey::load_or_create(&args.data_dir.join("master.key"))?;
+    let authz = access::authz::Authz::new()?;
 
     if let Some(password) = service::identity::bootstrap_admin(&db).await? {
         // Shown once, on stdout only (never in a log): the operator must change it first.
@@ -96,12 +123,29 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
 
     let agent = agent_client::AgentClient::new(&args.agent_url, &pki)?;
     let compute = service::compute::Compute::new(db.clone(), agent);
+    let alerts = service::alerts::Alerts::new(
+        db.clone(),
+        audit.clone(),
+        service::alerts::WebhookPolicy {
+            allow_private: args.webhook_allow_private,
+        },
+    );
     let controller = Arc::new(Controller {
         db,
         lockout: service::identity::Lockout {
             after: args.lockout_after,
             base_secs: args.lockout_secs,
         },
+        rules: service::identity::CredentialRules {
+            session_idle_secs: i64::from(args.session_idle_secs),
+            session_max_secs: i64::from(args.session_max_secs),
+            key_max_days: args.key_max_days.max(1),
+            password_max_age_days: args.password_max_age_days,
+            mfa_fresh_secs: i64::from(args.mfa_fresh_secs),
+        },
+        authz,
+        secrets,
+        alerts,
         limits: access::limits::Limits::new(args.rate_limit_per_source, args.rate_limit_per_key),
         audit,
         compute,

@@ -29,6 +29,7 @@ use palisade_common::error::ErrorBody;
 use palisade_common::signing::{self, SignatureError, SIGNATURE_WINDOW_SECS};
 use tracing::Instrument;
 
+use crate::access::authz::Resource;
 use crate::error::Error;
 use crate::service::audit::Entry;
 use crate::service::identity::{self, Principal};
@@ -39,6 +40,7 @@ use crate::Controller;
 pub struct RequestCtx {
     pub request_id: String,
     pub source: String,
+    pub peer_ip: std::net::IpAddr,
     pub principal: Option<Principal>,
     controller: Arc<Controller>,
     record: Arc<Mutex<RecordState>>,
@@ -78,6 +80,55 @@ impl RequestCtx {
         let mut state = self.lock();
         state.action = Some(capped(action));
         state.object = Some(capped(&object.into()));
+    }
+
+    /// Asks the authorization engine whether the caller may do `action` on `resource`, naming
+    /// both for the audit record first. A refusal on an object the caller may not even see is
+    /// 404 (indistinguishable from a missing one); otherwise 403. Administrative actions also
+    /// need a fresh second-factor proof from MFA-bound callers.
+    pub async fn authorize(&self, action: &str, resource: &Resource) -> Result<(), Error> {
+        self.describe(action, resource.audit_name());
+        let principal = self.principal.as_ref().ok_or(Error::Unauthorized {
+            code: "signature_missing",
+            message: "request is not signed".into(),
+        })?;
+        let c = &self.controller;
+        let policies = match &principal.tenant_id {
+            Some(tenant) => crate::service::accounts::get_policies(&c.db, tenant).await?,
+            None => String::new(),
+        };
+        let decide = |action: &str| {
+            c.authz
+                .is_allowed(principal, action, resource, principal.mfa_fresh, &policies)
+                .map_err(Error::Internal)
+        };
+        if !decide(action)? {
+            let visible = match resource.show_action() {
+                Some(show) if show != action => decide(show)?,
+                Some(_) => false,
+                None => true,
+            };
+            return Err(if visible {
+                Error::Forbidden {
+                    code: "forbidden",
+                    message: format!("your role may not {action}"),
+                }
+            } else {
+                Error::NotFound {
+                    what: resource.kind(),
+                }
+            });
+        }
+        let admin = c.authz.matrix().row(action).is_some_and(|r| r.admin);
+        if admin && principal.mfa_bound && !principal.mfa_fresh {
+            return Err(Error::Forbidden {
+                code: "mfa_required",
+                message: "this administrative action needs a fresh second-factor proof \
+                          (POST /v1/auth/mfa/verify)"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     /// For password routes: who the request proved to be, once the password checked out.
@@ -162,6 +213,10 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestCtx {
 #[derive(Clone)]
 struct ErrorCode(&'static str);
 
+/// A failed login (password or second factor), for the anomaly detector.
+#[derive(Clone)]
+struct FailedLogin(Option<crate::error::NewLock>);
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         if let Error::Internal(source) = &self {
@@ -172,6 +227,11 @@ impl IntoResponse for Error {
         response
             .extensions_mut()
             .insert(ErrorCode(self.audit_code()));
+        if let Error::LoginRefused { new_lock, .. } | Error::MfaRefused { new_lock, .. } = &self {
+            response
+                .extensions_mut()
+                .insert(FailedLogin(new_lock.clone()));
+        }
         if let Error::RateLimited { retry_after_secs } = self {
             response
                 .headers_mut()
@@ -181,9 +241,22 @@ impl IntoResponse for Error {
     }
 }
 
-/// Routes a password (not a key) authenticates; they check it themselves.
+/// Routes a password (not a key) authenticates; they check it themselves. This list may only
+/// shrink: the access-control tests fail on any other unsigned route.
+pub const PASSWORD_ROUTES: &[&str] = &[
+    "/v1/auth/password",
+    "/v1/auth/keys",
+    "/v1/auth/login",
+    "/v1/auth/mfa/totp",
+    "/v1/auth/mfa/totp/confirm",
+];
+
+pub fn is_password_route_path(method: &str, path: &str) -> bool {
+    method == "POST" && PASSWORD_ROUTES.contains(&path)
+}
+
 fn is_password_route(method: &Method, path: &str) -> bool {
-    method == Method::POST && (path == "/v1/auth/password" || path == "/v1/auth/keys")
+    is_password_route_path(method.as_str(), path)
 }
 
 pub async fn guard(
@@ -196,6 +269,7 @@ pub async fn guard(
     let ctx = RequestCtx {
         request_id: uuid::Uuid::new_v4().to_string(),
         source: peer.to_string(),
+        peer_ip: peer.ip(),
         principal: None,
         controller: controller.clone(),
         record: Arc::default(),
@@ -223,6 +297,13 @@ async fn guarded(
         if !is_password_route(&parts.method, parts.uri.path()) {
             let principal = authenticate(&controller, &ctx, &parts, &body).await?;
             controller.limits.check_key(&principal.0.key_id)?;
+            note_source(
+                &controller,
+                &ctx,
+                &principal.0.user_id,
+                principal.0.tenant_id.as_deref(),
+            )
+            .await;
             if principal.1 {
                 ctx.principal = Some(principal.0);
                 return Err(Error::Forbidden {
@@ -243,6 +324,10 @@ async fn guarded(
         }
         Err(e) => e.into_response(),
     };
+    let failed = response.extensions().get::<FailedLogin>().cloned();
+    if let Some(FailedLogin(new_lock)) = failed {
+        login_failed(&controller, &ctx, new_lock).await;
+    }
     let mut response = finish_record(&ctx, response).await;
     add_headers(response.headers_mut(), &ctx.request_id);
     tracing::info!(
@@ -251,6 +336,70 @@ async fn guarded(
         "request done"
     );
     response
+}
+
+/// Raises the alerts a failed login calls for: the account it locked, and a source failing
+/// across accounts.
+async fn login_failed(
+    controller: &Controller,
+    ctx: &RequestCtx,
+    new_lock: Option<crate::error::NewLock>,
+) {
+    use crate::service::alerts::Raise;
+    let mut raised = Vec::new();
+    if let Some(lock) = &new_lock {
+        raised.push(Raise {
+            tenant_id: lock.tenant_id.as_deref(),
+            user_id: Some(&lock.user_id),
+            kind: "login_failures",
+            detail: "a burst of failed logins locked the account".into(),
+            source: &ctx.source,
+            request_id: &ctx.request_id,
+        });
+    }
+    if controller.alerts.note_failure(ctx.peer_ip) {
+        raised.push(Raise {
+            tenant_id: None,
+            user_id: None,
+            kind: "password_spraying",
+            detail: "many failed logins from one source within a minute".into(),
+            source: &ctx.source,
+            request_id: &ctx.request_id,
+        });
+    }
+    for alert in raised {
+        if let Err(e) = controller.alerts.raise(alert, &controller.secrets).await {
+            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "raising an alert");
+        }
+    }
+}
+
+/// Notes a verified use of an identity; an address never seen for it raises `new_source`.
+pub async fn note_source(
+    controller: &Controller,
+    ctx: &RequestCtx,
+    user_id: &str,
+    tenant: Option<&str>,
+) {
+    match controller.alerts.note_source(user_id, ctx.peer_ip).await {
+        Ok(false) => {}
+        Ok(true) => {
+            let alert = crate::service::alerts::Raise {
+                tenant_id: tenant,
+                user_id: Some(user_id),
+                kind: "new_source",
+                detail: format!("first use of this identity from {}", ctx.peer_ip),
+                source: &ctx.source,
+                request_id: &ctx.request_id,
+            };
+            if let Err(e) = controller.alerts.raise(alert, &controller.secrets).await {
+                tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "raising an alert");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "noting a source")
+        }
+    }
 }
 
 /// Writes the record of a request that did not reach `permit`. If even that fails, the caller
@@ -369,11 +518,11 @@ async fn authenticate(
             ),
         });
     }
-    let key = identity::lookup_key(&controller.db, &params.keyid)
+    let key = identity::lookup_key(&controller.db, &controller.rules, &params.keyid)
         .await?
         .ok_or(Error::Unauthorized {
             code: "key_invalid",
-            message: "unknown or revoked key".into(),
+            message: "unknown, revoked or expired key".into(),
         })?;
     let public_key = signing::parse_public_key(&key.public_key)
         .ok_or_else(|| Error::Internal(anyhow::anyhow!("stored public key does not parse")))?;
@@ -391,5 +540,12 @@ async fn authenticate(
             message: "this signed request was already used".into(),
         });
     }
+    if key.lacks_mfa {
+        return Err(Error::Unauthorized {
+            code: "mfa_required",
+            message: "this account needs a second factor; this key was made without one".into(),
+        });
+    }
+    identity::touch_key(&controller.db, &params.keyid).await?;
     Ok((key.principal, key.must_change_password))
 }

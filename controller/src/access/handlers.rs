@@ -11,7 +11,9 @@ use palisade_common::api;
 use serde::de::DeserializeOwned;
 
 use super::guard::RequestCtx;
+use crate::access::authz::Resource;
 use crate::error::{Error, Result};
+use crate::service::accounts;
 use crate::service::identity::{self, Principal};
 use crate::Controller;
 
@@ -32,26 +34,6 @@ fn principal(ctx: &RequestCtx) -> Result<&Principal> {
     })
 }
 
-fn platform_admin(ctx: &RequestCtx) -> Result<&Principal> {
-    let p = principal(ctx)?;
-    if !p.is_platform_admin() {
-        return Err(Error::Forbidden {
-            code: "forbidden",
-            message: "this call is for platform administrators".into(),
-        });
-    }
-    Ok(p)
-}
-
-/// The caller's tenant. Platform accounts act on no tenant's resources here.
-fn tenant_of(ctx: &RequestCtx) -> Result<String> {
-    principal(ctx)?.tenant_id.clone().ok_or(Error::Forbidden {
-        code: "tenant_scope_required",
-        message: "this call acts on a tenant's resources; use a tenant user's key".into(),
-    })
-}
-
-/// Ids are UUIDs; anything else cannot name an object, so it is simply not found.
 /// Ids are UUIDs in any spelling the uuid crate accepts; returns the canonical (lower-case,
 /// hyphenated) form the database holds. Anything else cannot name an object: not found.
 fn canonical_id(id: &str, what: &'static str) -> Result<String> {
@@ -60,13 +42,96 @@ fn canonical_id(id: &str, what: &'static str) -> Result<String> {
         .map_err(|_| Error::NotFound { what })
 }
 
+/// The collection a caller's "Platform,Tenant" action is on: its own tenant, or the platform.
+async fn own_scope(c: &Controller, p: &Principal) -> Result<Resource> {
+    Ok(match &p.tenant_id {
+        Some(id) => {
+            let tenant = accounts::get_tenant(&c.db, id).await?;
+            Resource::Tenant {
+                id: tenant.id,
+                name: tenant.name,
+            }
+        }
+        None => Resource::Platform,
+    })
+}
+
+// ---- password-authenticated routes ----
+
+/// The password (and, for MFA-bound accounts, second factor) of a human caller.
+struct Human<'a> {
+    user: &'a str,
+    password: &'a str,
+    totp_code: Option<&'a str>,
+    recovery_code: Option<&'a str>,
+}
+
+/// Checks a human's credentials for making a key or session. Returns the user and whether a
+/// second factor was proven.
+async fn authenticate_human(
+    c: &Controller,
+    ctx: &RequestCtx,
+    human: Human<'_>,
+) -> Result<(identity::VerifiedUser, bool)> {
+    let user = identity::verify_password(&c.db, c.lockout, human.user, human.password).await?;
+    ctx.set_subject(&user.id, user.tenant_id.clone());
+    if user.must_change_password || password_expired(c, &user.id).await? {
+        return Err(password_change_required());
+    }
+    let mfa = identity::mfa_state(&c.db, &user.id).await?;
+    let given = human.totp_code.is_some() || human.recovery_code.is_some();
+    if mfa.bound && !mfa.enrolled {
+        return Err(Error::Forbidden {
+            code: "mfa_enrolment_required",
+            message: "this account needs a second factor: enrol TOTP first \
+                      (POST /v1/auth/mfa/totp)"
+                .into(),
+        });
+    }
+    if mfa.bound || given {
+        identity::check_second_factor(
+            &c.db,
+            &c.secrets,
+            c.lockout,
+            &user.id,
+            human.totp_code,
+            human.recovery_code,
+        )
+        .await?;
+        identity::clear_failures(&c.db, &user.id).await?;
+        super::guard::note_source(c, ctx, &user.id, user.tenant_id.as_deref()).await;
+        return Ok((user, true));
+    }
+    identity::clear_failures(&c.db, &user.id).await?;
+    super::guard::note_source(c, ctx, &user.id, user.tenant_id.as_deref()).await;
+    Ok((user, false))
+}
+
+fn password_change_required() -> Error {
+    Error::Forbidden {
+        code: "password_change_required",
+        message: "change the password first (initial, or older than the maximum age)".into(),
+    }
+}
+
+async fn password_expired(c: &Controller, user_id: &str) -> Result<bool> {
+    let (_, max_age) = identity::password_rules(&c.db, &c.rules, user_id).await?;
+    if max_age == 0 {
+        return Ok(false);
+    }
+    let changed = identity::password_changed_at(&c.db, user_id).await?;
+    Ok(time::OffsetDateTime::now_utc().unix_timestamp() - changed > i64::from(max_age) * 86_400)
+}
+
 pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<StatusCode> {
     let req: api::PasswordChange = parse(&body)?;
     ctx.describe("auth.password_change", format!("user/{}", req.user));
     let user =
         identity::verify_password(&c.db, c.lockout, &req.user, &req.current_password).await?;
     ctx.set_subject(&user.id, user.tenant_id.clone());
-    identity::check_new_password(&req.user, &req.new_password)?;
+    identity::clear_failures(&c.db, &user.id).await?;
+    let (min_length, _) = identity::password_rules(&c.db, &c.rules, &user.id).await?;
+    identity::check_new_password(&req.user, &req.new_password, min_length)?;
     identity::check_not_reused(&c.db, &user.id, &req.new_password).await?;
     ctx.permit().await?;
     identity::set_password(&c.db, &user.id, &req.new_password).await?;
@@ -76,96 +141,619 @@ pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
 pub async fn create_key(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::KeyCreate = parse(&body)?;
     ctx.describe("key.create", format!("user/{}", req.user));
-    let user = identity::verify_password(&c.db, c.lockout, &req.user, &req.password).await?;
-    ctx.set_subject(&user.id, user.tenant_id.clone());
-    if user.must_change_password {
-        return Err(Error::Forbidden {
-            code: "password_change_required",
-            message: "change the initial password first".into(),
-        });
-    }
-    let new_key = identity::prepare_key(&user.id, &req)?;
+    let human = Human {
+        user: &req.user,
+        password: &req.password,
+        totp_code: req.totp_code.as_deref(),
+        recovery_code: req.recovery_code.as_deref(),
+    };
+    let (user, mfa) = authenticate_human(&c, &ctx, human).await?;
+    let kind = identity::KeyKind::Api {
+        expires_in_days: req.expires_in_days,
+    };
+    let new_key = identity::prepare_key(
+        &c.rules,
+        &user.id,
+        &req.public_key,
+        req.name.as_deref(),
+        kind,
+    )?;
     ctx.describe("key.create", format!("key/{}", new_key.id));
     ctx.permit().await?;
-    let key = identity::insert_key(&c.db, new_key).await?;
+    let key = identity::insert_key(&c.db, new_key, mfa).await?;
     Ok((StatusCode::CREATED, Json(key)).into_response())
 }
 
+/// A human login: registers a short-lived session key (idle and absolute timeouts).
+pub async fn login(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    let req: api::Login = parse(&body)?;
+    ctx.describe("auth.login", format!("user/{}", req.user));
+    let human = Human {
+        user: &req.user,
+        password: &req.password,
+        totp_code: req.totp_code.as_deref(),
+        recovery_code: req.recovery_code.as_deref(),
+    };
+    let (user, mfa) = authenticate_human(&c, &ctx, human).await?;
+    let session = identity::prepare_key(
+        &c.rules,
+        &user.id,
+        &req.public_key,
+        Some("session"),
+        identity::KeyKind::Session,
+    )?;
+    ctx.describe("auth.login", format!("key/{}", session.id));
+    ctx.permit().await?;
+    let key = identity::insert_key(&c.db, session, mfa).await?;
+    Ok((StatusCode::CREATED, Json(key)).into_response())
+}
+
+pub async fn totp_enrol(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    let req: api::TotpEnrol = parse(&body)?;
+    ctx.describe("mfa.enrol", format!("user/{}", req.user));
+    let user = identity::verify_password(&c.db, c.lockout, &req.user, &req.password).await?;
+    ctx.set_subject(&user.id, user.tenant_id.clone());
+    if user.must_change_password {
+        return Err(password_change_required());
+    }
+    identity::clear_failures(&c.db, &user.id).await?;
+    ctx.permit().await?;
+    let enrolment = identity::begin_totp(&c.db, &c.secrets, &user.id, &req.user).await?;
+    Ok((StatusCode::CREATED, Json(enrolment)).into_response())
+}
+
+pub async fn totp_confirm(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    let req: api::TotpConfirm = parse(&body)?;
+    ctx.describe("mfa.confirm", format!("user/{}", req.user));
+    let user = identity::verify_password(&c.db, c.lockout, &req.user, &req.password).await?;
+    ctx.set_subject(&user.id, user.tenant_id.clone());
+    ctx.permit().await?;
+    let codes = identity::confirm_totp(&c.db, &c.secrets, c.lockout, &user.id, &req.code).await?;
+    Ok((StatusCode::CREATED, Json(codes)).into_response())
+}
+
+// ---- the caller's own account ----
+
 pub async fn whoami(State(c): Ctl, ctx: RequestCtx) -> Result<Json<api::Whoami>> {
+    ctx.authorize("user.whoami", &Resource::Caller).await?;
     let p = principal(&ctx)?;
-    ctx.describe("user.whoami", format!("user/{}", p.user_id));
     ctx.permit().await?;
     Ok(Json(api::Whoami {
-        user: identity::get_user(&c.db, &p.user_id).await?,
+        user: accounts::get_user(&c.db, &p.user_id).await?,
         key_id: p.key_id.clone(),
     }))
 }
 
-pub async fn list_keys(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::ApiKey>>> {
+/// A fresh second-factor proof for the signing key (administrative actions need one).
+pub async fn mfa_verify(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<StatusCode> {
+    ctx.authorize("mfa.verify", &Resource::Caller).await?;
     let p = principal(&ctx)?;
-    ctx.describe("key.list", format!("user/{}", p.user_id));
+    let req: api::MfaVerify = parse(&body)?;
+    ctx.permit().await?;
+    identity::check_second_factor(
+        &c.db,
+        &c.secrets,
+        c.lockout,
+        &p.user_id,
+        req.totp_code.as_deref(),
+        req.recovery_code.as_deref(),
+    )
+    .await?;
+    identity::mark_mfa_fresh(&c.db, &p.key_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list_keys(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::ApiKey>>> {
+    ctx.authorize("key.list", &Resource::Caller).await?;
+    let p = principal(&ctx)?;
     ctx.permit().await?;
     Ok(Json(identity::list_keys(&c.db, &p.user_id).await?))
 }
 
-/// Revokes one of the caller's own keys (possibly the one signing this request).
+/// Revokes one of the caller's own keys or sessions (possibly the one signing this request).
 pub async fn revoke_key(
     State(c): Ctl,
     ctx: RequestCtx,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let p = principal(&ctx)?;
+    ctx.authorize("key.revoke", &Resource::Caller).await?;
     ctx.describe("key.revoke", format!("key/{id}"));
-    identity::check_own_key(&c.db, &p.user_id, &id).await?;
+    let p = principal(&ctx)?;
+    identity::own_key(&c.db, &p.user_id, &id).await?;
     ctx.permit().await?;
     identity::revoke_key(&c.db, &p.user_id, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn create_tenant(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
-    ctx.describe("tenant.create", "tenant");
-    platform_admin(&ctx)?;
-    let req: api::TenantCreate = parse(&body)?;
-    identity::check_tenant(&req)?;
+/// Replaces one of the caller's API keys with a new public key.
+pub async fn rotate_key(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    ctx.authorize("key.rotate", &Resource::Caller).await?;
+    ctx.describe("key.rotate", format!("key/{id}"));
+    let p = principal(&ctx)?;
+    let old = identity::own_key(&c.db, &p.user_id, &id).await?;
+    let req: api::KeyRotate = parse(&body)?;
+    if old.kind != "api" {
+        return Err(Error::invalid(
+            "only API keys rotate; log in again for a new session",
+        ));
+    }
+    if req.overlap_secs > 86_400 {
+        return Err(Error::invalid("overlap_secs must be at most 86400"));
+    }
+    let new = identity::prepare_key(
+        &c.rules,
+        &p.user_id,
+        &req.public_key,
+        Some(&old.name),
+        identity::KeyKind::Api {
+            expires_in_days: None,
+        },
+    )?;
     ctx.permit().await?;
-    let tenant = identity::create_tenant(&c.db, &req).await?;
+    let key = identity::rotate_key(&c.db, &old, new, req.overlap_secs).await?;
+    Ok((StatusCode::CREATED, Json(key)).into_response())
+}
+
+// ---- tenants ----
+
+pub async fn create_tenant(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    ctx.authorize("tenant.create", &Resource::Platform).await?;
+    let req: api::TenantCreate = parse(&body)?;
+    accounts::check_tenant(&req)?;
+    ctx.permit().await?;
+    let tenant = accounts::create_tenant(&c.db, &req).await?;
     Ok((StatusCode::CREATED, Json(tenant)).into_response())
 }
 
 pub async fn list_tenants(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::Tenant>>> {
-    ctx.describe("tenant.list", "tenant");
-    platform_admin(&ctx)?;
+    ctx.authorize("tenant.list", &Resource::Platform).await?;
     ctx.permit().await?;
-    Ok(Json(identity::list_tenants(&c.db).await?))
+    Ok(Json(accounts::list_tenants(&c.db).await?))
 }
+
+/// A tenant named in a query, as a resource (not found if it does not exist).
+async fn named_tenant(c: &Controller, id: &str) -> Result<Resource> {
+    let id = canonical_id(id, "tenant")?;
+    let tenant = accounts::get_tenant(&c.db, &id).await?;
+    Ok(Resource::Tenant {
+        id: tenant.id,
+        name: tenant.name,
+    })
+}
+
+/// Resolves a tenant by id and asks whether the caller may do `action` on it.
+async fn tenant_for(
+    c: &Controller,
+    ctx: &RequestCtx,
+    action: &str,
+    id: &str,
+) -> Result<api::Tenant> {
+    ctx.describe(action, format!("tenant/{id}"));
+    principal(ctx)?;
+    let id = canonical_id(id, "tenant")?;
+    let tenant = accounts::get_tenant(&c.db, &id).await?;
+    ctx.authorize(
+        action,
+        &Resource::Tenant {
+            id: tenant.id.clone(),
+            name: tenant.name.clone(),
+        },
+    )
+    .await?;
+    Ok(tenant)
+}
+
+pub async fn show_tenant(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<Json<api::Tenant>> {
+    let tenant = tenant_for(&c, &ctx, "tenant.show", &id).await?;
+    ctx.permit().await?;
+    Ok(Json(tenant))
+}
+
+pub async fn tenant_settings(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<api::Tenant>> {
+    let tenant = tenant_for(&c, &ctx, "tenant.settings", &id).await?;
+    let settings: api::TenantSettings = parse(&body)?;
+    accounts::check_settings(&settings)?;
+    ctx.permit().await?;
+    accounts::set_settings(&c.db, &tenant.id, &settings).await?;
+    Ok(Json(accounts::get_tenant(&c.db, &tenant.id).await?))
+}
+
+/// Sets (or with `url: null` removes) the tenant's alert webhook; a new signing secret is made
+/// and shown once.
+pub async fn tenant_webhook(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<api::Webhook>> {
+    let tenant = tenant_for(&c, &ctx, "tenant.webhook", &id).await?;
+    let req: api::WebhookSet = parse(&body)?;
+    let url = match &req.url {
+        Some(url) => Some(
+            crate::service::alerts::check_webhook_url(url, c.alerts.webhook_policy())
+                .await
+                .map_err(|e| Error::Invalid {
+                    code: "webhook_invalid",
+                    message: format!("{e}"),
+                })?
+                .to_string(),
+        ),
+        None => None,
+    };
+    ctx.permit().await?;
+    let secret = url.as_ref().map(|_| identity::random_password());
+    let sealed = secret.as_ref().map(|s| {
+        c.secrets.seal(
+            &crate::service::alerts::webhook_purpose(&tenant.id),
+            s.as_bytes(),
+        )
+    });
+    accounts::set_webhook(&c.db, &tenant.id, url.as_deref(), sealed.as_deref()).await?;
+    Ok(Json(api::Webhook { url, secret }))
+}
+
+pub async fn disable_tenant(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let tenant = tenant_for(&c, &ctx, "tenant.disable", &id).await?;
+    ctx.permit().await?;
+    accounts::set_tenant_disabled(&c.db, &tenant.id, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn enable_tenant(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let tenant = tenant_for(&c, &ctx, "tenant.enable", &id).await?;
+    ctx.permit().await?;
+    accounts::set_tenant_disabled(&c.db, &tenant.id, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_tenant(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let tenant = tenant_for(&c, &ctx, "tenant.delete", &id).await?;
+    ctx.permit().await?;
+    accounts::delete_tenant(&c.db, &tenant.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- users ----
 
 pub async fn create_user(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     ctx.describe("user.create", "user");
-    platform_admin(&ctx)?;
+    principal(&ctx)?;
     let req: api::UserCreate = parse(&body)?;
-    identity::check_user(&c.db, &req).await?;
+    let scope = match &req.tenant_id {
+        Some(id) => {
+            let id = canonical_id(id, "tenant")?;
+            let tenant = accounts::get_tenant(&c.db, &id).await?;
+            Resource::Tenant {
+                id: tenant.id,
+                name: tenant.name,
+            }
+        }
+        None => Resource::Platform,
+    };
+    ctx.authorize("user.create", &scope).await?;
+    let role = accounts::check_user(&req)?;
     ctx.permit().await?;
-    let created = identity::create_user(&c.db, &req).await?;
+    let created = accounts::create_user(&c.db, &req, &role).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-pub async fn list_flavors(ctx: RequestCtx) -> Result<Json<Vec<api::Flavor>>> {
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserQuery {
+    tenant: Option<String>,
+}
+
+/// Users of the caller's tenant; for platform accounts, of `?tenant=` or the platform's own.
+pub async fn list_users(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<api::User>>> {
+    ctx.describe("user.list", "user");
+    let p = principal(&ctx)?;
+    let query: UserQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| Error::invalid(format!("query: {e}")))?;
+    let scope = match (&query.tenant, &p.tenant_id) {
+        (Some(id), _) => {
+            let id = canonical_id(id, "tenant")?;
+            let tenant = accounts::get_tenant(&c.db, &id).await?;
+            Resource::Tenant {
+                id: tenant.id,
+                name: tenant.name,
+            }
+        }
+        (None, _) => own_scope(&c, p).await?,
+    };
+    ctx.authorize("user.list", &scope).await?;
+    ctx.permit().await?;
+    let tenant = match &scope {
+        Resource::Tenant { id, .. } => Some(id.as_str()),
+        _ => None,
+    };
+    Ok(Json(accounts::list_users(&c.db, tenant).await?))
+}
+
+/// Resolves a user by id and asks whether the caller may do `action` on them.
+async fn user_for(c: &Controller, ctx: &RequestCtx, action: &str, id: &str) -> Result<api::User> {
+    ctx.describe(action, format!("user/{id}"));
+    principal(ctx)?;
+    let id = canonical_id(id, "user")?;
+    let user = accounts::get_user(&c.db, &id).await?;
+    ctx.authorize(
+        action,
+        &Resource::User {
+            id: user.id.clone(),
+            tenant: user.tenant_id.clone().unwrap_or_default(),
+            name: user.name.clone(),
+            role: user.role.clone(),
+        },
+    )
+    .await?;
+    Ok(user)
+}
+
+pub async fn show_user(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<Json<api::User>> {
+    let user = user_for(&c, &ctx, "user.show", &id).await?;
+    ctx.permit().await?;
+    Ok(Json(user))
+}
+
+pub async fn set_role(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let user = user_for(&c, &ctx, "user.set_role", &id).await?;
+    let req: api::RoleSet = parse(&body)?;
+    accounts::check_role(&req.role, user.tenant_id.as_deref())?;
+    ctx.permit().await?;
+    accounts::set_role(&c.db, &user, &req.role).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn disable_user(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let user = user_for(&c, &ctx, "user.disable", &id).await?;
+    ctx.permit().await?;
+    accounts::set_user_disabled(&c.db, &user, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn enable_user(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let user = user_for(&c, &ctx, "user.enable", &id).await?;
+    ctx.permit().await?;
+    accounts::set_user_disabled(&c.db, &user, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_user(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let user = user_for(&c, &ctx, "user.delete", &id).await?;
+    ctx.permit().await?;
+    accounts::delete_user(&c.db, &user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn reset_mfa(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let user = user_for(&c, &ctx, "user.reset_mfa", &id).await?;
+    ctx.permit().await?;
+    identity::reset_mfa(&c.db, &user.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- groups and policies (tenant accounts) ----
+
+/// The caller's tenant as a resource; platform accounts have none here (404: nothing to see).
+async fn caller_tenant(c: &Controller, ctx: &RequestCtx) -> Result<Resource> {
+    let p = principal(ctx)?;
+    match own_scope(c, p).await? {
+        Resource::Platform => Err(Error::NotFound { what: "tenant" }),
+        tenant => Ok(tenant),
+    }
+}
+
+pub async fn create_group(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    ctx.describe("group.create", "group");
+    let tenant = caller_tenant(&c, &ctx).await?;
+    ctx.authorize("group.create", &tenant).await?;
+    let req: api::GroupCreate = parse(&body)?;
+    ctx.permit().await?;
+    let Resource::Tenant { id, .. } = &tenant else {
+        return Err(Error::NotFound { what: "tenant" });
+    };
+    let group = accounts::create_group(&c.db, id, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(group)).into_response())
+}
+
+pub async fn list_groups(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::Group>>> {
+    ctx.describe("group.list", "group");
+    let tenant = caller_tenant(&c, &ctx).await?;
+    ctx.authorize("group.list", &tenant).await?;
+    ctx.permit().await?;
+    let Resource::Tenant { id, .. } = &tenant else {
+        return Err(Error::NotFound { what: "tenant" });
+    };
+    Ok(Json(accounts::list_groups(&c.db, id).await?))
+}
+
+async fn group_for(c: &Controller, ctx: &RequestCtx, action: &str, id: &str) -> Result<api::Group> {
+    ctx.describe(action, format!("group/{id}"));
+    let Resource::Tenant { id: tenant, .. } = caller_tenant(c, ctx).await? else {
+        return Err(Error::NotFound { what: "group" });
+    };
+    let id = canonical_id(id, "group")?;
+    let group = accounts::get_group(&c.db, &tenant, &id).await?;
+    ctx.authorize(
+        action,
+        &Resource::Group {
+            name: group.name.clone(),
+            tenant: group.tenant_id.clone(),
+        },
+    )
+    .await?;
+    Ok(group)
+}
+
+pub async fn delete_group(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let group = group_for(&c, &ctx, "group.delete", &id).await?;
+    ctx.permit().await?;
+    accounts::delete_group(&c.db, &group).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn add_member(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    let group = group_for(&c, &ctx, "group.add_member", &id).await?;
+    let user = canonical_id(&user, "user")?;
+    ctx.permit().await?;
+    accounts::set_membership(&c.db, &group, &user, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn remove_member(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    let group = group_for(&c, &ctx, "group.remove_member", &id).await?;
+    let user = canonical_id(&user, "user")?;
+    ctx.permit().await?;
+    accounts::set_membership(&c.db, &group, &user, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's tenant's policies; the security administrator names a tenant: `?tenant=`.
+pub async fn get_policies(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    RawQuery(query): RawQuery,
+) -> Result<Json<api::Policies>> {
+    ctx.describe("policy.get", "policies");
+    let query: UserQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| Error::invalid(format!("query: {e}")))?;
+    let tenant = match &query.tenant {
+        Some(id) => named_tenant(&c, id).await?,
+        None => caller_tenant(&c, &ctx).await?,
+    };
+    ctx.authorize("policy.get", &tenant).await?;
+    ctx.permit().await?;
+    let Resource::Tenant { id, .. } = &tenant else {
+        return Err(Error::NotFound { what: "tenant" });
+    };
+    Ok(Json(api::Policies {
+        text: accounts::get_policies(&c.db, id).await?,
+    }))
+}
+
+/// Replaces the tenant's Cedar policies; they must validate against the schema (400 with the
+/// validator's message otherwise, and nothing changes).
+pub async fn put_policies(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<StatusCode> {
+    ctx.describe("policy.put", "policies");
+    let tenant = caller_tenant(&c, &ctx).await?;
+    ctx.authorize("policy.put", &tenant).await?;
+    let req: api::Policies = parse(&body)?;
+    c.authz
+        .check_tenant_policies(&req.text)
+        .map_err(|e| Error::Invalid {
+            code: "policy_invalid",
+            message: e.0,
+        })?;
+    ctx.permit().await?;
+    let Resource::Tenant { id, .. } = &tenant else {
+        return Err(Error::NotFound { what: "tenant" });
+    };
+    accounts::set_policies(&c.db, id, &req.text).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Identity alerts of the caller's tenant (or, for the security admin, the platform's).
+pub async fn list_alerts(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::Alert>>> {
+    ctx.describe("alert.list", "alerts");
+    let scope = own_scope(&c, principal(&ctx)?).await?;
+    ctx.authorize("alert.list", &scope).await?;
+    ctx.permit().await?;
+    let tenant = match &scope {
+        Resource::Tenant { id, .. } => Some(id.as_str()),
+        _ => None,
+    };
+    Ok(Json(accounts::list_alerts(&c.db, tenant, 500).await?))
+}
+
+pub async fn list_flavors(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::Flavor>>> {
     ctx.describe("flavor.list", "flavor");
-    principal(&ctx)?;
+    let scope = own_scope(&c, principal(&ctx)?).await?;
+    ctx.authorize("flavor.list", &scope).await?;
     ctx.permit().await?;
     Ok(Json(api::flavors()))
 }
 
 pub async fn list_images(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::Image>>> {
     ctx.describe("image.list", "image");
-    principal(&ctx)?;
+    let scope = own_scope(&c, principal(&ctx)?).await?;
+    ctx.authorize("image.list", &scope).await?;
     ctx.permit().await?;
     Ok(Json(c.compute.list_images().await?))
 }
 
 pub async fn create_instance(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     ctx.describe("instance.create", "instance");
-    let tenant = tenant_of(&ctx)?;
+    let scope = own_scope(&c, principal(&ctx)?).await?;
+    ctx.authorize("instance.create", &scope).await?;
+    let Resource::Tenant { id: tenant, .. } = scope else {
+        return Err(Error::NotFound { what: "tenant" });
+    };
     let req: api::InstanceCreate = parse(&body)?;
     let new = c.compute.prepare_instance(&req).await?;
     ctx.describe("instance.create", format!("instance/{}", new.id));
@@ -176,27 +764,66 @@ pub async fn create_instance(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
     Ok((StatusCode::CREATED, Json(instance)).into_response())
 }
 
-pub async fn list_instances(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::Instance>>> {
+/// The caller's tenant's instances; platform accounts (operators) name a tenant with
+/// `?tenant=`.
+pub async fn list_instances(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<api::Instance>>> {
     ctx.describe("instance.list", "instance");
-    let tenant = tenant_of(&ctx)?;
+    let p = principal(&ctx)?;
+    let query: UserQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| Error::invalid(format!("query: {e}")))?;
+    let scope = match &query.tenant {
+        Some(id) => {
+            let id = canonical_id(id, "tenant")?;
+            let tenant = accounts::get_tenant(&c.db, &id).await?;
+            Resource::Tenant {
+                id: tenant.id,
+                name: tenant.name,
+            }
+        }
+        None => own_scope(&c, p).await?,
+    };
+    ctx.authorize("instance.list", &scope).await?;
+    let Resource::Tenant { id: tenant, .. } = scope else {
+        return Err(Error::invalid(
+            "platform accounts name a tenant: ?tenant=<id>",
+        ));
+    };
     ctx.permit().await?;
     Ok(Json(c.compute.list_instances(&tenant).await?))
 }
 
-/// Resolves an instance of the caller's tenant, naming the action first so that a refusal is
-/// audited with it. Deleted instances stay visible to `show` (with their erase time).
-/// Returns the tenant and the canonical instance id.
-async fn own_instance(
+/// Resolves an instance and asks whether the caller may do `action` on it, naming the action
+/// first so that a refusal is audited with it. Another tenant's instance is not found.
+/// Deleted instances stay visible to `show` (with their erase time).
+async fn instance_for(
     c: &Controller,
     ctx: &RequestCtx,
     action: &str,
     id: &str,
-) -> Result<(String, String)> {
+) -> Result<api::Instance> {
     ctx.describe(action, format!("instance/{id}"));
-    let tenant = tenant_of(ctx)?;
+    principal(ctx)?;
     let id = canonical_id(id, "instance")?;
-    c.compute.get_instance(&tenant, &id).await?;
-    Ok((tenant, id))
+    let instance = c.compute.find_instance(&id).await?;
+    ctx.authorize(
+        action,
+        &Resource::Instance {
+            id: instance.id.clone(),
+            tenant: instance.tenant_id.clone(),
+            name: instance.name.clone(),
+            tags: instance
+                .tags
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        },
+    )
+    .await?;
+    Ok(instance)
 }
 
 pub async fn show_instance(
@@ -204,9 +831,9 @@ pub async fn show_instance(
     ctx: RequestCtx,
     Path(id): Path<String>,
 ) -> Result<Json<api::Instance>> {
-    let (tenant, id) = own_instance(&c, &ctx, "instance.show", &id).await?;
+    let instance = instance_for(&c, &ctx, "instance.show", &id).await?;
     ctx.permit().await?;
-    Ok(Json(c.compute.get_instance(&tenant, &id).await?))
+    Ok(Json(instance))
 }
 
 async fn change_power(
@@ -220,14 +847,16 @@ async fn change_power(
         "stopped" => "instance.stop",
         _ => "instance.delete",
     };
-    let (tenant, id) = own_instance(c, ctx, action, id).await?;
-    let current = c.compute.get_instance(&tenant, &id).await?;
+    let current = instance_for(c, ctx, action, id).await?;
     if current.deleted_at.is_some() || current.state == "deleting" {
         // Gone, or going: to its owner as to anyone, there is nothing to act on.
         return Err(Error::NotFound { what: "instance" });
     }
     ctx.permit().await?;
-    let instance = c.compute.set_desired(&tenant, &id, desired).await?;
+    let instance = c
+        .compute
+        .set_desired(&current.tenant_id, &current.id, desired)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(instance)).into_response())
 }
 
@@ -268,17 +897,21 @@ pub async fn console(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<api::ConsoleOutput>> {
-    let (tenant, id) = own_instance(&c, &ctx, "instance.console", &id).await?;
+    let instance = instance_for(&c, &ctx, "instance.console", &id).await?;
     let query: ConsoleQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| Error::invalid(format!("query: {e}")))?;
     ctx.permit().await?;
-    Ok(Json(c.compute.console(&tenant, &id, query.offset).await?))
+    Ok(Json(
+        c.compute
+            .console(&instance.tenant_id, &instance.id, query.offset)
+            .await?,
+    ))
 }
 
 /// The raw audit log, for offline verification (`palisade audit verify`).
 pub async fn audit_log(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {
-    ctx.describe("audit.export", "audit-log/platform");
-    platform_admin(&ctx)?;
+    ctx.authorize("audit.read", &Resource::Platform).await?;
+    ctx.describe("audit.read", "audit-log/platform");
     ctx.permit().await?;
     let bytes = tokio::fs::read(c.audit.path())
         .await

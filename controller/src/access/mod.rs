@@ -2,6 +2,7 @@
 //! into service calls. Every request passes through [`guard::guard`], which authenticates it
 //! and makes sure it leaves exactly one audit record.
 
+pub mod authz;
 pub mod guard;
 pub mod handlers;
 pub mod limits;

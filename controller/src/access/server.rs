@@ -3,38 +3,253 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 
 use super::{guard, handlers as h};
 use crate::pki::Pki;
 use crate::Controller;
 
-/// Every route of the public API. Tests walk this table (see `ROUTES`), so a route added here
-/// without being covered there fails CI.
-pub fn router(controller: Arc<Controller>) -> Router {
-    Router::new()
-        .route("/v1/auth/password", post(h::change_password))
-        .route("/v1/auth/keys", post(h::create_key))
-        .route("/v1/whoami", get(h::whoami))
-        .route("/v1/keys", get(h::list_keys))
-        .route("/v1/keys/{id}", axum::routing::delete(h::revoke_key))
-        .route("/v1/tenants", get(h::list_tenants).post(h::create_tenant))
-        .route("/v1/users", post(h::create_user))
-        .route("/v1/flavors", get(h::list_flavors))
-        .route("/v1/images", get(h::list_images))
-        .route(
+/// One route of the public API: method, path, and the authorization action it performs.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    pub path: &'static str,
+    /// The role-matrix action; password routes name their own (`auth.*`, `mfa.enrol`, ...).
+    pub action: &'static str,
+}
+
+type Handler = MethodRouter<Arc<Controller>>;
+
+/// The route table: the single source of the router, and of the access-control tests, which
+/// walk it so that a route added here without an entry in the authorization matrix fails CI.
+fn table() -> Vec<(RouteSpec, Handler)> {
+    fn r(
+        method: &'static str,
+        path: &'static str,
+        action: &'static str,
+        h: Handler,
+    ) -> (RouteSpec, Handler) {
+        (
+            RouteSpec {
+                method,
+                path,
+                action,
+            },
+            h,
+        )
+    }
+    vec![
+        // Password-authenticated (no key yet): see guard::PASSWORD_ROUTES.
+        r(
+            "POST",
+            "/v1/auth/password",
+            "auth.password_change",
+            post(h::change_password),
+        ),
+        r("POST", "/v1/auth/keys", "key.create", post(h::create_key)),
+        r("POST", "/v1/auth/login", "auth.login", post(h::login)),
+        r(
+            "POST",
+            "/v1/auth/mfa/totp",
+            "mfa.enrol",
+            post(h::totp_enrol),
+        ),
+        r(
+            "POST",
+            "/v1/auth/mfa/totp/confirm",
+            "mfa.confirm",
+            post(h::totp_confirm),
+        ),
+        // Signed.
+        r(
+            "POST",
+            "/v1/auth/mfa/verify",
+            "mfa.verify",
+            post(h::mfa_verify),
+        ),
+        r("GET", "/v1/whoami", "user.whoami", get(h::whoami)),
+        r("GET", "/v1/keys", "key.list", get(h::list_keys)),
+        r(
+            "DELETE",
+            "/v1/keys/{id}",
+            "key.revoke",
+            delete(h::revoke_key),
+        ),
+        r(
+            "POST",
+            "/v1/keys/{id}/rotate",
+            "key.rotate",
+            post(h::rotate_key),
+        ),
+        r("GET", "/v1/tenants", "tenant.list", get(h::list_tenants)),
+        r(
+            "POST",
+            "/v1/tenants",
+            "tenant.create",
+            post(h::create_tenant),
+        ),
+        r(
+            "GET",
+            "/v1/tenants/{id}",
+            "tenant.show",
+            get(h::show_tenant),
+        ),
+        r(
+            "DELETE",
+            "/v1/tenants/{id}",
+            "tenant.delete",
+            delete(h::delete_tenant),
+        ),
+        r(
+            "PUT",
+            "/v1/tenants/{id}/settings",
+            "tenant.settings",
+            put(h::tenant_settings),
+        ),
+        r(
+            "PUT",
+            "/v1/tenants/{id}/webhook",
+            "tenant.webhook",
+            put(h::tenant_webhook),
+        ),
+        r(
+            "POST",
+            "/v1/tenants/{id}/disable",
+            "tenant.disable",
+            post(h::disable_tenant),
+        ),
+        r(
+            "POST",
+            "/v1/tenants/{id}/enable",
+            "tenant.enable",
+            post(h::enable_tenant),
+        ),
+        r("GET", "/v1/users", "user.list", get(h::list_users)),
+        r("POST", "/v1/users", "user.create", post(h::create_user)),
+        r("GET", "/v1/users/{id}", "user.show", get(h::show_user)),
+        r(
+            "DELETE",
+            "/v1/users/{id}",
+            "user.delete",
+            delete(h::delete_user),
+        ),
+        r(
+            "PUT",
+            "/v1/users/{id}/role",
+            "user.set_role",
+            put(h::set_role),
+        ),
+        r(
+            "POST",
+            "/v1/users/{id}/disable",
+            "user.disable",
+            post(h::disable_user),
+        ),
+        r(
+            "POST",
+            "/v1/users/{id}/enable",
+            "user.enable",
+            post(h::enable_user),
+        ),
+        r(
+            "DELETE",
+            "/v1/users/{id}/mfa",
+            "user.reset_mfa",
+            delete(h::reset_mfa),
+        ),
+        r("GET", "/v1/groups", "group.list", get(h::list_groups)),
+        r("POST", "/v1/groups", "group.create", post(h::create_group)),
+        r(
+            "DELETE",
+            "/v1/groups/{id}",
+            "group.delete",
+            delete(h::delete_group),
+        ),
+        r(
+            "PUT",
+            "/v1/groups/{id}/members/{user}",
+            "group.add_member",
+            put(h::add_member),
+        ),
+        r(
+            "DELETE",
+            "/v1/groups/{id}/members/{user}",
+            "group.remove_member",
+            delete(h::remove_member),
+        ),
+        r("GET", "/v1/policies", "policy.get", get(h::get_policies)),
+        r("PUT", "/v1/policies", "policy.put", put(h::put_policies)),
+        r("GET", "/v1/alerts", "alert.list", get(h::list_alerts)),
+        r("GET", "/v1/flavors", "flavor.list", get(h::list_flavors)),
+        r("GET", "/v1/images", "image.list", get(h::list_images)),
+        r(
+            "GET",
             "/v1/instances",
-            get(h::list_instances).post(h::create_instance),
-        )
-        .route(
+            "instance.list",
+            get(h::list_instances),
+        ),
+        r(
+            "POST",
+            "/v1/instances",
+            "instance.create",
+            post(h::create_instance),
+        ),
+        r(
+            "GET",
             "/v1/instances/{id}",
-            get(h::show_instance).delete(h::delete_instance),
-        )
-        .route("/v1/instances/{id}/stop", post(h::stop_instance))
-        .route("/v1/instances/{id}/start", post(h::start_instance))
-        .route("/v1/instances/{id}/console", get(h::console))
-        .route("/v1/audit/log", get(h::audit_log))
+            "instance.show",
+            get(h::show_instance),
+        ),
+        r(
+            "DELETE",
+            "/v1/instances/{id}",
+            "instance.delete",
+            delete(h::delete_instance),
+        ),
+        r(
+            "POST",
+            "/v1/instances/{id}/stop",
+            "instance.stop",
+            post(h::stop_instance),
+        ),
+        r(
+            "POST",
+            "/v1/instances/{id}/start",
+            "instance.start",
+            post(h::start_instance),
+        ),
+        r(
+            "GET",
+            "/v1/instances/{id}/console",
+            "instance.console",
+            get(h::console),
+        ),
+        r("GET", "/v1/audit/log", "audit.read", get(h::audit_log)),
+    ]
+}
+
+/// The routes, without their handlers, for tests and documentation.
+pub fn routes() -> Vec<RouteSpec> {
+    table().into_iter().map(|(spec, _)| spec).collect()
+}
+
+pub fn router(controller: Arc<Controller>) -> Router {
+    let mut by_path: Vec<(&'static str, Handler)> = Vec::new();
+    for (spec, handler) in table() {
+        match by_path.iter_mut().find(|(path, _)| *path == spec.path) {
+            Some((_, existing)) => {
+                let merged = std::mem::take(existing).merge(handler);
+                *existing = merged;
+            }
+            None => by_path.push((spec.path, handler)),
+        }
+    }
+    let mut router = Router::new();
+    for (path, handler) in by_path {
+        router = router.route(path, handler);
+    }
+    router
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -43,28 +258,6 @@ pub fn router(controller: Arc<Controller>) -> Router {
         ))
         .with_state(controller)
 }
-
-/// The routes above as (method, path) pairs, for the access-control test matrix.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("POST", "/v1/auth/password"),
-    ("POST", "/v1/auth/keys"),
-    ("GET", "/v1/whoami"),
-    ("GET", "/v1/keys"),
-    ("DELETE", "/v1/keys/{id}"),
-    ("GET", "/v1/tenants"),
-    ("POST", "/v1/tenants"),
-    ("POST", "/v1/users"),
-    ("GET", "/v1/flavors"),
-    ("GET", "/v1/images"),
-    ("GET", "/v1/instances"),
-    ("POST", "/v1/instances"),
-    ("GET", "/v1/instances/{id}"),
-    ("DELETE", "/v1/instances/{id}"),
-    ("POST", "/v1/instances/{id}/stop"),
-    ("POST", "/v1/instances/{id}/start"),
-    ("GET", "/v1/instances/{id}/console"),
-    ("GET", "/v1/audit/log"),
-];
 
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -88,4 +281,36 @@ pub async fn run(controller: Arc<Controller>, listen: SocketAddr, pki: &Pki) -> 
         .header_read_timeout(HEADER_TIMEOUT);
     server.serve(app).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every signed route's action is in the role matrix, and every matrix action has a route:
+    /// a route cannot be added without deciding who may call it.
+    #[test]
+    fn routes_and_the_role_matrix_agree() {
+        let matrix = crate::access::authz::Matrix::builtin().unwrap();
+        let routes = routes();
+        for route in &routes {
+            if guard::is_password_route_path(route.method, route.path) {
+                continue;
+            }
+            assert!(
+                matrix.row(route.action).is_some(),
+                "{} {} ({}) has no row in policy/roles.txt",
+                route.method,
+                route.path,
+                route.action
+            );
+        }
+        for row in &matrix.rows {
+            assert!(
+                routes.iter().any(|r| r.action == row.action),
+                "{} is in the matrix but no route performs it",
+                row.action
+            );
+        }
+    }
 }

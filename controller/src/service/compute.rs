@@ -106,10 +106,11 @@ pub struct NewInstance {
     name: String,
     image_id: String,
     flavor: api::Flavor,
+    tags: String,
 }
 
 const INSTANCE_COLUMNS: &str = "id, tenant_id, name, image_id, flavor, vcpus, memory_mib, \
-    disk_gib, desired, state, last_error, created_at, deleted_at, disk_erased_at";
+    disk_gib, desired, state, last_error, created_at, deleted_at, disk_erased_at, tags";
 
 fn instance_from_row(row: &SqliteRow) -> Instance {
     Instance {
@@ -121,6 +122,7 @@ fn instance_from_row(row: &SqliteRow) -> Instance {
         vcpus: row.get::<i64, _>("vcpus") as u32,
         memory_mib: row.get::<i64, _>("memory_mib") as u32,
         disk_gib: row.get::<i64, _>("disk_gib") as u32,
+        tags: serde_json::from_str(row.get::<&str, _>("tags")).unwrap_or_default(),
         state: row.get("state"),
         last_error: row.get("last_error"),
         created_at: row.get("created_at"),
@@ -138,6 +140,24 @@ fn image_from_row(row: &SqliteRow) -> Image {
         public: row.get::<i64, _>("public") != 0,
         created_at: row.get("created_at"),
     }
+}
+
+/// Tags: at most 16, keys like names, values up to 128 printable characters.
+fn check_tags(tags: &std::collections::BTreeMap<String, String>) -> Result<()> {
+    if tags.len() > 16 {
+        return Err(Error::invalid("at most 16 tags"));
+    }
+    for (key, value) in tags {
+        if !api::is_valid_name(key) {
+            return Err(Error::invalid("tag keys: 1-63 of A-Z a-z 0-9 - _ ."));
+        }
+        if value.chars().count() > 128 || value.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "tag values: up to 128 characters, no control characters",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Compute {
@@ -169,6 +189,7 @@ impl Compute {
                 code: "unknown_flavor",
                 message: "no such flavor (see GET /v1/flavors)".into(),
             })?;
+        check_tags(&req.tags)?;
         let image =
             sqlx::query("SELECT id FROM images WHERE public = 1 AND (id = $1 OR name = $1)")
                 .bind(&req.image)
@@ -180,6 +201,7 @@ impl Compute {
             name: req.name.clone(),
             image_id: image.get("id"),
             flavor,
+            tags: serde_json::to_string(&req.tags).map_err(|e| Error::Internal(e.into()))?,
         })
     }
 
@@ -199,14 +221,15 @@ impl Compute {
             name,
             image_id,
             flavor,
+            tags,
         } = new;
         let created_at = now();
         // IMMEDIATE: take the write lock now, so the transaction cannot fail to upgrade later.
         let mut tx = self.db.pool.begin_with("BEGIN IMMEDIATE").await?;
         let inserted = sqlx::query(
             "INSERT INTO instances (id, tenant_id, name, image_id, flavor, vcpus, memory_mib, \
-             disk_gib, host, desired, state, created_at, updated_at) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'running', 'starting', $10, $10 \
+             disk_gib, host, desired, state, created_at, updated_at, tags) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'running', 'starting', $10, $10, $11 \
              FROM tenants t WHERE t.id = $2 \
              AND (SELECT COUNT(*) FROM instances i WHERE i.tenant_id = $2 \
                   AND i.deleted_at IS NULL) < t.quota_instances \
@@ -225,6 +248,7 @@ impl Compute {
         .bind(flavor.disk_gib as i64)
         .bind(LOCAL_HOST)
         .bind(&created_at)
+        .bind(&tags)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -250,6 +274,17 @@ impl Compute {
             .fetch_all(&self.db.pool)
             .await?;
         Ok(rows.iter().map(instance_from_row).collect())
+    }
+
+    /// An instance by id alone, for the authorization decision (which knows its tenant).
+    pub async fn find_instance(&self, id: &str) -> Result<Instance> {
+        let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .ok_or(Error::NotFound { what: "instance" })?;
+        Ok(instance_from_row(&row))
     }
 
     /// Another tenant's instance and a missing one give the same answer: 404.

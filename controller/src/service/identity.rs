@@ -6,14 +6,15 @@
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
 use base64::Engine;
-use palisade_common::api::{self, ApiKey, Quota, Tenant, User, UserCreated};
+use palisade_common::api::{self, ApiKey};
 use sqlx::Row;
 
 use crate::db::{new_id, now, Db};
-use crate::error::{Error, Result};
+use crate::error::{Error, NewLock, Result};
+use crate::service::mfa;
+use crate::service::secrets::MasterKey;
 
 pub const PLATFORM_ADMIN: &str = "platform_admin";
-pub const TENANT_MEMBER: &str = "tenant_member";
 const MIN_PASSWORD_LEN: usize = 12;
 const MAX_PASSWORD_LEN: usize = 1024;
 
@@ -25,19 +26,61 @@ pub struct Principal {
     pub tenant_id: Option<String>,
     pub role: String,
     pub key_id: String,
-}
-
-impl Principal {
-    pub fn is_platform_admin(&self) -> bool {
-        self.role == PLATFORM_ADMIN && self.tenant_id.is_none()
-    }
+    /// Names of the tenant groups the user is in.
+    pub groups: Vec<String>,
+    /// The signing key carries a second-factor proof younger than the freshness window.
+    pub mfa_fresh: bool,
+    /// The account must use a second factor (platform account, tenant rule, or enrolled).
+    pub mfa_bound: bool,
 }
 
 /// What signature verification needs to know about a key id.
 pub struct KeyRecord {
     pub public_key: String,
     pub principal: Principal,
+    /// The password must be changed first (initial password, or older than the maximum age).
     pub must_change_password: bool,
+    /// The account is bound to MFA but this key was made without a second factor (before the
+    /// tenant required one): it works no more.
+    pub lacks_mfa: bool,
+}
+
+/// Lifetimes of credentials, from the controller's arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct CredentialRules {
+    pub session_idle_secs: i64,
+    pub session_max_secs: i64,
+    pub key_max_days: u32,
+    /// 0 = passwords do not age (tenants may still set a maximum).
+    pub password_max_age_days: u32,
+    /// How long a second-factor proof counts as fresh for administrative actions.
+    pub mfa_fresh_secs: i64,
+}
+
+impl Default for CredentialRules {
+    fn default() -> Self {
+        CredentialRules {
+            session_idle_secs: 900,
+            session_max_secs: 8 * 3600,
+            key_max_days: 90,
+            password_max_age_days: 0,
+            mfa_fresh_secs: 900,
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// Creates the platform administrator on first start. Returns the random initial password,
@@ -54,12 +97,13 @@ pub async fn bootstrap_admin(db: &Db) -> anyhow::Result<Option<String>> {
     let hash = hash_password(password.clone()).await?;
     sqlx::query(
         "INSERT INTO users (id, name, tenant_id, role, password_hash, must_change_password, \
-         created_at) VALUES ($1, 'admin', NULL, $2, $3, 1, $4)",
+         created_at, password_changed_at) VALUES ($1, 'admin', NULL, $2, $3, 1, $4, $5)",
     )
     .bind(new_id())
     .bind(PLATFORM_ADMIN)
     .bind(hash)
     .bind(now())
+    .bind(unix_now())
     .execute(&db.pool)
     .await?;
     Ok(Some(password))
@@ -76,7 +120,6 @@ pub fn random_password() -> String {
 /// tens of ms). A flood of password attempts queues instead of exhausting memory, and since
 /// only these two threads ever allocate Argon2's buffers, the allocator keeps at most two
 /// arenas' worth of them (on throwaway blocking threads it kept one per thread, up to ~1 GB).
-/// TODO(security): per-source and per-user rate limits and lockout — issue 3.
 const HASH_WORKERS: usize = 2;
 
 type HashJob = Box<dyn FnOnce() + Send>;
@@ -119,7 +162,7 @@ async fn on_hash_worker<T: Send + 'static>(
     Ok(answer.await?)
 }
 
-async fn hash_password(password: String) -> anyhow::Result<String> {
+pub(crate) async fn hash_password(password: String) -> anyhow::Result<String> {
     on_hash_worker(move || {
         let mut salt = [0u8; 16];
         getrandom::fill(&mut salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
@@ -178,13 +221,18 @@ pub async fn verify_password(
     user: &str,
     password: &str,
 ) -> Result<VerifiedUser> {
-    let refused = |locked| Error::LoginRefused { locked };
+    let refused = |locked| Error::LoginRefused {
+        locked,
+        new_lock: None,
+    };
     if password.len() > MAX_PASSWORD_LEN {
         return Err(refused(false));
     }
+    // A disabled account, or one in a disabled tenant, answers like an unknown one.
     let row = sqlx::query(
-        "SELECT id, tenant_id, password_hash, must_change_password, locked_until FROM users \
-         WHERE name = $1",
+        "SELECT u.id, u.tenant_id, u.password_hash, u.must_change_password, u.locked_until \
+         FROM users u LEFT JOIN tenants t ON t.id = u.tenant_id \
+         WHERE u.name = $1 AND u.disabled_at IS NULL AND t.disabled_at IS NULL",
     )
     .bind(user)
     .fetch_optional(&db.pool)
@@ -204,14 +252,16 @@ pub async fn verify_password(
     }
     if !password_matches(password.to_string(), row.get("password_hash")).await {
         let locked = record_failure(db, lockout, &id, now).await?;
-        return Err(refused(locked));
+        return Err(Error::LoginRefused {
+            locked,
+            new_lock: locked.then(|| NewLock {
+                user_id: id,
+                tenant_id: row.get("tenant_id"),
+            }),
+        });
     }
-    sqlx::query(
-        "UPDATE users SET failed_logins = 0, lockouts = 0, locked_until = NULL WHERE id = $1",
-    )
-    .bind(&id)
-    .execute(&db.pool)
-    .await?;
+    // The failure count is cleared only once the whole login succeeds (see `clear_failures`):
+    // a right password followed by wrong second factors must still lock the account.
     Ok(VerifiedUser {
         id,
         tenant_id: row.get("tenant_id"),
@@ -219,9 +269,25 @@ pub async fn verify_password(
     })
 }
 
+/// A complete, successful authentication: the failure count and back-off start over.
+pub async fn clear_failures(db: &Db, user_id: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE users SET failed_logins = 0, lockouts = 0, locked_until = NULL WHERE id = $1",
+    )
+    .bind(user_id)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
 /// Counts a wrong password, locking the account when it was one too many. One statement, so
 /// parallel attempts cannot slip past the count. Returns whether the account is now locked.
-async fn record_failure(db: &Db, lockout: Lockout, user_id: &str, now: i64) -> Result<bool> {
+pub(crate) async fn record_failure(
+    db: &Db,
+    lockout: Lockout,
+    user_id: &str,
+    now: i64,
+) -> Result<bool> {
     let row = sqlx::query(
         "UPDATE users SET \
            failed_logins = CASE WHEN failed_logins + 1 >= $2 THEN 0 ELSE failed_logins + 1 END, \
@@ -252,13 +318,16 @@ fn policy_error(message: impl Into<String>) -> Error {
     }
 }
 
-/// The platform password rule: 12 to 1024 characters, at least three of the four classes
-/// (lower case, upper case, digits, anything else), not all one character, and not containing
-/// the user name. TODO(security): per-tenant tightening and maximum age — issue 3.
-pub fn check_new_password(user_name: &str, new: &str) -> Result<()> {
-    if new.chars().count() < MIN_PASSWORD_LEN || new.len() > MAX_PASSWORD_LEN {
+/// The platform password rule: 12 (or the tenant's higher minimum) to 1024 characters, at
+/// least three of the four classes (lower case, upper case, digits, anything else), at least
+/// five distinct characters, and not containing the user name.
+pub fn check_new_password(user_name: &str, new: &str, tenant_min_length: u32) -> Result<()> {
+    let min = MIN_PASSWORD_LEN
+        .max(tenant_min_length as usize)
+        .min(MAX_PASSWORD_LEN);
+    if new.chars().count() < min || new.len() > MAX_PASSWORD_LEN {
         return Err(policy_error(format!(
-            "the new password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"
+            "the new password must be {min} to {MAX_PASSWORD_LEN} characters"
         )));
     }
     let classes = [
@@ -322,49 +391,156 @@ pub async fn set_password(db: &Db, user_id: &str, new: &str) -> Result<()> {
     .bind(now())
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE users SET password_hash = $1, must_change_password = 0 WHERE id = $2")
-        .bind(hash)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-    // A password change ends every credential made under the old password: each key is
-    // looked up on every request, so they fail from the next one on.
-    sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL")
-        .bind(user_id)
-        .bind(now())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE users SET password_hash = $1, must_change_password = 0, \
+         password_changed_at = $3 WHERE id = $2",
+    )
+    .bind(hash)
+    .bind(user_id)
+    .bind(unix_now())
+    .execute(&mut *tx)
+    .await?;
+    // A password change ends every credential made under the old password.
+    revoke_all_keys(&mut tx, user_id).await?;
     tx.commit().await?;
     Ok(())
 }
 
+/// Revokes every key and session of a user. Each key is looked up on every request, so they
+/// fail from the next request on.
+pub async fn revoke_all_keys(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    user_id: &str,
+) -> Result<()> {
+    sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL")
+        .bind(user_id)
+        .bind(now())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The password rules that apply to a user: the tenant's minimum length and the maximum age
+/// (the stricter of the platform's and the tenant's; 0 = none).
+pub async fn password_rules(db: &Db, rules: &CredentialRules, user_id: &str) -> Result<(u32, u32)> {
+    let row = sqlx::query(
+        "SELECT t.password_min_length, t.password_max_age_days FROM users u \
+         LEFT JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1",
+    )
+    .bind(user_id)
+    .fetch_optional(&db.pool)
+    .await?;
+    let (min, tenant_age) = row
+        .map(|r| {
+            (
+                r.get::<Option<i64>, _>("password_min_length").unwrap_or(0) as u32,
+                r.get::<Option<i64>, _>("password_max_age_days")
+                    .unwrap_or(0) as u32,
+            )
+        })
+        .unwrap_or((0, 0));
+    Ok((min, stricter_age(rules.password_max_age_days, tenant_age)))
+}
+
+/// Unix time of the user's last password change.
+pub async fn password_changed_at(db: &Db, user_id: &str) -> Result<i64> {
+    Ok(
+        sqlx::query("SELECT password_changed_at FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_one(&db.pool)
+            .await?
+            .get("password_changed_at"),
+    )
+}
+
+/// The stricter of two maximum ages, where 0 means "no maximum".
+fn stricter_age(a: u32, b: u32) -> u32 {
+    match (a, b) {
+        (0, x) | (x, 0) => x,
+        (a, b) => a.min(b),
+    }
+}
+
+/// A key to register: an API key (expires) or a login session (short-lived, idle timeout).
+pub enum KeyKind {
+    Api { expires_in_days: Option<u32> },
+    Session,
+}
+
 /// Validates a key registration into the record to insert.
-pub fn prepare_key(user_id: &str, req: &api::KeyCreate) -> Result<ApiKey> {
-    let public_key = palisade_common::signing::parse_public_key(&req.public_key)
+pub fn prepare_key(
+    rules: &CredentialRules,
+    user_id: &str,
+    public_key: &str,
+    name: Option<&str>,
+    kind: KeyKind,
+) -> Result<ApiKey> {
+    let public_key = palisade_common::signing::parse_public_key(public_key)
         .ok_or_else(|| Error::invalid("public_key must be base64 of a 32-byte Ed25519 key"))?;
-    let name = req.name.clone().unwrap_or_else(|| "default".into());
+    let name = name.unwrap_or("default").to_string();
     if !api::is_valid_name(&name) {
         return Err(Error::invalid("key name: 1-63 of A-Z a-z 0-9 - _ ."));
     }
+    let now = unix_now();
+    let (kind, expires_at, idle) = match kind {
+        KeyKind::Api { expires_in_days } => {
+            let days = expires_in_days.unwrap_or(rules.key_max_days);
+            if days == 0 || days > rules.key_max_days {
+                return Err(Error::invalid(format!(
+                    "expires_in_days must be 1 to {}",
+                    rules.key_max_days
+                )));
+            }
+            ("api", now + i64::from(days) * 86_400, None)
+        }
+        KeyKind::Session => (
+            "session",
+            now + rules.session_max_secs,
+            Some(rules.session_idle_secs as u64),
+        ),
+    };
     Ok(ApiKey {
         id: format!("key-{}", new_id()),
         user_id: user_id.to_string(),
         name,
         public_key: palisade_common::signing::encode_public_key(&public_key),
-        created_at: now(),
+        created_at: now_string(now),
+        kind: kind.into(),
+        expires_at: Some(rfc3339(expires_at)),
+        idle_timeout_secs: idle,
     })
 }
 
-pub async fn insert_key(db: &Db, key: ApiKey) -> Result<ApiKey> {
+fn now_string(unix: i64) -> String {
+    rfc3339(unix)
+}
+
+/// Stores a prepared key. `mfa_proven`: the key was made with a second factor just now, so it
+/// starts with a fresh proof.
+pub async fn insert_key(db: &Db, key: ApiKey, mfa_proven: bool) -> Result<ApiKey> {
+    let now = unix_now();
+    let expires_at = key
+        .expires_at
+        .as_deref()
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .map(|t| t.unix_timestamp());
     let inserted = sqlx::query(
-        "INSERT INTO api_keys (id, user_id, name, public_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (public_key) DO NOTHING",
+        "INSERT INTO api_keys (id, user_id, name, public_key, created_at, kind, expires_at, \
+         idle_secs, last_used_at, mfa_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (public_key) DO NOTHING",
     )
     .bind(&key.id)
     .bind(&key.user_id)
     .bind(&key.name)
     .bind(&key.public_key)
     .bind(&key.created_at)
+    .bind(&key.kind)
+    .bind(expires_at)
+    .bind(key.idle_timeout_secs.map(|s| s as i64))
+    .bind(now)
+    .bind(mfa_proven.then_some(now))
     .execute(&db.pool)
     .await?;
     if inserted.rows_affected() == 0 {
@@ -376,58 +552,143 @@ pub async fn insert_key(db: &Db, key: ApiKey) -> Result<ApiKey> {
     Ok(key)
 }
 
-pub async fn lookup_key(db: &Db, key_id: &str) -> Result<Option<KeyRecord>> {
+/// Looks a key up for a request: unknown, revoked, expired or idle keys, and keys of disabled
+/// users or tenants, are all `None` (the caller sees one answer, `key_invalid`).
+pub async fn lookup_key(
+    db: &Db,
+    rules: &CredentialRules,
+    key_id: &str,
+) -> Result<Option<KeyRecord>> {
+    let now = unix_now();
     let row = sqlx::query(
-        "SELECT k.public_key, u.id AS user_id, u.name, u.tenant_id, u.role, \
-         u.must_change_password FROM api_keys k JOIN users u ON u.id = k.user_id \
-         WHERE k.id = $1 AND k.revoked_at IS NULL",
+        "SELECT k.public_key, k.expires_at, k.idle_secs, k.last_used_at, k.mfa_at, \
+         u.id AS user_id, u.name, u.tenant_id, u.role, u.must_change_password, \
+         u.password_changed_at, u.totp_confirmed, t.require_mfa, t.password_max_age_days \
+         FROM api_keys k JOIN users u ON u.id = k.user_id \
+         LEFT JOIN tenants t ON t.id = u.tenant_id \
+         WHERE k.id = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL \
+         AND t.disabled_at IS NULL",
     )
     .bind(key_id)
     .fetch_optional(&db.pool)
     .await?;
-    Ok(row.map(|row| KeyRecord {
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    if row
+        .get::<Option<i64>, _>("expires_at")
+        .is_some_and(|at| at <= now)
+    {
+        return Ok(None);
+    }
+    let idle = row.get::<Option<i64>, _>("idle_secs");
+    let last_used = row.get::<Option<i64>, _>("last_used_at");
+    if let (Some(idle), Some(last)) = (idle, last_used) {
+        if now - last > idle {
+            return Ok(None);
+        }
+    }
+    let user_id: String = row.get("user_id");
+    let tenant_id: Option<String> = row.get("tenant_id");
+    let groups = sqlx::query(
+        "SELECT g.name FROM group_members m JOIN groups g ON g.id = m.group_id \
+         WHERE m.user_id = $1 ORDER BY g.name",
+    )
+    .bind(&user_id)
+    .fetch_all(&db.pool)
+    .await?
+    .iter()
+    .map(|r| r.get::<String, _>("name"))
+    .collect();
+    let max_age = stricter_age(
+        rules.password_max_age_days,
+        row.get::<Option<i64>, _>("password_max_age_days")
+            .unwrap_or(0) as u32,
+    );
+    let password_expired =
+        max_age > 0 && now - row.get::<i64, _>("password_changed_at") > i64::from(max_age) * 86_400;
+    let mfa_bound = tenant_id.is_none()
+        || row.get::<Option<i64>, _>("require_mfa").unwrap_or(0) != 0
+        || row.get::<i64, _>("totp_confirmed") != 0;
+    let mfa_at = row.get::<Option<i64>, _>("mfa_at");
+    Ok(Some(KeyRecord {
+        lacks_mfa: mfa_bound && mfa_at.is_none(),
         public_key: row.get("public_key"),
-        must_change_password: row.get::<i64, _>("must_change_password") != 0,
+        must_change_password: row.get::<i64, _>("must_change_password") != 0 || password_expired,
         principal: Principal {
-            user_id: row.get("user_id"),
+            user_id,
             user_name: row.get("name"),
-            tenant_id: row.get("tenant_id"),
+            tenant_id,
             role: row.get("role"),
             key_id: key_id.to_string(),
+            groups,
+            mfa_fresh: mfa_at.is_some_and(|at| now - at <= rules.mfa_fresh_secs),
+            mfa_bound,
         },
     }))
 }
 
-/// The caller's own live keys.
-pub async fn list_keys(db: &Db, user_id: &str) -> Result<Vec<ApiKey>> {
-    let rows = sqlx::query(
-        "SELECT id, user_id, name, public_key, created_at FROM api_keys WHERE user_id = $1 \
-         AND revoked_at IS NULL ORDER BY created_at, id",
-    )
-    .bind(user_id)
-    .fetch_all(&db.pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|row| ApiKey {
-            id: row.get("id"),
-            user_id: row.get("user_id"),
-            name: row.get("name"),
-            public_key: row.get("public_key"),
-            created_at: row.get("created_at"),
-        })
-        .collect())
+/// Notes a verified request on a key (the idle timeout counts from here).
+pub async fn touch_key(db: &Db, key_id: &str) -> Result<()> {
+    sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
+        .bind(key_id)
+        .bind(unix_now())
+        .execute(&db.pool)
+        .await?;
+    Ok(())
 }
 
-/// Checks that `key_id` is a live key of `user_id`; anything else is not found.
-pub async fn check_own_key(db: &Db, user_id: &str, key_id: &str) -> Result<()> {
-    sqlx::query("SELECT 1 FROM api_keys WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL")
+/// Records a fresh second-factor proof on the signing key.
+pub async fn mark_mfa_fresh(db: &Db, key_id: &str) -> Result<()> {
+    sqlx::query("UPDATE api_keys SET mfa_at = $2 WHERE id = $1")
         .bind(key_id)
-        .bind(user_id)
-        .fetch_optional(&db.pool)
-        .await?
-        .map(|_| ())
-        .ok_or(Error::NotFound { what: "key" })
+        .bind(unix_now())
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> ApiKey {
+    ApiKey {
+        id: row.get("id"),
+        user_id: row.get("user_id"),
+        name: row.get("name"),
+        public_key: row.get("public_key"),
+        created_at: row.get("created_at"),
+        kind: row.get("kind"),
+        expires_at: row.get::<Option<i64>, _>("expires_at").map(rfc3339),
+        idle_timeout_secs: row.get::<Option<i64>, _>("idle_secs").map(|s| s as u64),
+    }
+}
+
+/// The caller's own live keys and sessions.
+pub async fn list_keys(db: &Db, user_id: &str) -> Result<Vec<ApiKey>> {
+    let rows = sqlx::query(
+        "SELECT id, user_id, name, public_key, created_at, kind, expires_at, idle_secs \
+         FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > $2) ORDER BY created_at, id",
+    )
+    .bind(user_id)
+    .bind(unix_now())
+    .fetch_all(&db.pool)
+    .await?;
+    Ok(rows.iter().map(key_from_row).collect())
+}
+
+/// A live key of `user_id`; anything else is not found.
+pub async fn own_key(db: &Db, user_id: &str, key_id: &str) -> Result<ApiKey> {
+    sqlx::query(
+        "SELECT id, user_id, name, public_key, created_at, kind, expires_at, idle_secs \
+         FROM api_keys WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > $3)",
+    )
+    .bind(key_id)
+    .bind(user_id)
+    .bind(unix_now())
+    .fetch_optional(&db.pool)
+    .await?
+    .map(|row| key_from_row(&row))
+    .ok_or(Error::NotFound { what: "key" })
 }
 
 /// Revokes a key: from the next request on, signatures by it get 401 `key_invalid`.
@@ -441,6 +702,319 @@ pub async fn revoke_key(db: &Db, user_id: &str, key_id: &str) -> Result<()> {
     .bind(user_id)
     .execute(&db.pool)
     .await?;
+    Ok(())
+}
+
+/// Rotation: `new` (prepared for the same user) replaces `old`, which stops working after
+/// `overlap_secs` (at once for 0). One transaction: never both gone, never an unbounded pair.
+pub async fn rotate_key(db: &Db, old: &ApiKey, new: ApiKey, overlap_secs: u32) -> Result<ApiKey> {
+    let mut tx = db.pool.begin().await?;
+    let ends = unix_now() + i64::from(overlap_secs);
+    sqlx::query("UPDATE api_keys SET expires_at = MIN(COALESCE(expires_at, $2), $2) WHERE id = $1")
+        .bind(&old.id)
+        .bind(ends)
+        .execute(&mut *tx)
+        .await?;
+    if overlap_secs == 0 {
+        sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1")
+            .bind(&old.id)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+    }
+    let expires_at = new
+        .expires_at
+        .as_deref()
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .map(|t| t.unix_timestamp());
+    // The new key carries the old one's second-factor proof: same holder, same proof.
+    let inserted = sqlx::query(
+        "INSERT INTO api_keys (id, user_id, name, public_key, created_at, kind, expires_at, \
+         idle_secs, last_used_at, mfa_at) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, mfa_at FROM api_keys WHERE id = $10 \
+         ON CONFLICT (public_key) DO NOTHING",
+    )
+    .bind(&new.id)
+    .bind(&new.user_id)
+    .bind(&new.name)
+    .bind(&new.public_key)
+    .bind(&new.created_at)
+    .bind(&new.kind)
+    .bind(expires_at)
+    .bind(new.idle_timeout_secs.map(|s| s as i64))
+    .bind(unix_now())
+    .bind(&old.id)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(Error::Conflict {
+            code: "key_exists",
+            message: "this public key is already registered".into(),
+        });
+    }
+    tx.commit().await?;
+    Ok(new)
+}
+
+// ---- second factor ----
+
+/// Whether a user must present a second factor, and whether one is enrolled.
+pub struct MfaState {
+    pub bound: bool,
+    pub enrolled: bool,
+}
+
+pub async fn mfa_state(db: &Db, user_id: &str) -> Result<MfaState> {
+    let row = sqlx::query(
+        "SELECT u.tenant_id, u.totp_confirmed, t.require_mfa FROM users u \
+         LEFT JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1",
+    )
+    .bind(user_id)
+    .fetch_one(&db.pool)
+    .await?;
+    let enrolled = row.get::<i64, _>("totp_confirmed") != 0;
+    Ok(MfaState {
+        bound: row.get::<Option<String>, _>("tenant_id").is_none()
+            || row.get::<Option<i64>, _>("require_mfa").unwrap_or(0) != 0
+            || enrolled,
+        enrolled,
+    })
+}
+
+/// Checks a TOTP code or a recovery code of an enrolled user. A TOTP code is accepted once:
+/// its step must be newer than the last accepted one (compare-and-set, so two parallel uses of
+/// one code cannot both pass). A recovery code is spent by the same kind of update.
+/// Failures count toward the account lockout like wrong passwords.
+pub async fn check_second_factor(
+    db: &Db,
+    secrets: &MasterKey,
+    lockout: Lockout,
+    user_id: &str,
+    totp_code: Option<&str>,
+    recovery_code: Option<&str>,
+) -> Result<()> {
+    let now = unix_now();
+    let accepted = match (totp_code, recovery_code) {
+        (Some(code), None) => {
+            let row = sqlx::query(
+                "SELECT totp_sealed, totp_last_step FROM users WHERE id = $1 \
+                 AND totp_confirmed = 1",
+            )
+            .bind(user_id)
+            .fetch_optional(&db.pool)
+            .await?;
+            match row {
+                None => false,
+                Some(row) => {
+                    let sealed: String = row.get("totp_sealed");
+                    let secret = secrets
+                        .open(&totp_purpose(user_id), &sealed)
+                        .map_err(Error::Internal)?;
+                    let last = row
+                        .get::<Option<i64>, _>("totp_last_step")
+                        .map(|s| s as u64);
+                    match mfa::check_totp(&secret, code, now as u64, last) {
+                        Ok(step) => {
+                            sqlx::query(
+                                "UPDATE users SET totp_last_step = $2 WHERE id = $1 AND \
+                                 (totp_last_step IS NULL OR totp_last_step < $2)",
+                            )
+                            .bind(user_id)
+                            .bind(step as i64)
+                            .execute(&db.pool)
+                            .await?
+                            .rows_affected()
+                                == 1
+                        }
+                        Err(_) => false,
+                    }
+                }
+            }
+        }
+        (None, Some(code)) => match mfa::normalize_recovery_code(code) {
+            None => false,
+            Some(code) => {
+                let hash = secrets.keyed_hash(&recovery_purpose(user_id), code.as_bytes());
+                sqlx::query(
+                    "UPDATE recovery_codes SET used_at = $3 WHERE user_id = $1 \
+                     AND code_hash = $2 AND used_at IS NULL",
+                )
+                .bind(user_id)
+                .bind(hash)
+                .bind(crate::db::now())
+                .execute(&db.pool)
+                .await?
+                .rows_affected()
+                    == 1
+            }
+        },
+        (None, None) => {
+            return Err(Error::Unauthorized {
+                code: "mfa_required",
+                message: "this account needs a second factor: totp_code or recovery_code".into(),
+            })
+        }
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid(
+                "give either totp_code or recovery_code, not both",
+            ))
+        }
+    };
+    if accepted {
+        return Ok(());
+    }
+    let locked = record_failure(db, lockout, user_id, now).await?;
+    Err(mfa_refused(db, user_id, locked).await)
+}
+
+async fn mfa_refused(db: &Db, user_id: &str, locked: bool) -> Error {
+    let tenant_id = if locked {
+        sqlx::query("SELECT tenant_id FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(&db.pool)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.get::<Option<String>, _>("tenant_id"))
+    } else {
+        None
+    };
+    Error::MfaRefused {
+        locked,
+        new_lock: locked.then(|| NewLock {
+            user_id: user_id.to_string(),
+            tenant_id,
+        }),
+    }
+}
+
+pub fn totp_purpose(user_id: &str) -> String {
+    format!("totp-seed:{user_id}")
+}
+
+pub fn recovery_purpose(user_id: &str) -> String {
+    format!("recovery-code:{user_id}")
+}
+
+/// Starts TOTP enrolment: a new secret, sealed, pending until confirmed. Refused when a
+/// confirmed one exists (only an administrator's reset removes it).
+pub async fn begin_totp(
+    db: &Db,
+    secrets: &MasterKey,
+    user_id: &str,
+    user_name: &str,
+) -> Result<api::TotpEnrolment> {
+    let secret = mfa::new_totp_secret();
+    let sealed = secrets.seal(&totp_purpose(user_id), &secret);
+    let updated = sqlx::query(
+        "UPDATE users SET totp_sealed = $2, totp_last_step = NULL WHERE id = $1 \
+         AND totp_confirmed = 0",
+    )
+    .bind(user_id)
+    .bind(sealed)
+    .execute(&db.pool)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Error::Conflict {
+            code: "mfa_already_enrolled",
+            message: "a second factor is enrolled; an administrator can reset it".into(),
+        });
+    }
+    let otpauth_uri = mfa::otpauth_uri(&secret, user_name).map_err(Error::Internal)?;
+    // The same secret in base32, for apps where it is typed in: the URI's `secret` parameter.
+    let secret = otpauth_uri
+        .split(['?', '&'])
+        .find_map(|part| part.strip_prefix("secret="))
+        .unwrap_or_default()
+        .to_string();
+    Ok(api::TotpEnrolment {
+        secret,
+        otpauth_uri,
+    })
+}
+
+/// Confirms a pending TOTP secret with a first code; returns fresh one-time recovery codes.
+pub async fn confirm_totp(
+    db: &Db,
+    secrets: &MasterKey,
+    lockout: Lockout,
+    user_id: &str,
+    code: &str,
+) -> Result<api::RecoveryCodes> {
+    let row = sqlx::query(
+        "SELECT totp_sealed FROM users WHERE id = $1 AND totp_confirmed = 0 \
+         AND totp_sealed IS NOT NULL",
+    )
+    .bind(user_id)
+    .fetch_optional(&db.pool)
+    .await?
+    .ok_or(Error::Conflict {
+        code: "mfa_not_pending",
+        message: "no TOTP enrolment is pending; start one first".into(),
+    })?;
+    let sealed: String = row.get("totp_sealed");
+    let secret = secrets
+        .open(&totp_purpose(user_id), &sealed)
+        .map_err(Error::Internal)?;
+    let now = unix_now();
+    let Ok(step) = mfa::check_totp(&secret, code, now as u64, None) else {
+        let locked = record_failure(db, lockout, user_id, now).await?;
+        return Err(mfa_refused(db, user_id, locked).await);
+    };
+    let codes = mfa::new_recovery_codes();
+    let mut tx = db.pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE users SET totp_confirmed = 1, totp_last_step = $2 WHERE id = $1 \
+         AND totp_confirmed = 0 AND totp_sealed = $3",
+    )
+    .bind(user_id)
+    .bind(step as i64)
+    .bind(&sealed)
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Error::Conflict {
+            code: "mfa_not_pending",
+            message: "the enrolment changed meanwhile; start again".into(),
+        });
+    }
+    sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    for code in &codes {
+        sqlx::query("INSERT INTO recovery_codes (user_id, code_hash) VALUES ($1, $2)")
+            .bind(user_id)
+            .bind(secrets.keyed_hash(&recovery_purpose(user_id), code.as_bytes()))
+            .execute(&mut *tx)
+            .await?;
+    }
+    // Credentials made before the second factor existed did not prove it: end them.
+    revoke_all_keys(&mut tx, user_id).await?;
+    tx.commit().await?;
+    Ok(api::RecoveryCodes {
+        recovery_codes: codes,
+    })
+}
+
+/// Removes a user's second factor (an administrator's reset) and ends all their credentials.
+pub async fn reset_mfa(db: &Db, user_id: &str) -> Result<()> {
+    let mut tx = db.pool.begin().await?;
+    sqlx::query(
+        "UPDATE users SET totp_sealed = NULL, totp_confirmed = 0, totp_last_step = NULL \
+         WHERE id = $1",
+    )
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    revoke_all_keys(&mut tx, user_id).await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -468,133 +1042,6 @@ pub async fn purge_nonces(db: &Db, now_unix: i64) -> Result<()> {
     Ok(())
 }
 
-pub fn check_tenant(req: &api::TenantCreate) -> Result<()> {
-    if !api::is_valid_name(&req.name) {
-        return Err(Error::invalid("tenant name: 1-63 of A-Z a-z 0-9 - _ ."));
-    }
-    if let Some(q) = req.quota {
-        if q.instances > 10_000 || q.vcpus > 100_000 || q.memory_mib > 100_000_000 {
-            return Err(Error::invalid("quota values are out of range"));
-        }
-    }
-    Ok(())
-}
-
-pub async fn create_tenant(db: &Db, req: &api::TenantCreate) -> Result<Tenant> {
-    check_tenant(req)?;
-    let quota = req.quota.unwrap_or_default();
-    let tenant = Tenant {
-        id: new_id(),
-        name: req.name.clone(),
-        quota,
-        created_at: now(),
-    };
-    let inserted = sqlx::query(
-        "INSERT INTO tenants (id, name, quota_instances, quota_vcpus, quota_memory_mib, \
-         created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
-    )
-    .bind(&tenant.id)
-    .bind(&tenant.name)
-    .bind(quota.instances as i64)
-    .bind(quota.vcpus as i64)
-    .bind(quota.memory_mib as i64)
-    .bind(&tenant.created_at)
-    .execute(&db.pool)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        return Err(Error::Conflict {
-            code: "name_taken",
-            message: "a tenant with this name exists".into(),
-        });
-    }
-    Ok(tenant)
-}
-
-pub async fn list_tenants(db: &Db) -> Result<Vec<Tenant>> {
-    let rows = sqlx::query(
-        "SELECT id, name, quota_instances, quota_vcpus, quota_memory_mib, created_at \
-         FROM tenants ORDER BY created_at, id",
-    )
-    .fetch_all(&db.pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|row| Tenant {
-            id: row.get("id"),
-            name: row.get("name"),
-            quota: Quota {
-                instances: row.get::<i64, _>("quota_instances") as u32,
-                vcpus: row.get::<i64, _>("quota_vcpus") as u32,
-                memory_mib: row.get::<i64, _>("quota_memory_mib") as u32,
-            },
-            created_at: row.get("created_at"),
-        })
-        .collect())
-}
-
-pub async fn check_user(db: &Db, req: &api::UserCreate) -> Result<()> {
-    if !api::is_valid_name(&req.name) {
-        return Err(Error::invalid("user name: 1-63 of A-Z a-z 0-9 - _ ."));
-    }
-    let tenant = sqlx::query("SELECT 1 FROM tenants WHERE id = $1")
-        .bind(&req.tenant_id)
-        .fetch_optional(&db.pool)
-        .await?;
-    if tenant.is_none() {
-        return Err(Error::NotFound { what: "tenant" });
-    }
-    Ok(())
-}
-
-pub async fn create_user(db: &Db, req: &api::UserCreate) -> Result<UserCreated> {
-    check_user(db, req).await?;
-    let password = random_password();
-    let user = User {
-        id: new_id(),
-        name: req.name.clone(),
-        tenant_id: Some(req.tenant_id.clone()),
-        role: TENANT_MEMBER.into(),
-        created_at: now(),
-    };
-    let inserted = sqlx::query(
-        "INSERT INTO users (id, name, tenant_id, role, password_hash, must_change_password, \
-         created_at) VALUES ($1, $2, $3, $4, $5, 1, $6) ON CONFLICT (name) DO NOTHING",
-    )
-    .bind(&user.id)
-    .bind(&user.name)
-    .bind(&user.tenant_id)
-    .bind(&user.role)
-    .bind(hash_password(password.clone()).await?)
-    .bind(&user.created_at)
-    .execute(&db.pool)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        return Err(Error::Conflict {
-            code: "name_taken",
-            message: "a user with this name exists".into(),
-        });
-    }
-    Ok(UserCreated {
-        user,
-        initial_password: password,
-    })
-}
-
-pub async fn get_user(db: &Db, user_id: &str) -> Result<User> {
-    let row = sqlx::query("SELECT id, name, tenant_id, role, created_at FROM users WHERE id = $1")
-        .bind(user_id)
-        .fetch_optional(&db.pool)
-        .await?
-        .ok_or(Error::NotFound { what: "user" })?;
-    Ok(User {
-        id: row.get("id"),
-        name: row.get("name"),
-        tenant_id: row.get("tenant_id"),
-        role: row.get("role"),
-        created_at: row.get("created_at"),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,7 +1049,7 @@ mod tests {
     #[test]
     fn the_password_rule() {
         for ok in ["Correct-horse-7", "tr0ub4dor&3xyz", "Ünïcödé-Pässwort-9"] {
-            assert!(check_new_password("alice", ok).is_ok(), "{ok}");
+            assert!(check_new_password("alice", ok, 0).is_ok(), "{ok}");
         }
         for bad in [
             "Short-1",              // too short
@@ -613,7 +1060,7 @@ mod tests {
             "My-alice-Password-1",  // contains the user name
             "MY-ALICE-PASSWORD-1",  // ... in any case
         ] {
-            let err = check_new_password("alice", bad).unwrap_err();
+            let err = check_new_password("alice", bad, 0).unwrap_err();
             assert_eq!(err.code(), "password_policy", "{bad}");
         }
     }

@@ -2,7 +2,7 @@
 //! initial password, tenant isolation (404, never 403), and clear errors for bad input.
 
 use palisade_common::api;
-use palisade_controller::access::server::ROUTES;
+use palisade_controller::access::server::routes;
 
 use crate::support::*;
 
@@ -68,6 +68,7 @@ fn signatures_refuse_replay_skew_tampering_and_unknown_keys() {
         key: ed25519_dalek::SigningKey::from_bytes(&rand_bytes()),
         user: String::new(),
         password: String::new(),
+        totp: None,
     };
     let r = raw.signed(&p, &stranger, "GET", "/v1/whoami", b"");
     assert_eq!((r.status, r.code()), (401, "key_invalid"));
@@ -106,8 +107,9 @@ fn every_route_refuses_unsigned_requests() {
     let p = Platform::start();
     let raw = p.raw();
     let some_id = "3f1b2c4d-0000-4000-8000-000000000000";
-    for (method, route) in ROUTES {
-        let path = route.replace("{id}", some_id);
+    for route in routes() {
+        let (method, route) = (route.method, route.path);
+        let path = route.replace("{id}", some_id).replace("{user}", some_id);
         let r = raw.send(&p, method, &path, b"{}", &[]);
         if route.starts_with("/v1/auth/") {
             // Password routes: a password, not a signature, is the credential.
@@ -137,6 +139,9 @@ fn the_initial_admin_password_only_changes_itself() {
         password: initial.clone(),
         public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
         name: None,
+        totp_code: None,
+        recovery_code: None,
+        expires_in_days: None,
     };
     let err = api_error(
         p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &create))
@@ -179,10 +184,26 @@ fn the_initial_admin_password_only_changes_itself() {
             .unwrap_err(),
     );
     assert_eq!(err.status, 401);
-    let create = api::KeyCreate {
+    let mut create = api::KeyCreate {
         password: "A-long-enough-passw0rd".into(),
         ..create
     };
+    // A platform account makes no key without a second factor: TOTP must be enrolled first.
+    let err = api_error(
+        p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &create))
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (err.status, err.code.as_str()),
+        (403, "mfa_enrolment_required")
+    );
+    let (totp, _) = p.enrol_totp("admin", "A-long-enough-passw0rd");
+    let err = api_error(
+        p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &create))
+            .unwrap_err(),
+    );
+    assert_eq!((err.status, err.code.as_str()), (401, "mfa_required"));
+    create.totp_code = Some(totp_code(&totp, 0));
     let _: api::ApiKey = p
         .block_on(anonymous.post("/v1/auth/keys", &create))
         .unwrap();
@@ -271,7 +292,8 @@ fn tenant_b_gets_404_for_tenant_a_instances_and_never_sees_them() {
         still.deleted_at.is_none() && still.state != "deleting",
         "{still:?}"
     );
-    // Platform accounts are not a way around tenancy either.
+    // Platform accounts are not a way around tenancy either: the platform administrator's
+    // role has no instance actions, so the instance is as invisible to it as to tenant B.
     let err = api_error(
         p.block_on(
             admin
@@ -280,7 +302,7 @@ fn tenant_b_gets_404_for_tenant_a_instances_and_never_sees_them() {
         )
         .unwrap_err(),
     );
-    assert_eq!(err.status, 403);
+    assert_eq!((err.status, err.code.as_str()), (404, "not_found"));
 }
 
 #[test]
@@ -560,6 +582,9 @@ fn wrong_passwords_lock_the_account_with_growing_back_off_and_are_audited() {
             password: password.into(),
             public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
             name: None,
+            totp_code: None,
+            recovery_code: None,
+            expires_in_days: None,
         };
         p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &body))
             .map(|_| ())
@@ -624,6 +649,9 @@ fn wrong_passwords_lock_the_account_with_growing_back_off_and_are_audited() {
             password: "Wrong-passw0rd-!".into(),
             public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
             name: None,
+            totp_code: None,
+            recovery_code: None,
+            expires_in_days: None,
         };
         let e = api_error(
             p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &body))
@@ -650,6 +678,9 @@ fn a_password_change_revokes_every_key_of_that_user_at_once() {
                 password: alice.password.clone(),
                 public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
                 name: None,
+                totp_code: None,
+                recovery_code: None,
+                expires_in_days: None,
             };
             let created: api::ApiKey = p.block_on(anonymous.post("/v1/auth/keys", &body)).unwrap();
             Signer {
@@ -658,6 +689,7 @@ fn a_password_change_revokes_every_key_of_that_user_at_once() {
                 key,
                 user: alice.user.clone(),
                 password: alice.password.clone(),
+                totp: None,
             }
         })
         .collect();

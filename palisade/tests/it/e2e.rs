@@ -45,6 +45,41 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "--new-password",
         "operator-pass-123",
     ]);
+    // A platform account needs a second factor before any key: enrol TOTP through the CLI,
+    // with this test as the authenticator app.
+    let out = p.cli(&[
+        "key",
+        "create",
+        "--user",
+        "admin",
+        "--password",
+        "operator-pass-123",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mfa_enrolment_required"));
+    let enrolment: serde_json::Value = serde_json::from_str(&p.cli_ok(&[
+        "--json",
+        "mfa",
+        "enrol",
+        "--user",
+        "admin",
+        "--password",
+        "operator-pass-123",
+    ]))
+    .unwrap();
+    let uri = enrolment["otpauth_uri"].as_str().unwrap().to_string();
+    let codes: serde_json::Value = serde_json::from_str(&p.cli_ok(&[
+        "--json",
+        "mfa",
+        "confirm",
+        "--user",
+        "admin",
+        "--password",
+        "operator-pass-123",
+        "--code",
+        &totp_code(&uri, -30),
+    ]))
+    .unwrap();
+    assert_eq!(codes["recovery_codes"].as_array().unwrap().len(), 10);
     p.cli_ok(&[
         "key",
         "create",
@@ -52,6 +87,8 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "admin",
         "--password",
         "operator-pass-123",
+        "--totp-code",
+        &totp_code(&uri, 0),
     ]);
 
     // A tenant with a user, who makes their own key.
@@ -169,8 +206,72 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
     let list = p.cli_ok(&["--profile", "tenant", "instance", "list"]);
     assert!(!list.contains(&id), "a deleted instance is still listed");
 
-    // The whole session verifies, online (admin export) and offline.
-    let verdict = p.cli_ok(&["audit", "verify"]);
+    // The whole session verifies, online and offline. Reading the log is the auditor's alone:
+    // the administrator is refused, and makes an auditor account (a separate person).
+    let out = p.cli(&["audit", "verify"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    let auditor: serde_json::Value = serde_json::from_str(
+        &p.cli_ok(&["--json", "user", "create", "audrey", "--role", "auditor"]),
+    )
+    .unwrap();
+    let initial = auditor["initial_password"].as_str().unwrap().to_string();
+    let as_auditor = |args: &[&str]| {
+        let mut all = vec!["--profile", "auditor"];
+        all.extend_from_slice(args);
+        p.cli_ok(&all)
+    };
+    p.cli_ok(&[
+        "profile",
+        "set",
+        "auditor",
+        "--endpoint",
+        &endpoint,
+        "--ca",
+        &ca,
+    ]);
+    let password = "Audit-trail-2468";
+    as_auditor(&[
+        "password",
+        "change",
+        "--user",
+        "audrey",
+        "--password",
+        &initial,
+        "--new-password",
+        password,
+    ]);
+    let enrolment: serde_json::Value = serde_json::from_str(&as_auditor(&[
+        "--json",
+        "mfa",
+        "enrol",
+        "--user",
+        "audrey",
+        "--password",
+        password,
+    ]))
+    .unwrap();
+    let uri = enrolment["otpauth_uri"].as_str().unwrap().to_string();
+    as_auditor(&[
+        "mfa",
+        "confirm",
+        "--user",
+        "audrey",
+        "--password",
+        password,
+        "--code",
+        &totp_code(&uri, -30),
+    ]);
+    as_auditor(&[
+        "key",
+        "create",
+        "--user",
+        "audrey",
+        "--password",
+        password,
+        "--totp-code",
+        &totp_code(&uri, 0),
+    ]);
+    let verdict = as_auditor(&["audit", "verify"]);
     assert!(verdict.contains("intact"), "{verdict}");
     p.cli_ok(&[
         "audit",

@@ -17,6 +17,7 @@ fn twenty_parallel_creates_against_a_quota_of_three_yield_exactly_three() {
     let results = p.block_on(async {
         let calls = (0..20).map(|i| {
             let body = api::InstanceCreate {
+                tags: Default::default(),
                 name: format!("vm-{i}"),
                 image: "debian-12-busybox".into(),
                 flavor: "tiny".into(),

@@ -247,6 +247,8 @@ impl Platform {
     }
 
     /// Changes `user`'s password and registers a fresh key; returns a signing client.
+    /// Platform accounts (no tenant) must use a second factor: for them TOTP is enrolled first
+    /// and the key is made with a code, so it carries a fresh MFA proof.
     pub fn enrol(&self, user: &str, initial: &str) -> Signer {
         let password = format!("Secret-{}-Pass", free_port());
         let anonymous = self.anonymous();
@@ -259,15 +261,30 @@ impl Platform {
             .block_on(anonymous.post("/v1/auth/password", &change))
             .unwrap();
         let key = SigningKey::from_bytes(&rand_bytes());
-        let create = api::KeyCreate {
+        let mut create = api::KeyCreate {
             user: user.into(),
             password: password.clone(),
             public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
             name: None,
+            totp_code: None,
+            recovery_code: None,
+            expires_in_days: None,
         };
-        let created: api::ApiKey = self
+        let mut totp = None;
+        let first = self
             .block_on(anonymous.post("/v1/auth/keys", &create))
-            .unwrap();
+            .map_err(api_error);
+        let created: api::ApiKey = match first {
+            Ok(created) => created,
+            Err(e) if e.code == "mfa_enrolment_required" => {
+                let (uri, _) = self.enrol_totp(user, &password);
+                create.totp_code = Some(totp_code(&uri, 0));
+                totp = Some(uri);
+                self.block_on(anonymous.post("/v1/auth/keys", &create))
+                    .unwrap()
+            }
+            Err(e) => panic!("creating a key for {user}: {} {}", e.status, e.code),
+        };
         Signer {
             client: Client::new(
                 &self.endpoint,
@@ -279,7 +296,136 @@ impl Platform {
             key,
             user: user.to_string(),
             password,
+            totp,
         }
+    }
+
+    /// Enrols TOTP for `user`; returns the otpauth URI and the recovery codes. The confirming
+    /// code is the previous step's (accepted with one step of skew), so the current step's
+    /// code is still unused afterwards.
+    pub fn enrol_totp(&self, user: &str, password: &str) -> (String, Vec<String>) {
+        let anonymous = self.anonymous();
+        let enrolment: api::TotpEnrolment = self
+            .block_on(anonymous.post(
+                "/v1/auth/mfa/totp",
+                &api::TotpEnrol {
+                    user: user.into(),
+                    password: password.into(),
+                },
+            ))
+            .unwrap();
+        let codes: api::RecoveryCodes = self
+            .block_on(anonymous.post(
+                "/v1/auth/mfa/totp/confirm",
+                &api::TotpConfirm {
+                    user: user.into(),
+                    password: password.into(),
+                    code: totp_code(&enrolment.otpauth_uri, -30),
+                },
+            ))
+            .unwrap();
+        (enrolment.otpauth_uri, codes.recovery_codes)
+    }
+
+    /// A new key for a user enrolled with TOTP `uri`, made with the current step's code.
+    pub fn key_with_totp(&self, user: &str, password: &str, uri: &str) -> Signer {
+        let key = SigningKey::from_bytes(&rand_bytes());
+        let create = api::KeyCreate {
+            user: user.into(),
+            password: password.into(),
+            public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+            name: None,
+            totp_code: Some(totp_code(uri, 0)),
+            recovery_code: None,
+            expires_in_days: None,
+        };
+        let created: api::ApiKey = self
+            .block_on(self.anonymous().post("/v1/auth/keys", &create))
+            .unwrap();
+        self.signer(user, password, &created.id, key, Some(uri.to_string()))
+    }
+
+    /// A new key for an already enrolled user (after a role change ended the old ones).
+    pub fn enrol_again(&self, s: &Signer) -> Signer {
+        let key = SigningKey::from_bytes(&rand_bytes());
+        let create = api::KeyCreate {
+            user: s.user.clone(),
+            password: s.password.clone(),
+            public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+            name: None,
+            totp_code: s.totp.as_deref().map(|uri| totp_code(uri, 0)),
+            recovery_code: None,
+            expires_in_days: None,
+        };
+        let created: api::ApiKey = self
+            .block_on(self.anonymous().post("/v1/auth/keys", &create))
+            .unwrap();
+        self.signer(&s.user, &s.password, &created.id, key, s.totp.clone())
+    }
+
+    /// Another handle on the same key.
+    pub fn clone_signer(&self, s: &Signer) -> Signer {
+        self.signer(
+            &s.user,
+            &s.password,
+            &s.key_id,
+            s.key.clone(),
+            s.totp.clone(),
+        )
+    }
+
+    /// A signer for a key registered by other means.
+    pub fn signer(
+        &self,
+        user: &str,
+        password: &str,
+        key_id: &str,
+        key: SigningKey,
+        totp: Option<String>,
+    ) -> Signer {
+        Signer {
+            client: Client::new(
+                &self.endpoint,
+                &self.ca(),
+                Some((key_id.to_string(), key.clone())),
+            )
+            .unwrap(),
+            key_id: key_id.to_string(),
+            key,
+            user: user.to_string(),
+            password: password.to_string(),
+            totp,
+        }
+    }
+
+    /// Creates a platform account with `role`, enrolled (with TOTP).
+    pub fn platform_account(&self, admin: &Signer, name: &str, role: &str) -> Signer {
+        let created: api::UserCreated = self
+            .block_on(admin.client.post(
+                "/v1/users",
+                &api::UserCreate {
+                    name: name.into(),
+                    tenant_id: None,
+                    role: Some(role.into()),
+                },
+            ))
+            .unwrap();
+        self.enrol(name, &created.initial_password)
+    }
+
+    /// Creates a user with `role` in `tenant`, enrolled.
+    pub fn tenant_user(&self, admin: &Signer, tenant: &str, name: &str, role: &str) -> Signer {
+        let created: api::UserCreated = self
+            .block_on(admin.client.post(
+                "/v1/users",
+                &api::UserCreate {
+                    name: name.into(),
+                    tenant_id: Some(tenant.into()),
+                    role: Some(role.into()),
+                },
+            ))
+            .unwrap();
+        self.enrol(name, &created.initial_password)
     }
 
     pub fn admin(&self) -> Signer {
@@ -312,7 +458,8 @@ impl Platform {
                 "/v1/users",
                 &api::UserCreate {
                     name: user_name.clone(),
-                    tenant_id: tenant.id.clone(),
+                    tenant_id: Some(tenant.id.clone()),
+                    role: None,
                 },
             ))
             .unwrap();
@@ -322,6 +469,7 @@ impl Platform {
 
     pub fn create_instance(&self, signer: &Signer, name: &str) -> Result<api::Instance, ApiError> {
         let body = api::InstanceCreate {
+            tags: Default::default(),
             name: name.into(),
             image: "debian-12-busybox".into(),
             flavor: "tiny".into(),
@@ -489,6 +637,21 @@ pub struct Signer {
     pub key: SigningKey,
     pub user: String,
     pub password: String,
+    /// The otpauth URI of the user's TOTP, when enrolled.
+    pub totp: Option<String>,
+}
+
+/// The TOTP code of `uri` at now + `offset_secs`. Near the end of a 30 s step it first waits
+/// for the next one, so that the code is still in the server's window (one step either way)
+/// when the request arrives, however slow the machine.
+pub fn totp_code(uri: &str, offset_secs: i64) -> String {
+    if time_now() % 30 >= 25 {
+        std::thread::sleep(std::time::Duration::from_secs(
+            (31 - time_now() % 30) as u64,
+        ));
+    }
+    let totp = totp_rs::Totp::from_url(uri).unwrap();
+    totp.generate((time_now() + offset_secs) as u64).to_string()
 }
 
 pub fn rand_bytes() -> [u8; 32] {
@@ -551,10 +714,16 @@ impl RawResponse {
 
 impl Platform {
     pub fn raw(&self) -> Raw {
+        self.raw_from(None)
+    }
+
+    /// A raw client whose connections come from `local` (another loopback address, say).
+    pub fn raw_from(&self, local: Option<std::net::IpAddr>) -> Raw {
         let tls = palisade_common::tls::client_config(&self.ca(), None).unwrap();
         Raw {
             http: reqwest::Client::builder()
                 .tls_backend_preconfigured(tls)
+                .local_address(local)
                 .build()
                 .unwrap(),
             endpoint: self.endpoint.clone(),

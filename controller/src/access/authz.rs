@@ -1,0 +1,627 @@
+//! Authorization: one engine (Cedar) for every decision.
+//!
+//! The role × action matrix (`controller/policy/roles.txt`) is the single statement of what
+//! each role may do. At start-up it becomes (1) the action declarations of the Cedar schema
+//! (`controller/policy/schema.cedarschema` holds the entity types) and (2) the platform's Cedar
+//! policies. A tenant's own policies (uploaded by its admins, validated against the same
+//! schema) are evaluated together with the platform's, under one platform `forbid` that no
+//! tenant policy can lift: a tenant account never acts on anything outside its tenant.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+
+use crate::service::identity::Principal;
+
+const MATRIX: &str = include_str!("../../policy/roles.txt");
+const SCHEMA: &str = include_str!("../../policy/schema.cedarschema");
+
+pub use palisade_common::api::{PLATFORM_ROLES, TENANT_ROLES};
+
+/// One line of the matrix.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub action: String,
+    /// Cedar entity types the action applies to; "Self" is the caller's own `User`.
+    pub resources: Vec<String>,
+    /// Administrative: MFA-bound callers need a fresh second-factor proof.
+    pub admin: bool,
+    /// Roles allowed, in the matrix's column order.
+    pub allowed: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub roles: Vec<String>,
+    pub rows: Vec<Row>,
+}
+
+impl Matrix {
+    pub fn builtin() -> anyhow::Result<Matrix> {
+        Matrix::parse(MATRIX)
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Matrix> {
+        let mut lines = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'));
+        // The header is the last comment line that starts with "# action".
+        let header = text
+            .lines()
+            .rfind(|l| l.trim_start().starts_with("# action"))
+            .ok_or_else(|| anyhow::anyhow!("role matrix: no '# action' header"))?;
+        let columns: Vec<&str> = header.trim_start_matches('#').split_whitespace().collect();
+        anyhow::ensure!(
+            columns.len() > 3 && columns[..3] == ["action", "resource", "admin"],
+            "role matrix: header must start with 'action resource admin'"
+        );
+        let roles: Vec<String> = columns[3..].iter().map(|s| s.to_string()).collect();
+        for role in &roles {
+            anyhow::ensure!(
+                PLATFORM_ROLES.contains(&role.as_str()) || TENANT_ROLES.contains(&role.as_str()),
+                "role matrix: unknown role {role}"
+            );
+        }
+        let mut rows: Vec<Row> = Vec::new();
+        for line in lines.by_ref() {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            anyhow::ensure!(
+                cells.len() == columns.len(),
+                "role matrix: '{line}' has {} cells, the header {}",
+                cells.len(),
+                columns.len()
+            );
+            let flag = |cell: &str| match cell {
+                "x" => Ok(true),
+                "-" => Ok(false),
+                other => Err(anyhow::anyhow!("role matrix: '{other}' is neither x nor -")),
+            };
+            let action = cells[0].to_string();
+            anyhow::ensure!(
+                !rows.iter().any(|r| r.action == action),
+                "role matrix: {action} twice"
+            );
+            let mut allowed = Vec::new();
+            for (role, cell) in roles.iter().zip(&cells[3..]) {
+                if flag(cell)? {
+                    allowed.push(role.clone());
+                }
+            }
+            rows.push(Row {
+                action,
+                resources: cells[1].split(',').map(str::to_string).collect(),
+                admin: flag(cells[2])?,
+                allowed,
+            });
+        }
+        Ok(Matrix { roles, rows })
+    }
+
+    pub fn row(&self, action: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.action == action)
+    }
+
+    pub fn allows(&self, role: &str, action: &str) -> bool {
+        self.row(action)
+            .is_some_and(|r| r.allowed.iter().any(|a| a == role))
+    }
+
+    /// The Cedar schema: the entity types plus one action declaration per row.
+    fn schema_text(&self) -> String {
+        let mut text = SCHEMA.to_string();
+        for row in &self.rows {
+            let resources: Vec<&str> = row
+                .resources
+                .iter()
+                .map(|r| if r == "Self" { "User" } else { r.as_str() })
+                .collect();
+            text.push_str(&format!(
+                "action \"{}\" appliesTo {{ principal: User, resource: [{}], context: \
+                 RequestContext }};\n",
+                row.action,
+                resources.join(", ")
+            ));
+        }
+        text
+    }
+
+    /// The platform's policies: per role, one `permit` for its actions, scoped by kind.
+    fn platform_policies(&self) -> Vec<String> {
+        let mut policies = Vec::new();
+        for role in &self.roles {
+            let platform = PLATFORM_ROLES.contains(&role.as_str());
+            let (own, other): (Vec<&Row>, Vec<&Row>) = self
+                .rows
+                .iter()
+                .filter(|r| r.allowed.contains(role))
+                .partition(|r| r.resources == ["Self"]);
+            let list = |rows: &[&Row]| {
+                rows.iter()
+                    .map(|r| format!("Action::\"{}\"", r.action))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !own.is_empty() {
+                policies.push(format!(
+                    "permit (principal, action in [{}], resource) when {{ principal.role == \
+                     \"{role}\" && resource == principal }};",
+                    list(&own)
+                ));
+            }
+            if !other.is_empty() {
+                let scope = if platform {
+                    "principal.tenant == \"\"".to_string()
+                } else {
+                    "principal.tenant != \"\" && resource.tenant == principal.tenant".to_string()
+                };
+                policies.push(format!(
+                    "permit (principal, action in [{}], resource) when {{ principal.role == \
+                     \"{role}\" && {scope} }};",
+                    list(&other)
+                ));
+            }
+        }
+        // The tenant boundary, above every permit a tenant can write.
+        policies.push(
+            "forbid (principal, action, resource) when { principal.tenant != \"\" && \
+             resource.tenant != principal.tenant };"
+                .into(),
+        );
+        policies
+    }
+}
+
+/// What a request acts on, as a Cedar entity.
+#[derive(Debug, Clone)]
+pub enum Resource {
+    /// The caller's own account (keys, whoami, MFA).
+    Caller,
+    Platform,
+    Tenant {
+        id: String,
+        name: String,
+    },
+    User {
+        id: String,
+        tenant: String,
+        name: String,
+        role: String,
+    },
+    Group {
+        name: String,
+        tenant: String,
+    },
+    Instance {
+        id: String,
+        tenant: String,
+        name: String,
+        tags: Vec<(String, String)>,
+    },
+}
+
+impl Resource {
+    /// How the audit record names it.
+    pub fn audit_name(&self) -> String {
+        match self {
+            Resource::Caller => "self".into(),
+            Resource::Platform => "platform".into(),
+            Resource::Tenant { id, .. } => format!("tenant/{id}"),
+            Resource::User { id, .. } => format!("user/{id}"),
+            Resource::Group { name, tenant } => format!("tenant/{tenant}/group/{name}"),
+            Resource::Instance { id, .. } => format!("instance/{id}"),
+        }
+    }
+
+    /// The word a 404 uses.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::Caller | Resource::User { .. } => "user",
+            Resource::Platform => "route",
+            Resource::Tenant { .. } => "tenant",
+            Resource::Group { .. } => "group",
+            Resource::Instance { .. } => "instance",
+        }
+    }
+
+    /// The action whose permission means "may see this object": a refusal on an object the
+    /// caller may not see is a 404, not a 403. `None`: the caller always sees it.
+    pub fn show_action(&self) -> Option<&'static str> {
+        match self {
+            Resource::Caller | Resource::Platform => None,
+            Resource::Tenant { .. } => Some("tenant.show"),
+            Resource::User { .. } => Some("user.show"),
+            Resource::Group { .. } => Some("group.list"),
+            Resource::Instance { .. } => Some("instance.show"),
+        }
+    }
+
+    /// The collection a caller acts on for "Platform,Tenant" actions: its tenant, or the
+    /// platform for platform accounts.
+    pub fn scope_of(principal: &Principal, tenant_name: &str) -> Resource {
+        match &principal.tenant_id {
+            Some(id) => Resource::Tenant {
+                id: id.clone(),
+                name: tenant_name.to_string(),
+            },
+            None => Resource::Platform,
+        }
+    }
+}
+
+fn uid(kind: &str, id: &str) -> anyhow::Result<EntityUid> {
+    Ok(EntityUid::from_type_name_and_id(
+        EntityTypeName::from_str(kind)?,
+        EntityId::new(id),
+    ))
+}
+
+fn string(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_string())
+}
+
+pub struct Authz {
+    matrix: Matrix,
+    schema: Schema,
+    platform: PolicySet,
+    authorizer: Authorizer,
+}
+
+/// Why a policy upload was refused: the parser's or the validator's own words.
+#[derive(Debug)]
+pub struct PolicyRejected(pub String);
+
+impl Authz {
+    pub fn new() -> anyhow::Result<Authz> {
+        Authz::from_matrix(Matrix::builtin()?)
+    }
+
+    pub fn from_matrix(matrix: Matrix) -> anyhow::Result<Authz> {
+        let (schema, _) = Schema::from_cedarschema_str(&matrix.schema_text())
+            .map_err(|e| anyhow::anyhow!("authorization schema: {e:?}"))?;
+        let mut platform = PolicySet::new();
+        for (n, text) in matrix.platform_policies().iter().enumerate() {
+            let policy = Policy::parse(Some(PolicyId::new(format!("platform-{n}"))), text)
+                .map_err(|e| anyhow::anyhow!("platform policy {text}: {e:?}"))?;
+            platform.add(policy)?;
+        }
+        let validation = Validator::new(schema.clone()).validate(&platform, ValidationMode::Strict);
+        anyhow::ensure!(
+            validation.validation_passed(),
+            "platform policies do not validate: {validation}"
+        );
+        Ok(Authz {
+            matrix,
+            schema,
+            platform,
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    pub fn matrix(&self) -> &Matrix {
+        &self.matrix
+    }
+
+    /// Parses and validates a tenant's policy text; the error carries the validator's message.
+    pub fn check_tenant_policies(&self, text: &str) -> Result<PolicySet, PolicyRejected> {
+        let set = PolicySet::from_str(text).map_err(|e| {
+            let details: Vec<String> = e.iter().map(|d| d.to_string()).collect();
+            PolicyRejected(format!("{e}: {}", details.join("; ")))
+        })?;
+        if set.templates().next().is_some() {
+            return Err(PolicyRejected("templates are not supported".into()));
+        }
+        let validation = Validator::new(self.schema.clone()).validate(&set, ValidationMode::Strict);
+        if !validation.validation_passed() {
+            let messages: Vec<String> = validation
+                .validation_errors()
+                .map(|e| format!("{e}"))
+                .collect();
+            return Err(PolicyRejected(messages.join("; ")));
+        }
+        Ok(set)
+    }
+
+    /// Decides one request. `groups` are the caller's group names; `tenant_policies` the text
+    /// stored for the caller's tenant (already validated on upload).
+    pub fn is_allowed(
+        &self,
+        principal: &Principal,
+        action: &str,
+        resource: &Resource,
+        mfa_fresh: bool,
+        tenant_policies: &str,
+    ) -> anyhow::Result<bool> {
+        if self.matrix.row(action).is_none() {
+            return Ok(false);
+        }
+        let tenant = principal.tenant_id.clone().unwrap_or_default();
+        let principal_uid = uid("User", &principal.user_id)?;
+        let mut entities = Vec::new();
+        let mut parents = Vec::new();
+        for group in &principal.groups {
+            let group_uid = uid("Group", group)?;
+            parents.push(group_uid.clone());
+            entities.push(Entity::new(
+                group_uid,
+                HashMap::from([
+                    ("tenant".to_string(), string(&tenant)),
+                    ("name".to_string(), string(group)),
+                ]),
+                Default::default(),
+            )?);
+        }
+        entities.push(Entity::new_with_tags(
+            principal_uid.clone(),
+            [
+                ("tenant".to_string(), string(&tenant)),
+                ("role".to_string(), string(&principal.role)),
+                ("name".to_string(), string(&principal.user_name)),
+            ],
+            parents,
+            [],
+        )?);
+        let resource_uid = match resource {
+            Resource::Caller => principal_uid.clone(),
+            Resource::Platform => {
+                let uid = uid("Platform", "platform")?;
+                entities.push(Entity::new(
+                    uid.clone(),
+                    HashMap::from([("tenant".to_string(), string(""))]),
+                    Default::default(),
+                )?);
+                uid
+            }
+            Resource::Tenant { id, name } => {
+                let uid = uid("Tenant", id)?;
+                entities.push(Entity::new(
+                    uid.clone(),
+                    HashMap::from([
+                        ("tenant".to_string(), string(id)),
+                        ("name".to_string(), string(name)),
+                    ]),
+                    Default::default(),
+                )?);
+                uid
+            }
+            Resource::User {
+                id,
+                tenant,
+                name,
+                role,
+            } => {
+                let uid = uid("User", id)?;
+                if uid != principal_uid {
+                    entities.push(Entity::new(
+                        uid.clone(),
+                        HashMap::from([
+                            ("tenant".to_string(), string(tenant)),
+                            ("role".to_string(), string(role)),
+                            ("name".to_string(), string(name)),
+                        ]),
+                        Default::default(),
+                    )?);
+                }
+                uid
+            }
+            Resource::Group { name, tenant } => {
+                let uid = uid("Group", name)?;
+                // A group the caller belongs to is already in the set.
+                entities.retain(|e| e.uid() != uid);
+                entities.push(Entity::new(
+                    uid.clone(),
+                    HashMap::from([
+                        ("tenant".to_string(), string(tenant)),
+                        ("name".to_string(), string(name)),
+                    ]),
+                    Default::default(),
+                )?);
+                uid
+            }
+            Resource::Instance {
+                id,
+                tenant,
+                name,
+                tags,
+            } => {
+                let uid = uid("Instance", id)?;
+                entities.push(Entity::new_with_tags(
+                    uid.clone(),
+                    [
+                        ("tenant".to_string(), string(tenant)),
+                        ("name".to_string(), string(name)),
+                    ],
+                    [],
+                    tags.iter().map(|(k, v)| (k.clone(), string(v))),
+                )?);
+                uid
+            }
+        };
+        let entities = Entities::from_entities(entities, None)?;
+        let context = Context::from_pairs([(
+            "mfa_fresh".to_string(),
+            RestrictedExpression::new_bool(mfa_fresh),
+        )])?;
+        let request = Request::new(
+            principal_uid,
+            uid("Action", action)?,
+            resource_uid,
+            context,
+            None,
+        )?;
+        let mut policies = self.platform.clone();
+        if !tenant_policies.trim().is_empty() && principal.tenant_id.is_some() {
+            match PolicySet::from_str(tenant_policies) {
+                Ok(set) => {
+                    policies.merge(&set, true)?;
+                }
+                Err(e) => tracing::error!(error = %e, "stored tenant policies do not parse"),
+            }
+        }
+        let answer = self
+            .authorizer
+            .is_authorized(&request, &policies, &entities);
+        Ok(answer.decision() == Decision::Allow)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(role: &str, tenant: Option<&str>, groups: &[&str]) -> Principal {
+        Principal {
+            user_id: format!("u-{role}"),
+            user_name: role.into(),
+            tenant_id: tenant.map(str::to_string),
+            role: role.into(),
+            key_id: "key".into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            mfa_fresh: true,
+            mfa_bound: false,
+        }
+    }
+
+    fn instance(tenant: &str, tags: &[(&str, &str)]) -> Resource {
+        Resource::Instance {
+            id: "i-1".into(),
+            tenant: tenant.into(),
+            name: "web".into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_matrix_parses_and_keeps_administration_apart_from_audit() {
+        let m = Matrix::builtin().unwrap();
+        assert!(m.rows.len() > 30);
+        let audit: Vec<&Row> = m
+            .rows
+            .iter()
+            .filter(|r| r.action.starts_with("audit."))
+            .collect();
+        for role in &m.roles {
+            let audits = audit.iter().any(|r| r.allowed.contains(role));
+            let administers = m.rows.iter().any(|r| r.admin && r.allowed.contains(role));
+            assert!(
+                !(audits && administers),
+                "{role} holds both administration and audit"
+            );
+        }
+    }
+
+    #[test]
+    fn every_cell_of_the_matrix_is_what_cedar_decides() {
+        let authz = Authz::new().unwrap();
+        let m = authz.matrix().clone();
+        for row in &m.rows {
+            for role in &m.roles {
+                let platform = PLATFORM_ROLES.contains(&role.as_str());
+                let p = principal(role, (!platform).then_some("t1"), &[]);
+                let resource = match row.resources[0].as_str() {
+                    "Self" => Resource::Caller,
+                    "Platform" if row.resources.len() > 1 && !platform => Resource::Tenant {
+                        id: "t1".into(),
+                        name: "t1".into(),
+                    },
+                    "Platform" => Resource::Platform,
+                    "Tenant" => Resource::Tenant {
+                        id: "t1".into(),
+                        name: "t1".into(),
+                    },
+                    "User" => Resource::User {
+                        id: "u-other".into(),
+                        tenant: "t1".into(),
+                        name: "other".into(),
+                        role: "member".into(),
+                    },
+                    "Group" => Resource::Group {
+                        name: "ops".into(),
+                        tenant: "t1".into(),
+                    },
+                    "Instance" => instance("t1", &[]),
+                    other => panic!("resource type {other} has no case here"),
+                };
+                let allowed = authz
+                    .is_allowed(&p, &row.action, &resource, true, "")
+                    .unwrap();
+                assert_eq!(
+                    allowed,
+                    m.allows(role, &row.action),
+                    "{role} {}",
+                    row.action
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tenant_roles_never_cross_the_tenant_boundary() {
+        let authz = Authz::new().unwrap();
+        let admin = principal("tenant_admin", Some("t1"), &[]);
+        assert!(authz
+            .is_allowed(&admin, "instance.delete", &instance("t1", &[]), true, "")
+            .unwrap());
+        assert!(!authz
+            .is_allowed(&admin, "instance.delete", &instance("t2", &[]), true, "")
+            .unwrap());
+        // Not even a tenant policy can open another tenant's objects.
+        let greedy = "permit (principal, action, resource);";
+        authz.check_tenant_policies(greedy).unwrap();
+        assert!(!authz
+            .is_allowed(
+                &admin,
+                "instance.delete",
+                &instance("t2", &[]),
+                true,
+                greedy
+            )
+            .unwrap());
+        assert!(!authz
+            .is_allowed(&admin, "tenant.create", &Resource::Platform, true, greedy)
+            .unwrap());
+    }
+
+    #[test]
+    fn a_tenant_policy_grants_by_group_and_tag() {
+        let authz = Authz::new().unwrap();
+        let policy = r#"
+            permit (principal in Group::"ops",
+                    action in [Action::"instance.stop", Action::"instance.start"],
+                    resource is Instance)
+            when { resource.hasTag("env") && resource.getTag("env") == "prod" };
+        "#;
+        authz.check_tenant_policies(policy).unwrap();
+        let ops_reader = principal("reader", Some("t1"), &["ops"]);
+        let other_reader = principal("reader", Some("t1"), &[]);
+        let prod = instance("t1", &[("env", "prod")]);
+        let dev = instance("t1", &[("env", "dev")]);
+        let decide =
+            |p: &Principal, a: &str, r: &Resource| authz.is_allowed(p, a, r, true, policy).unwrap();
+        assert!(decide(&ops_reader, "instance.stop", &prod));
+        assert!(decide(&ops_reader, "instance.start", &prod));
+        assert!(!decide(&ops_reader, "instance.delete", &prod));
+        assert!(!decide(&ops_reader, "instance.stop", &dev));
+        assert!(!decide(&other_reader, "instance.stop", &prod));
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_the_validators_words() {
+        let authz = Authz::new().unwrap();
+        for bad in [
+            "permit (principal, action, resource", // syntax
+            "permit (principal, action == Action::\"instance.fly\", resource);", // no such action
+            "permit (principal, action, resource) when { resource.colour == \"red\" };",
+        ] {
+            let err = authz.check_tenant_policies(bad).unwrap_err();
+            assert!(!err.0.is_empty(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,1336 @@
+//! Identity and access management against the real server: the role × action matrix, one
+//! real call per cell (TESTING.md A4); every route against bad credentials, foreign objects and
+//! wrong methods (A2); revocation of every credential (B1); fresh MFA for administrative
+//! actions and single-use codes (B3); sessions and key rotation; tenant Cedar policies;
+//! secrets at rest; per-tenant rules.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use palisade_common::api;
+use palisade_controller::access::authz::Matrix;
+use palisade_controller::access::server::routes;
+use serde_json::json;
+
+use crate::support::*;
+
+fn body(value: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&value).unwrap()
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", hex_id())
+}
+
+fn hex_id() -> String {
+    rand_bytes()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Accounts of every role plus the objects the matrix test acts on.
+struct World {
+    signers: BTreeMap<String, Signer>,
+    acme: String,
+    instance: String,
+    group: String,
+    member_id: String,
+}
+
+impl World {
+    fn new(p: &Platform) -> World {
+        let admin = p.admin();
+        let acme: api::Tenant = p
+            .block_on(admin.client.post(
+                "/v1/tenants",
+                &api::TenantCreate {
+                    name: "acme".into(),
+                    quota: Some(api::Quota {
+                        instances: 20,
+                        vcpus: 20,
+                        memory_mib: 20 * 256,
+                    }),
+                },
+            ))
+            .unwrap();
+        let mut signers = BTreeMap::new();
+        for role in ["security_admin", "auditor", "operator"] {
+            let s = p.platform_account(&admin, &format!("{role}-1"), role);
+            signers.insert(role.to_string(), s);
+        }
+        for role in ["tenant_admin", "member", "reader"] {
+            let s = p.tenant_user(&admin, &acme.id, &format!("acme-{role}"), role);
+            // Enrolled, so that each can prove a second factor (mfa.verify) like anyone.
+            let (uri, _) = p.enrol_totp(&s.user, &s.password);
+            let s = p.key_with_totp(&s.user, &s.password, &uri);
+            signers.insert(role.to_string(), s);
+        }
+        signers.insert("platform_admin".into(), admin);
+        let ta = &signers["tenant_admin"];
+        let instance = p.create_instance(ta, "shared").unwrap().id;
+        let group: api::Group = p
+            .block_on(
+                ta.client
+                    .post("/v1/groups", &api::GroupCreate { name: "g0".into() }),
+            )
+            .unwrap();
+        let member_id = p
+            .block_on(signers["member"].client.get::<api::Whoami>("/v1/whoami"))
+            .unwrap()
+            .user
+            .id;
+        World {
+            signers,
+            acme: acme.id,
+            instance,
+            group: group.id,
+            member_id,
+        }
+    }
+
+    fn admin(&self) -> &Signer {
+        &self.signers["platform_admin"]
+    }
+
+    fn tenant_admin(&self) -> &Signer {
+        &self.signers["tenant_admin"]
+    }
+
+    fn is_platform(role: &str) -> bool {
+        api::PLATFORM_ROLES.contains(&role)
+    }
+
+    /// A fresh tenant to disable, enable or delete.
+    fn scratch_tenant(&self, p: &Platform) -> String {
+        let t: api::Tenant = p
+            .block_on(self.admin().client.post(
+                "/v1/tenants",
+                &api::TenantCreate {
+                    name: unique("scratch"),
+                    quota: None,
+                },
+            ))
+            .unwrap();
+        t.id
+    }
+
+    /// A fresh member of acme to act on.
+    fn victim(&self, p: &Platform) -> String {
+        let created: api::UserCreated = p
+            .block_on(self.admin().client.post(
+                "/v1/users",
+                &api::UserCreate {
+                    name: unique("victim"),
+                    tenant_id: Some(self.acme.clone()),
+                    role: None,
+                },
+            ))
+            .unwrap();
+        created.user.id
+    }
+
+    /// The one real call that exercises `action` as `role`: (method, path, body). Fixtures
+    /// that the call would consume are made fresh for it.
+    fn call(&self, p: &Platform, action: &str, role: &str) -> (&'static str, String, Vec<u8>) {
+        let s = &self.signers[role];
+        let raw = p.raw();
+        let acme = &self.acme;
+        let tenant_target = |w: &World| {
+            if World::is_platform(role) {
+                w.scratch_tenant(p)
+            } else {
+                w.acme.clone()
+            }
+        };
+        match action {
+            "user.whoami" => ("GET", "/v1/whoami".into(), vec![]),
+            "key.list" => ("GET", "/v1/keys".into(), vec![]),
+            "key.rotate" => (
+                "POST",
+                format!("/v1/keys/{}/rotate", s.key_id),
+                body(json!({"public_key": new_public_key(), "overlap_secs": 3600})),
+            ),
+            "key.revoke" => {
+                // A second key of the caller's, made by rotating with a long overlap.
+                let r = raw.signed(
+                    p,
+                    s,
+                    "POST",
+                    &format!("/v1/keys/{}/rotate", s.key_id),
+                    &body(json!({"public_key": new_public_key(), "overlap_secs": 3600})),
+                );
+                assert_eq!(r.status, 201, "{role}: {:?}", r.body);
+                let id = r.body["id"].as_str().unwrap().to_string();
+                ("DELETE", format!("/v1/keys/{id}"), vec![])
+            }
+            "mfa.verify" => {
+                let uri = s.totp.as_ref().expect("every matrix account is enrolled");
+                (
+                    "POST",
+                    "/v1/auth/mfa/verify".into(),
+                    body(json!({"totp_code": totp_code(uri, 30)})),
+                )
+            }
+            "tenant.create" => (
+                "POST",
+                "/v1/tenants".into(),
+                body(json!({"name": unique("t")})),
+            ),
+            "tenant.list" => ("GET", "/v1/tenants".into(), vec![]),
+            "tenant.show" => ("GET", format!("/v1/tenants/{acme}"), vec![]),
+            "tenant.settings" => (
+                "PUT",
+                format!("/v1/tenants/{acme}/settings"),
+                body(json!({})),
+            ),
+            "tenant.webhook" => (
+                "PUT",
+                format!("/v1/tenants/{acme}/webhook"),
+                body(json!({"url": null})),
+            ),
+            "tenant.disable" => (
+                "POST",
+                format!("/v1/tenants/{}/disable", tenant_target(self)),
+                vec![],
+            ),
+            "tenant.enable" => (
+                "POST",
+                format!("/v1/tenants/{}/enable", tenant_target(self)),
+                vec![],
+            ),
+            "tenant.delete" => (
+                "DELETE",
+                format!("/v1/tenants/{}", tenant_target(self)),
+                vec![],
+            ),
+            "user.create" => (
+                "POST",
+                "/v1/users".into(),
+                body(json!({"name": unique("u"), "tenant_id": acme})),
+            ),
+            "user.list" => ("GET", "/v1/users".into(), vec![]),
+            "user.show" => ("GET", format!("/v1/users/{}", self.member_id), vec![]),
+            "user.set_role" => (
+                "PUT",
+                format!("/v1/users/{}/role", self.victim(p)),
+                body(json!({"role": "reader"})),
+            ),
+            "user.disable" => (
+                "POST",
+                format!("/v1/users/{}/disable", self.victim(p)),
+                vec![],
+            ),
+            "user.enable" => (
+                "POST",
+                format!("/v1/users/{}/enable", self.victim(p)),
+                vec![],
+            ),
+            "user.delete" => ("DELETE", format!("/v1/users/{}", self.victim(p)), vec![]),
+            "user.reset_mfa" => (
+                "DELETE",
+                format!("/v1/users/{}/mfa", self.victim(p)),
+                vec![],
+            ),
+            "group.create" => (
+                "POST",
+                "/v1/groups".into(),
+                body(json!({"name": unique("g")})),
+            ),
+            "group.list" => ("GET", "/v1/groups".into(), vec![]),
+            "group.delete" => {
+                let g: api::Group = p
+                    .block_on(
+                        self.tenant_admin()
+                            .client
+                            .post("/v1/groups", &api::GroupCreate { name: unique("g") }),
+                    )
+                    .unwrap();
+                ("DELETE", format!("/v1/groups/{}", g.id), vec![])
+            }
+            "group.add_member" => (
+                "PUT",
+                format!("/v1/groups/{}/members/{}", self.group, self.member_id),
+                vec![],
+            ),
+            "group.remove_member" => (
+                "DELETE",
+                format!("/v1/groups/{}/members/{}", self.group, self.member_id),
+                vec![],
+            ),
+            "policy.get" => ("GET", format!("/v1/policies?tenant={acme}"), vec![]),
+            "policy.put" => ("PUT", "/v1/policies".into(), body(json!({"text": ""}))),
+            "alert.list" => ("GET", "/v1/alerts".into(), vec![]),
+            "audit.read" => ("GET", "/v1/audit/log".into(), vec![]),
+            "flavor.list" => ("GET", "/v1/flavors".into(), vec![]),
+            "image.list" => ("GET", "/v1/images".into(), vec![]),
+            "instance.create" => (
+                "POST",
+                "/v1/instances".into(),
+                body(json!({"name": unique("vm"), "image": "debian-12-busybox", "flavor": "tiny"})),
+            ),
+            "instance.list" => ("GET", format!("/v1/instances?tenant={acme}"), vec![]),
+            "instance.show" => ("GET", format!("/v1/instances/{}", self.instance), vec![]),
+            "instance.console" => (
+                "GET",
+                format!("/v1/instances/{}/console", self.instance),
+                vec![],
+            ),
+            "instance.stop" => (
+                "POST",
+                format!("/v1/instances/{}/stop", self.instance),
+                vec![],
+            ),
+            "instance.start" => (
+                "POST",
+                format!("/v1/instances/{}/start", self.instance),
+                vec![],
+            ),
+            "instance.delete" => {
+                let matrix = Matrix::builtin().unwrap();
+                // Only a role that may delete gets a VM of its own to delete.
+                let id = if matrix.allows(role, action) {
+                    p.create_instance(self.tenant_admin(), &unique("doomed"))
+                        .unwrap()
+                        .id
+                } else {
+                    self.instance.clone()
+                };
+                ("DELETE", format!("/v1/instances/{id}"), vec![])
+            }
+            other => panic!(
+                "no call for action {other}: add one here when adding a route (TESTING.md A4)"
+            ),
+        }
+    }
+}
+
+fn new_public_key() -> String {
+    let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+    palisade_common::signing::encode_public_key(&key.verifying_key())
+}
+
+#[test]
+fn every_cell_of_the_role_matrix_is_one_real_call() {
+    let p = Platform::start();
+    let matrix = Matrix::builtin().unwrap();
+    let w = World::new(&p);
+    let raw = p.raw();
+    let mut wrong = Vec::new();
+    let mut cells = 0;
+    for row in &matrix.rows {
+        for role in &matrix.roles {
+            let (method, path, request) = w.call(&p, &row.action, role);
+            let r = raw.signed(&p, &w.signers[role.as_str()], method, &path, &request);
+            let expected = matrix.allows(role, &row.action);
+            let fine = if expected {
+                (200..300).contains(&r.status)
+            } else {
+                matches!(r.status, 403 | 404)
+            };
+            if !fine {
+                wrong.push(format!(
+                    "{role} {} ({method} {path}): expected {}, got {} {} {}",
+                    row.action,
+                    if expected { "2xx" } else { "403/404" },
+                    r.status,
+                    r.code(),
+                    r.body["error"]["message"].as_str().unwrap_or("")
+                ));
+            }
+            cells += 1;
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {cells} cells differ:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(cells, matrix.rows.len() * matrix.roles.len());
+}
+
+/// Reads that show the state of tenant A: equal before and after refused calls.
+fn snapshot(p: &Platform, w: &World) -> Vec<Vec<u8>> {
+    let raw = p.raw();
+    let ta = w.tenant_admin();
+    let admin = w.admin();
+    let reads = [
+        (admin, "/v1/tenants".to_string()),
+        (admin, format!("/v1/users?tenant={}", w.acme)),
+        (ta, "/v1/groups".to_string()),
+        (ta, "/v1/policies".to_string()),
+        (ta, format!("/v1/instances/{}", w.instance)),
+        (ta, "/v1/keys".to_string()),
+        (ta, "/v1/instances".to_string()),
+    ];
+    reads
+        .iter()
+        .map(|(s, path)| {
+            let r = raw.signed(p, s, "GET", path, b"");
+            assert_eq!(r.status, 200, "{path}");
+            r.bytes
+        })
+        .collect()
+}
+
+#[test]
+fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
+    let p = Platform::start();
+    let w = World::new(&p);
+    let raw = p.raw();
+    p.wait_state(w.tenant_admin(), &w.instance, "running");
+    let (_, bob) = p.tenant(w.admin(), "bob-corp", None);
+    // Bob administers his own tenant: the most a tenant account can be.
+    let bob_id = p
+        .block_on(bob.client.get::<api::Whoami>("/v1/whoami"))
+        .unwrap()
+        .user
+        .id;
+    let r = raw.signed(
+        &p,
+        w.admin(),
+        "PUT",
+        &format!("/v1/users/{bob_id}/role"),
+        &body(json!({"role": "tenant_admin"})),
+    );
+    assert_eq!(r.status, 204);
+    let bob = p.enrol_again(&bob);
+    let ta_id = p
+        .block_on(w.tenant_admin().client.get::<api::Whoami>("/v1/whoami"))
+        .unwrap()
+        .user
+        .id;
+    let before = snapshot(&p, &w);
+    let stranger = p.signer(
+        "nobody",
+        "",
+        "key-00000000-0000-4000-8000-000000000000",
+        ed25519_dalek::SigningKey::from_bytes(&rand_bytes()),
+        None,
+    );
+    let all = routes();
+    for route in &all {
+        if palisade_controller::access::guard::is_password_route_path(route.method, route.path) {
+            continue;
+        }
+        // Tenant A's objects in every id slot.
+        let id = match route.path.split('/').nth(2) {
+            Some("instances") => w.instance.clone(),
+            Some("users") => w.member_id.clone(),
+            Some("groups") => w.group.clone(),
+            Some("tenants") => w.acme.clone(),
+            Some("keys") => w.tenant_admin().key_id.clone(),
+            _ => String::new(),
+        };
+        let path = route.path.replace("{id}", &id).replace("{user}", &ta_id);
+        let request = body(json!({}));
+        let what = format!("{} {}", route.method, route.path);
+        let expect_401 = |headers: Vec<(String, String)>, code: &str| {
+            let r = raw.send(&p, route.method, &path, &request, &headers);
+            assert_eq!((r.status, r.code()), (401, code), "{what}");
+        };
+        expect_401(vec![], "signature_missing");
+        let mut malformed = sign(&bob, route.method, &path, &request, 0);
+        malformed[2].1 = "sig1=:bm90IGEgc2lnbmF0dXJl:".into();
+        expect_401(malformed, "signature_malformed");
+        expect_401(
+            sign(&stranger, route.method, &path, &request, 0),
+            "key_invalid",
+        );
+        expect_401(
+            sign(&bob, route.method, &path, &request, -120),
+            "clock_skew",
+        );
+        let tampered = sign(&bob, route.method, &path, b"{\"x\":1}", 0);
+        expect_401(tampered, "digest_mismatch");
+        if route.path.contains("{id}") {
+            let r = raw.signed(&p, &bob, route.method, &path, &request);
+            assert_eq!((r.status, r.code()), (404, "not_found"), "{what}: tenant B");
+        }
+    }
+    // Methods a path does not have: 405, whoever asks.
+    let mut paths: Vec<&str> = all.iter().map(|r| r.path).collect();
+    paths.dedup();
+    for path in paths {
+        let concrete = path.replace("{id}", &w.instance).replace("{user}", &ta_id);
+        for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+            if all.iter().any(|r| r.path == path && r.method == method) {
+                continue;
+            }
+            let r = raw.signed(&p, &bob, method, &concrete, b"");
+            assert_eq!(
+                (r.status, r.code()),
+                (405, "method_not_allowed"),
+                "{method} {path}"
+            );
+        }
+    }
+    assert_eq!(before, snapshot(&p, &w), "a refused call changed something");
+}
+
+/// Tokens of one user: the key it enrolled with plus 49 more made by rotation (each old key
+/// kept alive for an hour), all working.
+fn fifty_tokens(p: &Platform, s: &Signer) -> Vec<Signer> {
+    let raw = p.raw();
+    let mut tokens = vec![p.clone_signer(s)];
+    while tokens.len() < 50 {
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+        let public = palisade_common::signing::encode_public_key(&key.verifying_key());
+        let last = tokens.last().unwrap();
+        let r = raw.signed(
+            p,
+            last,
+            "POST",
+            &format!("/v1/keys/{}/rotate", last.key_id),
+            &body(json!({"public_key": public, "overlap_secs": 3600})),
+        );
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        let id = r.body["id"].as_str().unwrap();
+        tokens.push(p.signer(&s.user, &s.password, id, key, s.totp.clone()));
+    }
+    for t in &tokens {
+        assert_eq!(raw.signed(p, t, "GET", "/v1/whoami", b"").status, 200);
+    }
+    tokens
+}
+
+fn assert_all_refused(p: &Platform, tokens: &[Signer], since: Instant, event: &str) {
+    let raw = p.raw();
+    for t in tokens {
+        let r = raw.signed(p, t, "GET", "/v1/whoami", b"");
+        assert_eq!(r.status, 401, "{event}: {} still works", t.key_id);
+    }
+    assert!(
+        since.elapsed()
+            < Duration::from_secs(1) + Duration::from_millis(500 * tokens.len() as u64 / 50),
+        "{event}: refusing took {:?}",
+        since.elapsed()
+    );
+}
+
+#[test]
+fn every_key_and_session_ends_when_the_account_loses_its_footing() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (acme, ta) = p.tenant(&admin, "acme", None);
+    let raw = p.raw();
+    let r = raw.signed(
+        &p,
+        &admin,
+        "PUT",
+        &format!("/v1/users/{}/role", whoami(&p, &ta).id),
+        &body(json!({"role": "tenant_admin"})),
+    );
+    assert_eq!(r.status, 204);
+    let ta = p.enrol_again(&ta);
+    let security = p.platform_account(&admin, "sec-1", "security_admin");
+    let fresh = |name: &str| p.tenant_user(&admin, &acme.id, name, "member");
+    let bystander = fresh("bystander");
+
+    // 1. A password change.
+    let u = fresh("u-password");
+    let tokens = fifty_tokens(&p, &u);
+    let change = api::PasswordChange {
+        user: u.user.clone(),
+        current_password: u.password.clone(),
+        new_password: "Another-passw0rd-9".into(),
+    };
+    let _: serde_json::Value = p
+        .block_on(p.anonymous().post("/v1/auth/password", &change))
+        .unwrap();
+    assert_all_refused(&p, &tokens, Instant::now(), "password change");
+
+    // 2. An MFA reset by the security administrator.
+    let u = fresh("u-mfa");
+    let (uri, _) = p.enrol_totp(&u.user, &u.password);
+    let u = p.key_with_totp(&u.user, &u.password, &uri);
+    let tokens = fifty_tokens(&p, &u);
+    let r = raw.signed(
+        &p,
+        &security,
+        "DELETE",
+        &format!("/v1/users/{}/mfa", whoami(&p, &u).id),
+        b"",
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    assert_all_refused(&p, &tokens, Instant::now(), "MFA reset");
+
+    // 3-5. Disable, role change and delete by the tenant administrator.
+    for (event, method, tail, request) in [
+        ("disable", "POST", "/disable", json!(null)),
+        ("role change", "PUT", "/role", json!({"role": "reader"})),
+        ("delete", "DELETE", "", json!(null)),
+    ] {
+        let u = fresh(&format!("u-{}", event.replace(' ', "-")));
+        let tokens = fifty_tokens(&p, &u);
+        let id = whoami(&p, &u).id;
+        let request = if request.is_null() {
+            vec![]
+        } else {
+            body(request)
+        };
+        let r = raw.signed(&p, &ta, method, &format!("/v1/users/{id}{tail}"), &request);
+        let done = Instant::now();
+        assert_eq!(r.status, 204, "{event}: {:?}", r.body);
+        assert_all_refused(&p, &tokens, done, event);
+    }
+    // None of that touched anyone else.
+    assert_eq!(
+        raw.signed(&p, &bystander, "GET", "/v1/whoami", b"").status,
+        200
+    );
+
+    // 6. A tenant disable ends every user's credentials in it, and enable brings back none
+    // that were ended for cause (the bystander's key was never revoked, so it works again).
+    let tokens = fifty_tokens(&p, &bystander);
+    let r = raw.signed(
+        &p,
+        &admin,
+        "POST",
+        &format!("/v1/tenants/{}/disable", acme.id),
+        b"",
+    );
+    let done = Instant::now();
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    assert_all_refused(&p, &tokens, done, "tenant disable");
+    let r = raw.signed(&p, &ta, "GET", "/v1/whoami", b"");
+    assert_eq!(r.status, 401);
+    // The password of a user in a disabled tenant makes nothing either.
+    let e = api_error(
+        p.block_on(p.anonymous().post::<_, api::ApiKey>(
+            "/v1/auth/login",
+            &api::Login {
+                user: bystander.user.clone(),
+                password: bystander.password.clone(),
+                public_key: new_public_key(),
+                totp_code: None,
+                recovery_code: None,
+            },
+        ))
+        .unwrap_err(),
+    );
+    assert_eq!((e.status, e.code.as_str()), (401, "credentials_invalid"));
+    let r = raw.signed(
+        &p,
+        &admin,
+        "POST",
+        &format!("/v1/tenants/{}/enable", acme.id),
+        b"",
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        raw.signed(&p, &bystander, "GET", "/v1/whoami", b"").status,
+        200
+    );
+}
+
+fn whoami(p: &Platform, s: &Signer) -> api::User {
+    p.block_on(s.client.get::<api::Whoami>("/v1/whoami"))
+        .unwrap()
+        .user
+}
+
+#[test]
+fn administrative_actions_need_a_fresh_second_factor_and_each_code_works_once() {
+    let p = Platform::start_with_args(&[
+        "--mfa-fresh-secs",
+        "3",
+        "--lockout-after",
+        "3",
+        "--lockout-secs",
+        "60",
+    ]);
+    let admin = p.admin();
+    let uri = admin.totp.clone().unwrap();
+    let raw = p.raw();
+    let create = |name: &str| {
+        raw.signed(
+            &p,
+            &admin,
+            "POST",
+            "/v1/tenants",
+            &body(json!({ "name": name })),
+        )
+    };
+    assert_eq!(create("t1").status, 201);
+    std::thread::sleep(Duration::from_secs(4));
+    let r = create("t2");
+    assert_eq!((r.status, r.code()), (403, "mfa_required"));
+    // Not administrative: still fine.
+    assert_eq!(raw.signed(&p, &admin, "GET", "/v1/whoami", b"").status, 200);
+
+    let verify = |code: serde_json::Value| {
+        raw.signed(&p, &admin, "POST", "/v1/auth/mfa/verify", &body(code))
+    };
+    let next = totp_code(&uri, 30);
+    assert_eq!(verify(json!({ "totp_code": next })).status, 204);
+    assert_eq!(create("t2").status, 201);
+    // The same code again, within its step: refused.
+    let r = verify(json!({ "totp_code": next }));
+    assert_eq!((r.status, r.code()), (401, "mfa_invalid"));
+
+    // A recovery code works once.
+    let other = p.platform_account(&admin, "admin-2", "platform_admin");
+    let created: api::UserCreated = p
+        .block_on(admin.client.post(
+            "/v1/users",
+            &api::UserCreate {
+                name: "admin-3".into(),
+                tenant_id: None,
+                role: Some("platform_admin".into()),
+            },
+        ))
+        .unwrap_or_else(|_| {
+            // The first admin's proof may have gone stale meanwhile: use the second admin.
+            p.block_on(other.client.post(
+                "/v1/users",
+                &api::UserCreate {
+                    name: "admin-3".into(),
+                    tenant_id: None,
+                    role: Some("platform_admin".into()),
+                },
+            ))
+            .unwrap()
+        });
+    let password = "Third-admin-passw0rd";
+    let change = api::PasswordChange {
+        user: "admin-3".into(),
+        current_password: created.initial_password.clone(),
+        new_password: password.into(),
+    };
+    let _: serde_json::Value = p
+        .block_on(p.anonymous().post("/v1/auth/password", &change))
+        .unwrap();
+    let (_, recovery) = p.enrol_totp("admin-3", password);
+    assert_eq!(recovery.len(), 10);
+    let login = |recovery_code: &str| {
+        p.block_on(p.anonymous().post::<_, api::ApiKey>(
+            "/v1/auth/login",
+            &api::Login {
+                user: "admin-3".into(),
+                password: password.into(),
+                public_key: new_public_key(),
+                totp_code: None,
+                recovery_code: Some(recovery_code.into()),
+            },
+        ))
+        .map_err(api_error)
+    };
+    let session = login(&recovery[0].to_uppercase()).unwrap();
+    assert_eq!(session.kind, "session");
+    let e = login(&recovery[0]).unwrap_err();
+    assert_eq!((e.status, e.code.as_str()), (401, "mfa_invalid"));
+
+    // Wrong codes count like wrong passwords: the third locks the account, audited.
+    let login_code = |code: &str| {
+        p.block_on(p.anonymous().post::<_, api::ApiKey>(
+            "/v1/auth/login",
+            &api::Login {
+                user: "admin-3".into(),
+                password: password.into(),
+                public_key: new_public_key(),
+                totp_code: Some(code.into()),
+                recovery_code: None,
+            },
+        ))
+        .map_err(api_error)
+    };
+    login_code("000000").unwrap_err();
+    login_code("999999").unwrap_err();
+    let e = login_code("123456").unwrap_err();
+    assert_eq!(e.status, 401);
+    let e = login(&recovery[1]).unwrap_err();
+    assert_eq!((e.status, e.code.as_str()), (401, "credentials_invalid"));
+    let log = std::fs::read_to_string(p.audit_log()).unwrap();
+    assert!(
+        log.lines()
+            .rev()
+            .take(3)
+            .any(|l| l.contains("\"account_locked\"")),
+        "the lock is not in the audit log"
+    );
+}
+
+#[test]
+fn sessions_end_when_idle_or_old_and_rotation_hands_over_from_key_to_key() {
+    let p = Platform::start_with_args(&["--session-idle-secs", "2", "--session-max-secs", "5"]);
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let raw = p.raw();
+    let login = || {
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+        let session: api::ApiKey = p
+            .block_on(p.anonymous().post(
+                "/v1/auth/login",
+                &api::Login {
+                    user: alice.user.clone(),
+                    password: alice.password.clone(),
+                    public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+                    totp_code: None,
+                    recovery_code: None,
+                },
+            ))
+            .unwrap();
+        assert_eq!(
+            (session.kind.as_str(), session.idle_timeout_secs),
+            ("session", Some(2))
+        );
+        p.signer(&alice.user, &alice.password, &session.id, key, None)
+    };
+    let works = |s: &Signer| raw.signed(&p, s, "GET", "/v1/whoami", b"").status == 200;
+
+    // Used every second: lives until its absolute end, not beyond.
+    let busy = login();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        assert!(works(&busy), "ended early at {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(900));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!works(&busy), "outlived its absolute timeout");
+    // Left alone: ends after the idle timeout.
+    let idle = login();
+    assert!(works(&idle));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(!works(&idle), "outlived its idle timeout");
+
+    // API keys: expiry within the platform's maximum, rotation without and with overlap.
+    let e = api_error(
+        p.block_on(p.anonymous().post::<_, api::ApiKey>(
+            "/v1/auth/keys",
+            &api::KeyCreate {
+                user: alice.user.clone(),
+                password: alice.password.clone(),
+                public_key: new_public_key(),
+                name: None,
+                totp_code: None,
+                recovery_code: None,
+                expires_in_days: Some(1000),
+            },
+        ))
+        .unwrap_err(),
+    );
+    assert_eq!((e.status, e.code.as_str()), (400, "invalid_request"));
+    let keys: Vec<api::ApiKey> = p.block_on(alice.client.get("/v1/keys")).unwrap();
+    assert!(keys.iter().all(|k| k.expires_at.is_some()));
+    let rotate = |s: &Signer, overlap: u32| {
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+        let public = palisade_common::signing::encode_public_key(&key.verifying_key());
+        let r = raw.signed(
+            &p,
+            s,
+            "POST",
+            &format!("/v1/keys/{}/rotate", s.key_id),
+            &body(json!({"public_key": public, "overlap_secs": overlap})),
+        );
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        p.signer(
+            &s.user,
+            &s.password,
+            r.body["id"].as_str().unwrap(),
+            key,
+            None,
+        )
+    };
+    let k2 = rotate(&alice, 0);
+    assert!(!works(&alice), "the rotated-out key still works");
+    assert!(works(&k2));
+    let k3 = rotate(&k2, 2);
+    assert!(works(&k2), "the overlap did not keep the old key");
+    assert!(works(&k3));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!works(&k2), "the old key outlived the overlap");
+    assert!(works(&k3));
+}
+
+#[test]
+fn a_tenant_policy_lets_group_ops_stop_and_start_prod_but_not_delete() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (acme, ta) = p.tenant(&admin, "acme", None);
+    let raw = p.raw();
+    let r = raw.signed(
+        &p,
+        &admin,
+        "PUT",
+        &format!("/v1/users/{}/role", whoami(&p, &ta).id),
+        &body(json!({"role": "tenant_admin"})),
+    );
+    assert_eq!(r.status, 204);
+    let ta = p.enrol_again(&ta);
+    let reader = p.tenant_user(&admin, &acme.id, "ranger", "reader");
+    let reader_id = whoami(&p, &reader).id;
+    let vm = |name: &str, env: &str| {
+        let r = raw.signed(
+            &p,
+            &ta,
+            "POST",
+            "/v1/instances",
+            &body(
+                json!({"name": name, "image": "debian-12-busybox", "flavor": "tiny",
+                         "tags": {"env": env}}),
+            ),
+        );
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        r.body["id"].as_str().unwrap().to_string()
+    };
+    let prod = vm("web-prod", "prod");
+    let dev = vm("web-dev", "dev");
+    let act = |s: &Signer, method: &str, path: String| raw.signed(&p, s, method, &path, b"").status;
+
+    // A reader sees instances but may not stop them.
+    assert_eq!(act(&reader, "GET", format!("/v1/instances/{prod}")), 200);
+    assert_eq!(
+        act(&reader, "POST", format!("/v1/instances/{prod}/stop")),
+        403
+    );
+
+    let group: api::Group = p
+        .block_on(
+            ta.client
+                .post("/v1/groups", &api::GroupCreate { name: "ops".into() }),
+        )
+        .unwrap();
+    assert_eq!(
+        act(
+            &ta,
+            "PUT",
+            format!("/v1/groups/{}/members/{reader_id}", group.id)
+        ),
+        204
+    );
+    let policy = r#"
+        permit (principal in Group::"ops",
+                action in [Action::"instance.stop", Action::"instance.start"],
+                resource is Instance)
+        when { resource.hasTag("env") && resource.getTag("env") == "prod" };
+    "#;
+    let r = raw.signed(
+        &p,
+        &ta,
+        "PUT",
+        "/v1/policies",
+        &body(json!({ "text": policy })),
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+
+    assert_eq!(
+        act(&reader, "POST", format!("/v1/instances/{prod}/stop")),
+        202
+    );
+    assert_eq!(
+        act(&reader, "POST", format!("/v1/instances/{prod}/start")),
+        202
+    );
+    assert_eq!(act(&reader, "DELETE", format!("/v1/instances/{prod}")), 403);
+    assert_eq!(
+        act(&reader, "POST", format!("/v1/instances/{dev}/stop")),
+        403
+    );
+    // Policies cannot be written by the reader, nor read.
+    let r = raw.signed(
+        &p,
+        &reader,
+        "PUT",
+        "/v1/policies",
+        &body(json!({"text": ""})),
+    );
+    assert_eq!(r.status, 403);
+
+    // Out of the group, the rights go at once.
+    assert_eq!(
+        act(
+            &ta,
+            "DELETE",
+            format!("/v1/groups/{}/members/{reader_id}", group.id)
+        ),
+        204
+    );
+    assert_eq!(
+        act(&reader, "POST", format!("/v1/instances/{prod}/stop")),
+        403
+    );
+
+    // Bad policies: 400 with the validator's words, and the stored policy is unchanged.
+    for (bad, needle) in [
+        ("permit (principal, action, resource", "unexpected"),
+        (
+            "permit (principal, action == Action::\"instance.fly\", resource);",
+            "instance.fly",
+        ),
+        (
+            "permit (principal, action, resource) when { resource.colour == \"red\" };",
+            "colour",
+        ),
+    ] {
+        let r = raw.signed(
+            &p,
+            &ta,
+            "PUT",
+            "/v1/policies",
+            &body(json!({ "text": bad })),
+        );
+        assert_eq!((r.status, r.code()), (400, "policy_invalid"), "{bad}");
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{bad}: {message}");
+    }
+    let stored: api::Policies = p.block_on(ta.client.get("/v1/policies")).unwrap();
+    assert_eq!(stored.text, policy);
+
+    // Another tenant's greediest policy opens nothing of acme's.
+    let (_, bob) = p.tenant(&admin, "bob-corp", None);
+    let r = raw.signed(
+        &p,
+        &admin,
+        "PUT",
+        &format!("/v1/users/{}/role", whoami(&p, &bob).id),
+        &body(json!({"role": "tenant_admin"})),
+    );
+    assert_eq!(r.status, 204);
+    let bob = p.enrol_again(&bob);
+    let greedy = "permit (principal, action, resource);";
+    let r = raw.signed(
+        &p,
+        &bob,
+        "PUT",
+        "/v1/policies",
+        &body(json!({ "text": greedy })),
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(act(&bob, "DELETE", format!("/v1/instances/{prod}")), 404);
+    assert_eq!(act(&bob, "GET", format!("/v1/tenants/{}", acme.id)), 404);
+    assert_eq!(act(&bob, "GET", "/v1/tenants".into()), 403);
+}
+
+#[test]
+fn second_factor_secrets_are_sealed_at_rest_and_never_logged() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let uri = admin.totp.clone().unwrap();
+    let secret = uri
+        .split(['?', '&'])
+        .find_map(|x| x.strip_prefix("secret="))
+        .unwrap()
+        .to_string();
+    let (acme, _) = p.tenant(&admin, "acme", None);
+    let carol = p.tenant_user(&admin, &acme.id, "carol", "member");
+    let (carol_uri, recovery) = p.enrol_totp(&carol.user, &carol.password);
+
+    use std::os::unix::fs::PermissionsExt;
+    let master = std::fs::metadata(p.data().join("master.key")).unwrap();
+    assert_eq!(master.permissions().mode() & 0o777, 0o600);
+    assert_eq!(master.len(), 32);
+
+    let dump = std::process::Command::new("sqlite3")
+        .arg(p.data().join("palisade.db"))
+        .arg(".dump")
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    let mut places = vec![
+        (
+            "database",
+            String::from_utf8_lossy(&dump.stdout).to_string(),
+        ),
+        ("audit log", std::fs::read_to_string(p.audit_log()).unwrap()),
+        ("controller log", p.tail("controller.log")),
+    ];
+    let wal = std::fs::read(p.data().join("palisade.db-wal")).unwrap_or_default();
+    places.push(("database WAL", String::from_utf8_lossy(&wal).to_string()));
+    let carol_secret = carol_uri
+        .split(['?', '&'])
+        .find_map(|x| x.strip_prefix("secret="))
+        .unwrap()
+        .to_string();
+    for (place, text) in &places {
+        for needle in [&secret, &carol_secret] {
+            assert!(
+                !text.contains(needle.as_str()),
+                "a TOTP secret is in the {place}"
+            );
+        }
+        for code in &recovery {
+            assert!(
+                !text.contains(code.as_str()),
+                "a recovery code is in the {place}"
+            );
+        }
+    }
+    // The enrolment answer is the only place the secret was ever shown: asking again is 409.
+    let e = api_error(
+        p.block_on(p.anonymous().post::<_, api::TotpEnrolment>(
+            "/v1/auth/mfa/totp",
+            &api::TotpEnrol {
+                user: carol.user.clone(),
+                password: carol.password.clone(),
+            },
+        ))
+        .unwrap_err(),
+    );
+    assert_eq!((e.status, e.code.as_str()), (409, "mfa_already_enrolled"));
+}
+
+#[test]
+fn a_tenant_can_require_mfa_and_tighten_the_password_rules() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (acme, ta) = p.tenant(&admin, "acme", None);
+    let raw = p.raw();
+    let r = raw.signed(
+        &p,
+        &admin,
+        "PUT",
+        &format!("/v1/users/{}/role", whoami(&p, &ta).id),
+        &body(json!({"role": "tenant_admin"})),
+    );
+    assert_eq!(r.status, 204);
+    let ta = p.enrol_again(&ta);
+    let (ta_uri, _) = p.enrol_totp(&ta.user, &ta.password);
+    let ta = p.key_with_totp(&ta.user, &ta.password, &ta_uri);
+    let member = p.tenant_user(&admin, &acme.id, "mia", "member");
+    assert_eq!(
+        raw.signed(&p, &member, "GET", "/v1/whoami", b"").status,
+        200
+    );
+
+    let settings =
+        json!({"require_mfa": true, "password_min_length": 20, "password_max_age_days": 1});
+    let r = raw.signed(
+        &p,
+        &ta,
+        "PUT",
+        &format!("/v1/tenants/{}/settings", acme.id),
+        &body(settings),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // A key the member made without a second factor works no more; a new one needs MFA.
+    let r = raw.signed(&p, &member, "GET", "/v1/whoami", b"");
+    assert_eq!((r.status, r.code()), (401, "mfa_required"));
+    let key = |user: &str, password: &str| {
+        p.block_on(p.anonymous().post::<_, api::ApiKey>(
+            "/v1/auth/keys",
+            &api::KeyCreate {
+                user: user.into(),
+                password: password.into(),
+                public_key: new_public_key(),
+                name: None,
+                totp_code: None,
+                recovery_code: None,
+                expires_in_days: None,
+            },
+        ))
+        .map_err(api_error)
+    };
+    let e = key(&member.user, &member.password).unwrap_err();
+    assert_eq!((e.status, e.code.as_str()), (403, "mfa_enrolment_required"));
+
+    // The tenant's minimum length applies to its users' new passwords.
+    let change = |current: &str, new: &str| {
+        p.block_on(p.anonymous().post::<_, serde_json::Value>(
+            "/v1/auth/password",
+            &api::PasswordChange {
+                user: member.user.clone(),
+                current_password: current.into(),
+                new_password: new.into(),
+            },
+        ))
+        .map_err(api_error)
+    };
+    let e = change(&member.password, "Short-but-ok-9").unwrap_err();
+    assert_eq!((e.status, e.code.as_str()), (400, "password_policy"));
+    let long = "A-much-longer-passw0rd-here";
+    change(&member.password, long).unwrap();
+
+    // A password older than the tenant's maximum age must be changed before anything else.
+    let (uri, _) = p.enrol_totp(&member.user, long);
+    let fresh = p.key_with_totp(&member.user, long, &uri);
+    assert_eq!(raw.signed(&p, &fresh, "GET", "/v1/whoami", b"").status, 200);
+    let two_days_ago = time_now() - 2 * 86_400;
+    let status = std::process::Command::new("sqlite3")
+        .arg(p.data().join("palisade.db"))
+        .arg(format!(
+            "UPDATE users SET password_changed_at = {two_days_ago} WHERE name = 'mia';"
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let r = raw.signed(&p, &fresh, "GET", "/v1/whoami", b"");
+    assert_eq!((r.status, r.code()), (403, "password_change_required"));
+}
+
+/// A webhook receiver on loopback: every request's signature header and body, in order.
+fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let (mut length, mut signature) = (0usize, String::new());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if lower.starts_with("x-palisade-signature:") {
+                    signature = line.split_once(':').unwrap().1.trim().to_string();
+                }
+            }
+            let mut body = vec![0u8; length];
+            reader.read_exact(&mut body).unwrap();
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            if tx.send((signature, body)).is_err() {
+                return;
+            }
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn identity_anomalies_become_alerts_in_the_api_the_audit_log_and_the_webhook() {
+    use hmac::{KeyInit, Mac};
+    let p = Platform::start_with_args(&["--webhook-allow-private", "--lockout-after", "3"]);
+    let admin = p.admin();
+    let (acme, ta) = p.tenant(&admin, "acme", None);
+    let raw = p.raw();
+    let r = raw.signed(
+        &p,
+        &admin,
+        "PUT",
+        &format!("/v1/users/{}/role", whoami(&p, &ta).id),
+        &body(json!({"role": "tenant_admin"})),
+    );
+    assert_eq!(r.status, 204);
+    let ta = p.enrol_again(&ta);
+    let alice = p.tenant_user(&admin, &acme.id, "alice", "member");
+    let security = p.platform_account(&admin, "sec-1", "security_admin");
+    let (_, bob) = p.tenant(&admin, "bob-corp", None);
+
+    // The tenant's webhook: a refused target first, then the receiver.
+    let (url, hooks) = webhook_receiver();
+    let r = raw.signed(
+        &p,
+        &ta,
+        "PUT",
+        &format!("/v1/tenants/{}/webhook", acme.id),
+        &body(json!({"url": "ftp://127.0.0.1/x"})),
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "webhook_invalid"),
+        "{:?}",
+        r.body
+    );
+    let r = raw.signed(
+        &p,
+        &ta,
+        "PUT",
+        &format!("/v1/tenants/{}/webhook", acme.id),
+        &body(json!({ "url": url })),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let secret = r.body["secret"].as_str().unwrap().to_string();
+    let next_hook = || {
+        let (signature, body) = hooks.recv_timeout(Duration::from_secs(10)).unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(&body);
+        assert_eq!(
+            signature,
+            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+            "the webhook signature does not verify"
+        );
+        serde_json::from_slice::<api::Alert>(&body).unwrap()
+    };
+    let alerts =
+        |s: &Signer| -> Vec<api::Alert> { p.block_on(s.client.get("/v1/alerts")).unwrap() };
+
+    // Alice's key, used from 127.0.0.1 (learnt) and then from 127.0.0.2: new source.
+    assert_eq!(raw.signed(&p, &alice, "GET", "/v1/whoami", b"").status, 200);
+    assert!(alerts(&ta).is_empty());
+    let elsewhere = p.raw_from(Some("127.0.0.2".parse().unwrap()));
+    assert_eq!(
+        elsewhere
+            .signed(&p, &alice, "GET", "/v1/whoami", b"")
+            .status,
+        200
+    );
+    assert_eq!(
+        elsewhere
+            .signed(&p, &alice, "GET", "/v1/whoami", b"")
+            .status,
+        200
+    );
+    let seen = alerts(&ta);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].kind, "new_source");
+    assert_eq!(
+        seen[0].user_id.as_deref(),
+        Some(whoami(&p, &alice).id.as_str())
+    );
+    assert_eq!(next_hook().kind, "new_source");
+
+    // A burst of wrong passwords locks Alice's account: an alert, once.
+    let wrong = || {
+        p.block_on(p.anonymous().post::<_, api::ApiKey>(
+            "/v1/auth/login",
+            &api::Login {
+                user: alice.user.clone(),
+                password: "Wrong-passw0rd-x".into(),
+                public_key: new_public_key(),
+                totp_code: None,
+                recovery_code: None,
+            },
+        ))
+        .unwrap_err()
+    };
+    for _ in 0..5 {
+        wrong();
+    }
+    let kinds: Vec<String> = alerts(&ta).into_iter().map(|a| a.kind).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "login_failures").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(next_hook().kind, "login_failures");
+
+    // One source failing across accounts: a platform alert for the security administrator.
+    for n in 0..10 {
+        let _ = p.block_on(p.anonymous().post::<_, api::ApiKey>(
+            "/v1/auth/login",
+            &api::Login {
+                user: format!("nobody-{n}"),
+                password: "Wrong-passw0rd-x".into(),
+                public_key: new_public_key(),
+                totp_code: None,
+                recovery_code: None,
+            },
+        ));
+    }
+    let platform: Vec<String> = alerts(&security).into_iter().map(|a| a.kind).collect();
+    assert!(
+        platform.contains(&"password_spraying".to_string()),
+        "{platform:?}"
+    );
+    assert!(!alerts(&ta).iter().any(|a| a.kind == "password_spraying"));
+    // Another tenant sees none of it.
+    let r = raw.signed(&p, &bob, "GET", "/v1/alerts", b"");
+    assert_eq!(r.status, 403, "a member may not read alerts");
+
+    // Every alert is in the audit log too.
+    let log = std::fs::read_to_string(p.audit_log()).unwrap();
+    for kind in ["new_source", "login_failures", "password_spraying"] {
+        assert!(
+            log.contains(&format!("\"alert.{kind}\"")),
+            "{kind} not audited"
+        );
+    }
+}
