@@ -37,7 +37,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "could not install: ${missing[*]}" >&2
   exit 1
 fi
-for tool in qemu-system-x86_64 qemu-img nft ip tc; do
+# Node.js runs the OpenID Connect provider of the federation tests (testing/oidc); any
+# packaging of Node >= 18.12 will do, so look for the command, not a package.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "installing: nodejs npm"
+  [ -n "$updated" ] || { apt-get update -qq; updated=1; }
+  apt-get install -y -qq --no-install-recommends nodejs npm
+fi
+for tool in qemu-system-x86_64 qemu-img nft ip tc node npm; do
   command -v "$tool" >/dev/null || { echo "$tool is missing after installing packages" >&2; exit 1; }
 done
 

@@ -52,6 +52,21 @@ pub enum Command {
         #[command(flatten)]
         factor: SecondFactor,
     },
+    /// Log in through the tenant's own identity provider (OpenID Connect): prints a URL to
+    /// open in a browser, waits for the provider to send the browser back to this machine,
+    /// and gives the profile a session key.
+    Sso {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// Loopback port for the provider's redirect (0: any free port; the provider must
+        /// accept http://127.0.0.1:<port>/callback).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Seconds to wait for the browser.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Change a password (the only thing an initial password may do).
     #[command(subcommand)]
     Password(PasswordCmd),
@@ -396,6 +411,11 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             password,
             factor,
         } => ctx.login(user, password, factor).await,
+        Command::Sso {
+            tenant,
+            port,
+            timeout,
+        } => ctx.sso(tenant, port, Duration::from_secs(timeout)).await,
         Command::Password(PasswordCmd::Change {
             user,
             password,
@@ -655,6 +675,96 @@ impl Ctx {
                 session
                     .idle_timeout_secs
                     .map_or_else(|| "-".into(), seconds),
+            ]);
+        })
+    }
+
+    /// A federated login (RFC 8252 style): the provider's answer comes back to a loopback port
+    /// on this machine, and only then does the controller hand out the session.
+    async fn sso(&self, tenant: String, port: u16, timeout: Duration) -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+        let redirect_uri = format!(
+            "http://127.0.0.1:{}/callback",
+            listener.local_addr()?.port()
+        );
+        let key = config::new_key();
+        let client = self.unsigned()?;
+        let body = api::OidcStart {
+            tenant,
+            redirect_uri,
+            public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+        };
+        let started: api::OidcStarted = client.post("/v1/auth/oidc/start", &body).await?;
+        println!(
+            "Open this URL in a browser to log in:\n{}",
+            started.authorization_url
+        );
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let (code, state) = tokio::time::timeout(timeout, async {
+            loop {
+                let (mut stream, _) = listener.accept().await?;
+                let mut buffer = vec![0u8; 8192];
+                let n = stream.read(&mut buffer).await?;
+                let request = String::from_utf8_lossy(&buffer[..n]).to_string();
+                let target = request
+                    .lines()
+                    .next()
+                    .and_then(|line| line.split_whitespace().nth(1))
+                    .unwrap_or("")
+                    .to_string();
+                let Some(query) = target.strip_prefix("/callback?") else {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    continue;
+                };
+                let params: Vec<(String, String)> =
+                    serde_urlencoded::from_str(query).unwrap_or_default();
+                let get = |name: &str| {
+                    params
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                };
+                let page = "Palisade: you can close this window and return to the terminal.";
+                let _ = stream
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: \
+                             {}\r\nconnection: close\r\n\r\n{page}",
+                            page.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                if let Some(error) = get("error") {
+                    anyhow::bail!("the identity provider refused the login: {error}");
+                }
+                match (get("code"), get("state")) {
+                    (Some(code), Some(state)) => return Ok::<_, anyhow::Error>((code, state)),
+                    _ => anyhow::bail!("the identity provider sent no code"),
+                }
+            }
+        })
+        .await
+        .context("no answer from the browser in time")??;
+        let finish = api::OidcFinish {
+            login_id: started.login_id,
+            code,
+            state,
+        };
+        let session: api::ApiKey = client.post("/v1/auth/oidc/finish", &finish).await?;
+        self.store_key(None, &session.id, &key)?;
+        self.show(&session, |t| {
+            t.row(["SESSION KEY", "USER ID", "EXPIRES"]);
+            t.row([
+                session.id.clone(),
+                session.user_id.clone(),
+                session.expires_at.clone().unwrap_or_else(|| "-".into()),
             ]);
         })
     }

@@ -249,6 +249,64 @@ pub struct Webhook {
     pub secret: Option<String>,
 }
 
+/// `PUT /v1/tenants/{id}/oidc`: the tenant's own OpenID Connect provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// Issuer URL; discovery (`/.well-known/openid-configuration`) must answer for it.
+    pub issuer: String,
+    pub client_id: String,
+    /// For a confidential client; omitted for a public one (PKCE alone).
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// The ID-token claim listing the user's groups at the provider.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Provider group → tenant role; the highest matching role wins.
+    #[serde(default)]
+    pub role_map: std::collections::BTreeMap<String, String>,
+    /// The role of a user no mapping matches.
+    #[serde(default = "default_federated_role")]
+    pub default_role: String,
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_federated_role() -> String {
+    "reader".into()
+}
+
+/// `POST /v1/auth/oidc/start` (unsigned): begins a federated login for a CLI that listens on
+/// a loopback `redirect_uri` and made the key pair whose public half is given.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcStart {
+    /// The tenant's name.
+    pub tenant: String,
+    pub redirect_uri: String,
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcStarted {
+    pub login_id: String,
+    /// Open in a browser.
+    pub authorization_url: String,
+}
+
+/// `POST /v1/auth/oidc/finish` (unsigned): the code and state the provider sent to the
+/// loopback redirect; answers with the new session key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcFinish {
+    pub login_id: String,
+    pub code: String,
+    pub state: String,
+}
+
 /// An identity anomaly: a burst of failed logins, a new source address, ...
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -64,10 +64,10 @@ pub struct ControllerArgs {
     /// Seconds a second-factor proof counts as fresh for administrative actions.
     #[arg(long, default_value_t = 900)]
     pub mfa_fresh_secs: u32,
-    /// Let tenants' alert webhooks use plain HTTP and private, loopback or link-local
-    /// addresses (on-premises receivers). Off: public HTTPS endpoints only.
+    /// Let the URLs tenants set (alert webhooks, OpenID Connect providers) use plain HTTP and
+    /// private, loopback or link-local addresses (on-premises services). Off: public HTTPS only.
     #[arg(long)]
-    pub webhook_allow_private: bool,
+    pub allow_private_endpoints: bool,
 }
 
 /// Shared state of a running controller.
@@ -126,8 +126,8 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     let alerts = service::alerts::Alerts::new(
         db.clone(),
         audit.clone(),
-        service::alerts::WebhookPolicy {
-            allow_private: args.webhook_allow_private,
+        service::outbound::OutboundPolicy {
+            allow_private: args.allow_private_endpoints,
         },
     );
     let controller = Arc::new(Controller {

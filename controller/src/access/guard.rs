@@ -131,6 +131,11 @@ impl RequestCtx {
         Ok(())
     }
 
+    /// The tenant a request concerns before anyone is authenticated (a federated login).
+    pub fn set_tenant(&self, tenant_id: &str) {
+        self.lock().tenant_id = Some(tenant_id.to_string());
+    }
+
     /// For password routes: who the request proved to be, once the password checked out.
     pub fn set_subject(&self, user_id: &str, tenant_id: Option<String>) {
         let mut state = self.lock();
@@ -249,6 +254,10 @@ pub const PASSWORD_ROUTES: &[&str] = &[
     "/v1/auth/login",
     "/v1/auth/mfa/totp",
     "/v1/auth/mfa/totp/confirm",
+    // Federated login: the identity provider, not a password, authenticates; see
+    // service::federation.
+    "/v1/auth/oidc/start",
+    "/v1/auth/oidc/finish",
 ];
 
 pub fn is_password_route_path(method: &str, path: &str) -> bool {

@@ -212,6 +212,66 @@ pub async fn totp_confirm(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result
     Ok((StatusCode::CREATED, Json(codes)).into_response())
 }
 
+/// Starts a federated login (see `service::federation`).
+pub async fn oidc_start(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    let req: api::OidcStart = parse(&body)?;
+    ctx.describe("auth.oidc_start", format!("tenant-name/{}", req.tenant));
+    // An unknown or disabled tenant and one without a provider look the same.
+    let no_provider = Error::NotFound {
+        what: "identity provider",
+    };
+    let tenant = accounts::tenant_by_name(&c.db, &req.tenant)
+        .await?
+        .filter(|t| !t.disabled)
+        .ok_or(no_provider)?;
+    ctx.set_tenant(&tenant.id);
+    ctx.permit().await?;
+    let started = crate::service::federation::start(
+        &c.db,
+        &c.secrets,
+        c.alerts.outbound_policy(),
+        &tenant.id,
+        &req,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(started)).into_response())
+}
+
+/// Finishes a federated login: the session key of the federated user.
+pub async fn oidc_finish(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    let req: api::OidcFinish = parse(&body)?;
+    ctx.describe("auth.oidc_finish", format!("login/{}", req.login_id));
+    let federated =
+        crate::service::federation::finish(&c.db, &c.secrets, c.alerts.outbound_policy(), &req)
+            .await?;
+    ctx.set_subject(&federated.user_id, Some(federated.tenant_id.clone()));
+    let tenant = accounts::get_tenant(&c.db, &federated.tenant_id).await?;
+    if tenant.disabled {
+        return Err(Error::LoginRefused {
+            locked: false,
+            new_lock: None,
+        });
+    }
+    let session = identity::prepare_key(
+        &c.rules,
+        &federated.user_id,
+        &federated.public_key,
+        Some("oidc"),
+        identity::KeyKind::Session,
+    )?;
+    ctx.describe("auth.oidc_finish", format!("key/{}", session.id));
+    ctx.permit().await?;
+    let key = identity::insert_key(&c.db, session, federated.mfa).await?;
+    super::guard::note_source(
+        &c,
+        &ctx,
+        &federated.user_id,
+        Some(federated.tenant_id.as_str()),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(key)).into_response())
+}
+
 // ---- the caller's own account ----
 
 pub async fn whoami(State(c): Ctl, ctx: RequestCtx) -> Result<Json<api::Whoami>> {
@@ -384,7 +444,7 @@ pub async fn tenant_webhook(
     let req: api::WebhookSet = parse(&body)?;
     let url = match &req.url {
         Some(url) => Some(
-            crate::service::alerts::check_webhook_url(url, c.alerts.webhook_policy())
+            crate::service::outbound::check_url(url, c.alerts.outbound_policy())
                 .await
                 .map_err(|e| Error::Invalid {
                     code: "webhook_invalid",
@@ -404,6 +464,27 @@ pub async fn tenant_webhook(
     });
     accounts::set_webhook(&c.db, &tenant.id, url.as_deref(), sealed.as_deref()).await?;
     Ok(Json(api::Webhook { url, secret }))
+}
+
+/// Sets the tenant's own OpenID Connect provider (discovery must answer now).
+pub async fn tenant_oidc(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let tenant = tenant_for(&c, &ctx, "tenant.oidc", &id).await?;
+    let req: api::OidcConfig = parse(&body)?;
+    ctx.permit().await?;
+    crate::service::federation::configure(
+        &c.db,
+        &c.secrets,
+        c.alerts.outbound_policy(),
+        &tenant.id,
+        &req,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn disable_tenant(

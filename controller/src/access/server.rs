@@ -61,6 +61,18 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             "mfa.confirm",
             post(h::totp_confirm),
         ),
+        r(
+            "POST",
+            "/v1/auth/oidc/start",
+            "auth.oidc_start",
+            post(h::oidc_start),
+        ),
+        r(
+            "POST",
+            "/v1/auth/oidc/finish",
+            "auth.oidc_finish",
+            post(h::oidc_finish),
+        ),
         // Signed.
         r(
             "POST",
@@ -106,6 +118,12 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             "/v1/tenants/{id}/settings",
             "tenant.settings",
             put(h::tenant_settings),
+        ),
+        r(
+            "PUT",
+            "/v1/tenants/{id}/oidc",
+            "tenant.oidc",
+            put(h::tenant_oidc),
         ),
         r(
             "PUT",

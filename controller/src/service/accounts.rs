@@ -111,6 +111,19 @@ pub async fn get_tenant(db: &Db, id: &str) -> Result<Tenant> {
     .ok_or(Error::NotFound { what: "tenant" })
 }
 
+/// A live tenant by name, if any.
+pub async fn tenant_by_name(db: &Db, name: &str) -> Result<Option<Tenant>> {
+    Ok(sqlx::query(concat!(
+        "SELECT ",
+        tenant_columns!(),
+        " FROM tenants WHERE name = $1 AND deleted_at IS NULL"
+    ))
+    .bind(name)
+    .fetch_optional(&db.pool)
+    .await?
+    .map(|row| tenant_from_row(&row)))
+}
+
 pub fn check_settings(settings: &TenantSettings) -> Result<()> {
     if settings.password_min_length > 1024 {
         return Err(Error::invalid("password_min_length must be at most 1024"));

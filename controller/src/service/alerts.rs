@@ -18,6 +18,7 @@ use sqlx::Row;
 use crate::db::{new_id, now, Db};
 use crate::error::Result;
 use crate::service::audit::{AuditLog, Entry};
+use crate::service::outbound::{self, OutboundPolicy};
 
 /// Failed logins from one source within [`SPRAY_WINDOW`] that make a spraying alert.
 const SPRAY_THRESHOLD: usize = 10;
@@ -28,18 +29,11 @@ const MAX_REMEMBERED: usize = 100_000;
 pub struct Alerts {
     db: Db,
     audit: AuditLog,
-    webhook: WebhookPolicy,
+    webhook: OutboundPolicy,
     /// (user, source address) pairs already known, to skip the database on every request.
     known: Mutex<HashSet<(String, IpAddr)>>,
     /// Recent failed logins per source, for spraying.
     failures: Mutex<HashMap<IpAddr, Vec<Instant>>>,
-}
-
-/// Where webhooks may go: public HTTPS endpoints, or with `allow_private` (an operator's
-/// choice, for on-premises receivers and tests) also loopback, private addresses and HTTP.
-#[derive(Debug, Clone, Copy)]
-pub struct WebhookPolicy {
-    pub allow_private: bool,
 }
 
 /// One alert to raise.
@@ -53,7 +47,7 @@ pub struct Raise<'a> {
 }
 
 impl Alerts {
-    pub fn new(db: Db, audit: AuditLog, webhook: WebhookPolicy) -> Alerts {
+    pub fn new(db: Db, audit: AuditLog, webhook: OutboundPolicy) -> Alerts {
         Alerts {
             db,
             audit,
@@ -63,7 +57,7 @@ impl Alerts {
         }
     }
 
-    pub fn webhook_policy(&self) -> WebhookPolicy {
+    pub fn outbound_policy(&self) -> OutboundPolicy {
         self.webhook
     }
 
@@ -241,85 +235,16 @@ fn secrets_hmac(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Checks a webhook URL against the policy: scheme, and every address its host resolves to.
-pub async fn check_webhook_url(url: &str, policy: WebhookPolicy) -> anyhow::Result<reqwest::Url> {
-    let parsed = reqwest::Url::parse(url)?;
-    match parsed.scheme() {
-        "https" => {}
-        "http" if policy.allow_private => {}
-        _ => anyhow::bail!("webhook URLs must be https"),
-    }
-    anyhow::ensure!(
-        parsed.username().is_empty() && parsed.password().is_none(),
-        "webhook URLs carry no credentials"
-    );
-    let host = parsed
-        .host_str()
-        .ok_or_else(|| anyhow::anyhow!("the URL has no host"))?
-        .trim_matches(['[', ']'])
-        .to_string();
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    let addresses: Vec<IpAddr> = tokio::net::lookup_host((host.as_str(), port))
-        .await?
-        .map(|a| a.ip())
-        .collect();
-    anyhow::ensure!(!addresses.is_empty(), "the host does not resolve");
-    if !policy.allow_private {
-        for ip in &addresses {
-            anyhow::ensure!(
-                is_public(ip),
-                "webhooks may not go to {ip} (not a public address)"
-            );
-        }
-    }
-    Ok(parsed)
-}
-
-/// Not loopback, private, link-local, unspecified, multicast, documentation or shared space:
-/// the platform's own networks stay unreachable through webhooks.
-fn is_public(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || (a == 100 && (64..128).contains(&b))
-                || a == 0)
-        }
-        IpAddr::V6(v6) => {
-            let seg = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (seg[0] & 0xfe00) == 0xfc00
-                || (seg[0] & 0xffc0) == 0xfe80
-                || v6
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| !is_public(&IpAddr::V4(v4))))
-        }
-    }
-}
-
 async fn post_webhook(
     url: &str,
-    policy: WebhookPolicy,
+    policy: OutboundPolicy,
     body: &[u8],
     signature: &str,
 ) -> anyhow::Result<()> {
     // Checked again at delivery: a name may resolve elsewhere now than when it was set.
-    let url = check_webhook_url(url, policy).await?;
-    let client = reqwest::Client::builder()
-        .tls_backend_preconfigured(palisade_common::tls::public_client_config()?)
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()?;
-    let response = client
-        .post(url)
+    let checked = outbound::check(url, policy).await?;
+    let response = outbound::client_for(&checked)?
+        .post(checked.url.clone())
         .header("content-type", "application/json")
         .header("x-palisade-signature", signature)
         .body(body.to_vec())
@@ -337,58 +262,6 @@ async fn post_webhook(
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_public_addresses_count_as_public() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-            "::ffff:169.254.169.254",
-        ] {
-            let ip: IpAddr = private.parse().unwrap();
-            assert!(!is_public(&ip), "{private}");
-        }
-        for public in ["93.184.216.34", "2606:2800:220:1::1"] {
-            let ip: IpAddr = public.parse().unwrap();
-            assert!(is_public(&ip), "{public}");
-        }
-    }
-
-    #[tokio::test]
-    async fn webhook_urls_are_checked_before_use() {
-        let strict = WebhookPolicy {
-            allow_private: false,
-        };
-        for bad in [
-            "http://93.184.216.34/hook",
-            "https://127.0.0.1/hook",
-            "https://169.254.169.254/latest",
-            "https://user:pw@93.184.216.34/",
-            "ftp://93.184.216.34/",
-            "https://[::1]/hook",
-            "not a url",
-        ] {
-            assert!(check_webhook_url(bad, strict).await.is_err(), "{bad}");
-        }
-        assert!(check_webhook_url("https://93.184.216.34/hook", strict)
-            .await
-            .is_ok());
-        let lenient = WebhookPolicy {
-            allow_private: true,
-        };
-        assert!(check_webhook_url("http://127.0.0.1:9/hook", lenient)
-            .await
-            .is_ok());
-    }
-
     #[tokio::test]
     async fn spraying_alerts_once_per_burst_and_new_sources_after_the_first() {
         let dir = tempfile::tempdir().unwrap();
@@ -397,7 +270,7 @@ mod tests {
         let alerts = Alerts::new(
             db,
             audit,
-            WebhookPolicy {
+            OutboundPolicy {
                 allow_private: false,
             },
         );

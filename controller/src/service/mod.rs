@@ -4,6 +4,8 @@ pub mod accounts;
 pub mod alerts;
 pub mod audit;
 pub mod compute;
+pub mod federation;
 pub mod identity;
 pub mod mfa;
+pub mod outbound;
 pub mod secrets;

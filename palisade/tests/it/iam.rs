@@ -32,6 +32,8 @@ fn hex_id() -> String {
 /// Accounts of every role plus the objects the matrix test acts on.
 struct World {
     signers: BTreeMap<String, Signer>,
+    /// An OpenID Connect issuer the tenant can be pointed at.
+    issuer: String,
     acme: String,
     instance: String,
     group: String,
@@ -39,7 +41,7 @@ struct World {
 }
 
 impl World {
-    fn new(p: &Platform) -> World {
+    fn new(p: &Platform, issuer: &str) -> World {
         let admin = p.admin();
         let acme: api::Tenant = p
             .block_on(admin.client.post(
@@ -82,6 +84,7 @@ impl World {
             .id;
         World {
             signers,
+            issuer: issuer.to_string(),
             acme: acme.id,
             instance,
             group: group.id,
@@ -183,6 +186,11 @@ impl World {
                 "PUT",
                 format!("/v1/tenants/{acme}/settings"),
                 body(json!({})),
+            ),
+            "tenant.oidc" => (
+                "PUT",
+                format!("/v1/tenants/{acme}/oidc"),
+                body(json!({"issuer": self.issuer, "client_id": "palisade"})),
             ),
             "tenant.webhook" => (
                 "PUT",
@@ -312,9 +320,13 @@ fn new_public_key() -> String {
 
 #[test]
 fn every_cell_of_the_role_matrix_is_one_real_call() {
-    let p = Platform::start();
+    let idp = OidcProvider::start(&json!({
+        "clients": [{"client_id": "palisade", "redirect_uris": ["http://127.0.0.1:9/cb"]}],
+        "accounts": [{"username": "x", "password": "x-password", "claims": {}}],
+    }));
+    let p = Platform::start_with_args(&["--allow-private-endpoints"]);
     let matrix = Matrix::builtin().unwrap();
-    let w = World::new(&p);
+    let w = World::new(&p, &idp.issuer);
     let raw = p.raw();
     let mut wrong = Vec::new();
     let mut cells = 0;
@@ -377,7 +389,7 @@ fn snapshot(p: &Platform, w: &World) -> Vec<Vec<u8>> {
 #[test]
 fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
     let p = Platform::start();
-    let w = World::new(&p);
+    let w = World::new(&p, "https://idp.invalid");
     let raw = p.raw();
     p.wait_state(w.tenant_admin(), &w.instance, "running");
     let (_, bob) = p.tenant(w.admin(), "bob-corp", None);
@@ -1197,7 +1209,7 @@ fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<(String, Vec<u8>)>) 
 #[test]
 fn identity_anomalies_become_alerts_in_the_api_the_audit_log_and_the_webhook() {
     use hmac::{KeyInit, Mac};
-    let p = Platform::start_with_args(&["--webhook-allow-private", "--lockout-after", "3"]);
+    let p = Platform::start_with_args(&["--allow-private-endpoints", "--lockout-after", "3"]);
     let admin = p.admin();
     let (acme, ta) = p.tenant(&admin, "acme", None);
     let raw = p.raw();

@@ -8,6 +8,7 @@ mod agent;
 mod audit;
 mod auth;
 mod e2e;
+mod federation;
 mod iam;
 mod quota;
 mod reconcile;

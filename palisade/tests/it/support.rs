@@ -814,3 +814,119 @@ impl Raw {
         })
     }
 }
+
+/// A real OpenID Connect provider (testing/oidc: npm oidc-provider) on a loopback port,
+/// stopped when dropped (and, through its stdin, if the test process dies).
+pub struct OidcProvider {
+    child: std::process::Child,
+    pub issuer: String,
+}
+
+impl OidcProvider {
+    /// Starts the provider with the given clients and accounts (see testing/oidc/README.md).
+    pub fn start(config: &Value) -> OidcProvider {
+        let dir = workspace_root().join("testing/oidc");
+        static SETUP: std::sync::Once = std::sync::Once::new();
+        SETUP.call_once(|| {
+            let status = Command::new(dir.join("setup.sh")).status().unwrap();
+            assert!(status.success(), "testing/oidc/setup.sh failed");
+        });
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), serde_json::to_vec(config).unwrap()).unwrap();
+        let (_, path) = file.keep().unwrap();
+        let mut child = Command::new("node")
+            .arg(dir.join("provider.mjs"))
+            .args([
+                "--config",
+                &path.display().to_string(),
+                "--exit-on-stdin-close",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node is installed (scripts/host-packages.sh)");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let issuer = line
+            .trim()
+            .strip_prefix("OIDC-ISSUER ")
+            .unwrap_or_else(|| panic!("the OIDC provider did not start: {line:?}"))
+            .to_string();
+        OidcProvider { child, issuer }
+    }
+
+    /// Plays the browser: follows the authorization URL through the provider's login form
+    /// (username and password) and returns the redirect it ends with (the client's loopback
+    /// URL carrying `code` and `state`), without following it.
+    pub fn browser_login(&self, p: &Platform, url: &str, user: &str, password: &str) -> String {
+        p.block_on(async {
+            let http = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            let mut cookies: Vec<(String, String)> = Vec::new();
+            let mut next = url.to_string();
+            let mut form: Option<String> = None;
+            for _ in 0..10 {
+                let cookie_header = cookies
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let request = match form.take() {
+                    Some(body) => http
+                        .post(&next)
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .body(body),
+                    None => http.get(&next),
+                };
+                let response = request
+                    .header("cookie", cookie_header)
+                    .send()
+                    .await
+                    .unwrap();
+                for value in response.headers().get_all("set-cookie") {
+                    let pair = value.to_str().unwrap().split(';').next().unwrap();
+                    if let Some((k, v)) = pair.split_once('=') {
+                        cookies.retain(|(name, _)| name != k);
+                        cookies.push((k.to_string(), v.to_string()));
+                    }
+                }
+                let location = response
+                    .headers()
+                    .get("location")
+                    .map(|l| l.to_str().unwrap().to_string());
+                let Some(location) = location else {
+                    panic!("the provider stopped at {next}: {}", response.status());
+                };
+                let location = if location.starts_with('/') {
+                    format!("{}{location}", self.issuer)
+                } else {
+                    location
+                };
+                if !location.starts_with(&self.issuer) {
+                    return location;
+                }
+                if location.contains("/interaction/") {
+                    next = format!("{location}/login");
+                    form = Some(
+                        serde_urlencoded::to_string([("username", user), ("password", password)])
+                            .unwrap(),
+                    );
+                } else {
+                    next = location;
+                }
+            }
+            panic!("the provider's login did not end in a redirect to the client");
+        })
+    }
+}
+
+impl Drop for OidcProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
