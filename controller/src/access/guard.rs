@@ -264,6 +264,17 @@ pub fn is_password_route_path(method: &str, path: &str) -> bool {
     method == "POST" && PASSWORD_ROUTES.contains(&path)
 }
 
+/// Whether the matched route reads a query string (see `server::QUERY_ROUTES`).
+fn takes_query(parts: &Parts) -> bool {
+    let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() else {
+        // No route matched: the fallback answers 404 anyway.
+        return true;
+    };
+    super::server::QUERY_ROUTES
+        .iter()
+        .any(|(method, path)| parts.method.as_str() == *method && matched.as_str() == *path)
+}
+
 fn is_password_route(method: &Method, path: &str) -> bool {
     is_password_route_path(method.as_str(), path)
 }
@@ -321,6 +332,10 @@ async fn guarded(
                 });
             }
             ctx.principal = Some(principal.0);
+        }
+        // After authentication, so that an unsigned request is a 401 whatever it carries.
+        if parts.uri.query().is_some() && !takes_query(&parts) {
+            return Err(Error::invalid("this route takes no query parameters"));
         }
         Ok(body)
     }

@@ -23,8 +23,84 @@ type Ctl = State<Arc<Controller>>;
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| Error::Invalid {
         code: "invalid_request",
-        message: format!("request body: {e}"),
+        message: format!(
+            "request body: {} (line {}, column {})",
+            safe_parse_message(&e.to_string()),
+            e.line(),
+            e.column()
+        ),
     })
+}
+
+/// Parses a query string strictly, like bodies.
+fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T> {
+    serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| Error::invalid(format!("query: {}", safe_parse_message(&e.to_string()))))
+}
+
+/// A parser's complaint, without the values it quotes: a secret sent in the wrong place (a
+/// password with the wrong type, a code in an unknown field) must not come back in an error
+/// or land in a log. Field names the API defines are kept; anything else is described only.
+fn safe_parse_message(message: &str) -> String {
+    let identifier = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 40
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+    };
+    let quoted = |prefix: &str| {
+        message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string)
+    };
+    if let Some(field) = quoted("missing field `") {
+        if identifier(&field) {
+            return format!("missing field `{field}`");
+        }
+    }
+    if let Some(field) = quoted("unknown field `") {
+        return if identifier(&field) {
+            format!("unknown field `{field}`")
+        } else {
+            "an unknown field".into()
+        };
+    }
+    if let Some(field) = quoted("duplicate field `") {
+        if identifier(&field) {
+            return format!("field `{field}` given twice");
+        }
+    }
+    let kind = if message.starts_with("invalid type") {
+        "a value of the wrong type"
+    } else if message.starts_with("invalid value") || message.starts_with("invalid length") {
+        "a value out of range"
+    } else if message.starts_with("EOF") {
+        "the body ends too early"
+    } else {
+        "malformed JSON or query syntax"
+    };
+    kind.to_string()
+}
+
+/// A tenant named by an unauthenticated caller: kept when it is a valid name, else a digest.
+fn named_tenant_text(name: &str) -> String {
+    if api::is_valid_name(name) {
+        format!("tenant-name/{name}")
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(name.as_bytes());
+        format!("tenant-name/sha256:{}", hex::encode(&digest[..8]))
+    }
+}
+
+/// How the audit log names an account that a password route was asked about, before the
+/// password proves who it is: a digest, not the text, because people type passwords into the
+/// user-name field, and an unknown name must not land in the log as typed.
+fn named_account(name: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    format!("user-name/sha256:{}", hex::encode(&digest[..8]))
 }
 
 fn principal(ctx: &RequestCtx) -> Result<&Principal> {
@@ -125,7 +201,7 @@ async fn password_expired(c: &Controller, user_id: &str) -> Result<bool> {
 
 pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<StatusCode> {
     let req: api::PasswordChange = parse(&body)?;
-    ctx.describe("auth.password_change", format!("user/{}", req.user));
+    ctx.describe("auth.password_change", named_account(&req.user));
     let user =
         identity::verify_password(&c.db, c.lockout, &req.user, &req.current_password).await?;
     ctx.set_subject(&user.id, user.tenant_id.clone());
@@ -140,7 +216,7 @@ pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
 
 pub async fn create_key(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::KeyCreate = parse(&body)?;
-    ctx.describe("key.create", format!("user/{}", req.user));
+    ctx.describe("key.create", named_account(&req.user));
     let human = Human {
         user: &req.user,
         password: &req.password,
@@ -167,7 +243,7 @@ pub async fn create_key(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<R
 /// A human login: registers a short-lived session key (idle and absolute timeouts).
 pub async fn login(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::Login = parse(&body)?;
-    ctx.describe("auth.login", format!("user/{}", req.user));
+    ctx.describe("auth.login", named_account(&req.user));
     let human = Human {
         user: &req.user,
         password: &req.password,
@@ -190,7 +266,7 @@ pub async fn login(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Respon
 
 pub async fn totp_enrol(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::TotpEnrol = parse(&body)?;
-    ctx.describe("mfa.enrol", format!("user/{}", req.user));
+    ctx.describe("mfa.enrol", named_account(&req.user));
     let user = identity::verify_password(&c.db, c.lockout, &req.user, &req.password).await?;
     ctx.set_subject(&user.id, user.tenant_id.clone());
     if user.must_change_password {
@@ -204,7 +280,7 @@ pub async fn totp_enrol(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<R
 
 pub async fn totp_confirm(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::TotpConfirm = parse(&body)?;
-    ctx.describe("mfa.confirm", format!("user/{}", req.user));
+    ctx.describe("mfa.confirm", named_account(&req.user));
     let user = identity::verify_password(&c.db, c.lockout, &req.user, &req.password).await?;
     ctx.set_subject(&user.id, user.tenant_id.clone());
     ctx.permit().await?;
@@ -215,7 +291,7 @@ pub async fn totp_confirm(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result
 /// Starts a federated login (see `service::federation`).
 pub async fn oidc_start(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::OidcStart = parse(&body)?;
-    ctx.describe("auth.oidc_start", format!("tenant-name/{}", req.tenant));
+    ctx.describe("auth.oidc_start", named_tenant_text(&req.tenant));
     // An unknown or disabled tenant and one without a provider look the same.
     let no_provider = Error::NotFound {
         what: "identity provider",
@@ -240,7 +316,7 @@ pub async fn oidc_start(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<R
 /// Finishes a federated login: the session key of the federated user.
 pub async fn oidc_finish(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::OidcFinish = parse(&body)?;
-    ctx.describe("auth.oidc_finish", format!("login/{}", req.login_id));
+    ctx.describe("auth.oidc_finish", "login");
     let federated =
         crate::service::federation::finish(&c.db, &c.secrets, c.alerts.outbound_policy(), &req)
             .await?;
@@ -558,8 +634,7 @@ pub async fn list_users(
 ) -> Result<Json<Vec<api::User>>> {
     ctx.describe("user.list", "user");
     let p = principal(&ctx)?;
-    let query: UserQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| Error::invalid(format!("query: {e}")))?;
+    let query: UserQuery = parse_query(query.as_deref())?;
     let scope = match (&query.tenant, &p.tenant_id) {
         (Some(id), _) => {
             let id = canonical_id(id, "tenant")?;
@@ -762,8 +837,7 @@ pub async fn get_policies(
     RawQuery(query): RawQuery,
 ) -> Result<Json<api::Policies>> {
     ctx.describe("policy.get", "policies");
-    let query: UserQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| Error::invalid(format!("query: {e}")))?;
+    let query: UserQuery = parse_query(query.as_deref())?;
     let tenant = match &query.tenant {
         Some(id) => named_tenant(&c, id).await?,
         None => caller_tenant(&c, &ctx).await?,
@@ -854,8 +928,7 @@ pub async fn list_instances(
 ) -> Result<Json<Vec<api::Instance>>> {
     ctx.describe("instance.list", "instance");
     let p = principal(&ctx)?;
-    let query: UserQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| Error::invalid(format!("query: {e}")))?;
+    let query: UserQuery = parse_query(query.as_deref())?;
     let scope = match &query.tenant {
         Some(id) => {
             let id = canonical_id(id, "tenant")?;
@@ -979,8 +1052,7 @@ pub async fn console(
     RawQuery(query): RawQuery,
 ) -> Result<Json<api::ConsoleOutput>> {
     let instance = instance_for(&c, &ctx, "instance.console", &id).await?;
-    let query: ConsoleQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| Error::invalid(format!("query: {e}")))?;
+    let query: ConsoleQuery = parse_query(query.as_deref())?;
     ctx.permit().await?;
     Ok(Json(
         c.compute

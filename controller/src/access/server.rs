@@ -19,6 +19,15 @@ pub struct RouteSpec {
     pub action: &'static str,
 }
 
+/// Routes that read a query string; every other route refuses one (400), so a parameter the
+/// API does not know is never silently ignored.
+pub const QUERY_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/users"),
+    ("GET", "/v1/instances"),
+    ("GET", "/v1/policies"),
+    ("GET", "/v1/instances/{id}/console"),
+];
+
 type Handler = MethodRouter<Arc<Controller>>;
 
 /// The route table: the single source of the router, and of the access-control tests, which

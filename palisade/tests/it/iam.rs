@@ -1346,3 +1346,154 @@ fn identity_anomalies_become_alerts_in_the_api_the_audit_log_and_the_webhook() {
         );
     }
 }
+
+#[test]
+fn a_secret_sent_anywhere_never_comes_back_in_an_error_or_lands_in_a_log() {
+    let p = Platform::start_with_args(&["--allow-private-endpoints"]);
+    let admin = p.admin();
+    let (acme, alice) = p.tenant(&admin, "acme", None);
+    let raw = p.raw();
+    // The tenant's administrator, made before the failed logins below lock Alice out.
+    let ta_id = whoami(&p, &alice).id;
+    let r = raw.signed(
+        &p,
+        &admin,
+        "PUT",
+        &format!("/v1/users/{ta_id}/role"),
+        &serde_json::to_vec(&json!({"role": "tenant_admin"})).unwrap(),
+    );
+    assert_eq!(r.status, 204);
+    let ta = p.enrol_again(&alice);
+    let alice = p.clone_signer(&ta);
+    let marker = format!("Mk{}", hex_id() + &hex_id() + &hex_id() + &hex_id());
+    let mut answers: Vec<(String, RawResponse)> = Vec::new();
+    let mut send = |what: &str, r: RawResponse| answers.push((what.to_string(), r));
+    let unsigned = |path: &str, body: &[u8]| raw.send(&p, "POST", path, body, &[]);
+    let text = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
+    let m = marker.as_str();
+
+    // Password routes: the secret as password, as user name (typed in the wrong field), as
+    // code, in the wrong type, under an unknown field, in a truncated body.
+    for (path, value) in [
+        (
+            "/v1/auth/password",
+            json!({"user": "admin", "current_password": m, "new_password": format!("{m}Aa1!")}),
+        ),
+        (
+            "/v1/auth/password",
+            json!({"user": m, "current_password": m, "new_password": m}),
+        ),
+        (
+            "/v1/auth/keys",
+            json!({"user": alice.user, "password": m, "public_key": new_public_key()}),
+        ),
+        (
+            "/v1/auth/keys",
+            json!({"user": m, "password": m, "public_key": m}),
+        ),
+        (
+            "/v1/auth/login",
+            json!({"user": alice.user, "password": alice.password, "public_key": new_public_key(), "totp_code": m}),
+        ),
+        (
+            "/v1/auth/login",
+            json!({"user": alice.user, "password": alice.password, "public_key": new_public_key(), "recovery_code": m}),
+        ),
+        (
+            "/v1/auth/login",
+            json!({"user": m, "password": 5, "public_key": m}),
+        ),
+        (
+            "/v1/auth/login",
+            json!({"user": 5, "password": m, "public_key": "x"}),
+        ),
+        ("/v1/auth/login", json!({ m: 1 })),
+        (
+            "/v1/auth/mfa/totp",
+            json!({"user": alice.user, "password": m}),
+        ),
+        (
+            "/v1/auth/mfa/totp/confirm",
+            json!({"user": alice.user, "password": alice.password, "code": m}),
+        ),
+        (
+            "/v1/auth/oidc/finish",
+            json!({"login_id": m, "code": m, "state": m}),
+        ),
+    ] {
+        send(path, unsigned(path, &text(value)));
+    }
+    send(
+        "truncated",
+        unsigned(
+            "/v1/auth/login",
+            format!("{{\"user\":\"{m}\",\"password\":\"{m}").as_bytes(),
+        ),
+    );
+    send(
+        "not json",
+        unsigned("/v1/auth/login", format!("password={m}").as_bytes()),
+    );
+
+    // Signed requests: the secret in queries (also repeated), as a wrong-typed or unknown
+    // body field, and as a provider client secret the controller fails to use.
+    for (method, path, request) in [
+        ("GET", format!("/v1/instances?tenant={m}"), vec![]),
+        (
+            "GET",
+            format!("/v1/instances?tenant={}&tenant={m}", acme.id),
+            vec![],
+        ),
+        ("GET", format!("/v1/users?{m}=1"), vec![]),
+        ("GET", format!("/v1/keys?x={m}"), vec![]),
+        (
+            "POST",
+            "/v1/auth/mfa/verify".to_string(),
+            text(json!({"totp_code": m})),
+        ),
+        (
+            "POST",
+            "/v1/auth/mfa/verify".to_string(),
+            text(json!({"recovery_code": m})),
+        ),
+        (
+            "POST",
+            "/v1/instances".to_string(),
+            text(json!({"name": 7, "image": m, "flavor": m})),
+        ),
+        (
+            "POST",
+            "/v1/instances".to_string(),
+            text(json!({"name": "ok", "secret": m})),
+        ),
+        (
+            "PUT",
+            format!("/v1/tenants/{}/settings", acme.id),
+            text(json!({"require_mfa": m})),
+        ),
+    ] {
+        send(&path, raw.signed(&p, &alice, method, &path, &request));
+    }
+    let path = format!("/v1/tenants/{}/oidc", acme.id);
+    let config = json!({"issuer": format!("http://127.0.0.1:{}", free_port()), "client_id": "x", "client_secret": m});
+    send(
+        "oidc config",
+        raw.signed(&p, &ta, "PUT", &path, &text(config)),
+    );
+
+    for (what, r) in &answers {
+        assert!(r.status >= 400, "{what}: {} was accepted", r.status);
+        assert!(
+            !String::from_utf8_lossy(&r.bytes).contains(m),
+            "{what}: the secret came back: {}",
+            String::from_utf8_lossy(&r.bytes)
+        );
+    }
+    for log in ["controller.log", "agent.log"] {
+        let text = std::fs::read_to_string(p.data().join(log)).unwrap_or_default();
+        assert!(!text.contains(m), "the secret is in {log}");
+    }
+    let audit = std::fs::read_to_string(p.audit_log()).unwrap();
+    assert!(!audit.contains(m), "the secret is in the audit log");
+    assert!(answers.len() >= 20);
+}
