@@ -1497,3 +1497,107 @@ fn a_secret_sent_anywhere_never_comes_back_in_an_error_or_lands_in_a_log() {
     assert!(!audit.contains(m), "the secret is in the audit log");
     assert!(answers.len() >= 20);
 }
+
+#[test]
+fn no_list_or_object_field_reaches_into_another_tenant() {
+    let p = Platform::start();
+    let w = World::new(&p, "https://idp.invalid");
+    let raw = p.raw();
+    let (bob_tenant, bob) = p.tenant(w.admin(), "bob-corp", None);
+    let r = raw.signed(
+        &p,
+        w.admin(),
+        "PUT",
+        &format!("/v1/users/{}/role", whoami(&p, &bob).id),
+        &body(json!({"role": "tenant_admin"})),
+    );
+    assert_eq!(r.status, 204);
+    let bob = p.enrol_again(&bob);
+    // Everything of acme's that has an id.
+    let mut secrets_of_acme = vec![w.acme.clone(), w.instance.clone(), w.group.clone()];
+    for s in w.signers.values() {
+        secrets_of_acme.push(s.key_id.clone());
+    }
+    secrets_of_acme.push(w.member_id.clone());
+    let ta_user = whoami(&p, w.tenant_admin()).id;
+    secrets_of_acme.push(ta_user.clone());
+
+    // A5: every list route, bare and with every filter it takes, pointed at acme.
+    let lists: Vec<_> = routes()
+        .into_iter()
+        .filter(|r| r.method == "GET" && !r.path.contains('{'))
+        .collect();
+    assert!(lists.len() >= 8);
+    for route in lists {
+        let mut paths = vec![route.path.to_string()];
+        if palisade_controller::access::server::QUERY_ROUTES.contains(&(route.method, route.path)) {
+            paths.push(format!("{}?tenant={}", route.path, w.acme));
+            paths.push(format!(
+                "{}?tenant={}&tenant={}",
+                route.path, bob_tenant.id, w.acme
+            ));
+        }
+        for path in paths {
+            let r = raw.signed(&p, &bob, "GET", &path, b"");
+            let text = String::from_utf8_lossy(&r.bytes);
+            for id in &secrets_of_acme {
+                assert!(
+                    !text.contains(id.as_str()),
+                    "GET {path} as tenant B shows {id}: {text}"
+                );
+            }
+        }
+    }
+
+    // A6: fields that name another object, given acme's: not found, nothing made.
+    let before = snapshot(&p, &w);
+    let bob_group: api::Group = p
+        .block_on(
+            bob.client
+                .post("/v1/groups", &api::GroupCreate { name: "g".into() }),
+        )
+        .unwrap();
+    for (method, path, request) in [
+        (
+            "PUT",
+            format!("/v1/groups/{}/members/{ta_user}", bob_group.id),
+            vec![],
+        ),
+        (
+            "PUT",
+            format!("/v1/groups/{}/members/{}", w.group, whoami(&p, &bob).id),
+            vec![],
+        ),
+        (
+            "POST",
+            "/v1/users".to_string(),
+            body(json!({"name": "sneaky", "tenant_id": w.acme})),
+        ),
+        (
+            "POST",
+            format!("/v1/keys/{}/rotate", w.tenant_admin().key_id),
+            body(json!({"public_key": new_public_key()})),
+        ),
+        (
+            "DELETE",
+            format!("/v1/keys/{}", w.tenant_admin().key_id),
+            vec![],
+        ),
+        (
+            "POST",
+            "/v1/instances".to_string(),
+            body(json!({"name": "x", "image": w.instance, "flavor": "tiny"})),
+        ),
+    ] {
+        let r = raw.signed(&p, &bob, method, &path, &request);
+        assert_eq!((r.status, r.code()), (404, "not_found"), "{method} {path}");
+    }
+    assert_eq!(before, snapshot(&p, &w), "a refused call changed acme");
+    let bob_group: api::Group = p
+        .block_on(bob.client.get::<Vec<api::Group>>("/v1/groups"))
+        .unwrap()
+        .into_iter()
+        .find(|g| g.id == bob_group.id)
+        .unwrap();
+    assert!(bob_group.members.is_empty());
+}
