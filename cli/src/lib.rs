@@ -321,13 +321,20 @@ pub enum GroupCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCmd {
-    /// Print the tenant's policies.
-    Get,
+    /// Print the tenant's policies (or, with --platform, the platform's).
+    Get {
+        /// The platform's forbid-only policies (security administrators).
+        #[arg(long)]
+        platform: bool,
+    },
     /// Replace the tenant's policies; they must validate, or nothing changes.
     Put {
         /// Cedar policy file; `-` for stdin.
         #[arg(long)]
         file: PathBuf,
+        /// Replace the platform's policies instead (security administrators; `forbid` only).
+        #[arg(long)]
+        platform: bool,
     },
 }
 
@@ -1141,14 +1148,19 @@ impl Ctx {
     async fn policy(&self, cmd: PolicyCmd) -> anyhow::Result<()> {
         let client = self.signed()?;
         match cmd {
-            PolicyCmd::Get => {
-                let policies: api::Policies = client.get("/v1/policies").await?;
+            PolicyCmd::Get { platform } => {
+                let path = if platform {
+                    "/v1/platform/policies"
+                } else {
+                    "/v1/policies"
+                };
+                let policies: api::Policies = client.get(path).await?;
                 self.show_one(&policies, |_| {
                     // Another administrator wrote this text: keep escape sequences away from
                     // the terminal.
                     let text = output::printable(&policies.text);
                     if text.is_empty() {
-                        eprintln!("the tenant has no policies of its own");
+                        eprintln!("no policies are set");
                     }
                     print!("{text}");
                     if !text.is_empty() && !text.ends_with('\n') {
@@ -1157,7 +1169,7 @@ impl Ctx {
                     Ok(())
                 })
             }
-            PolicyCmd::Put { file } => {
+            PolicyCmd::Put { file, platform } => {
                 let text = if file.as_os_str() == "-" {
                     let mut text = String::new();
                     std::io::stdin()
@@ -1169,7 +1181,12 @@ impl Ctx {
                         .with_context(|| format!("reading {}", file.display()))?
                 };
                 let body = api::Policies { text };
-                call(&client, Method::PUT, "/v1/policies", Some(&body)).await?;
+                let path = if platform {
+                    "/v1/platform/policies"
+                } else {
+                    "/v1/policies"
+                };
+                call(&client, Method::PUT, path, Some(&body)).await?;
                 println!("policies replaced");
                 Ok(())
             }

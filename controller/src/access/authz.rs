@@ -271,6 +271,13 @@ pub struct Authz {
     authorizer: Authorizer,
 }
 
+/// Policy texts stored by tenants and by the security administrator.
+#[derive(Debug, Clone, Default)]
+pub struct StoredPolicies {
+    pub tenant: String,
+    pub platform: String,
+}
+
 /// Why a policy upload was refused: the parser's or the validator's own words.
 #[derive(Debug)]
 pub struct PolicyRejected(pub String);
@@ -326,15 +333,31 @@ impl Authz {
         Ok(set)
     }
 
-    /// Decides one request. `groups` are the caller's group names; `tenant_policies` the text
-    /// stored for the caller's tenant (already validated on upload).
+    /// Parses and validates the platform's own policies: like a tenant's, but `forbid` only
+    /// (grants come from the role table alone).
+    pub fn check_platform_policies(&self, text: &str) -> Result<PolicySet, PolicyRejected> {
+        let set = self.check_tenant_policies(text)?;
+        if let Some(permit) = set
+            .policies()
+            .find(|p| p.effect() == cedar_policy::Effect::Permit)
+        {
+            return Err(PolicyRejected(format!(
+                "platform policies may only forbid; {} permits",
+                permit.id()
+            )));
+        }
+        Ok(set)
+    }
+
+    /// Decides one request. `policies` are the stored texts (validated on upload) of the
+    /// caller's tenant and of the platform.
     pub fn is_allowed(
         &self,
         principal: &Principal,
         action: &str,
         resource: &Resource,
         mfa_fresh: bool,
-        tenant_policies: &str,
+        stored: &StoredPolicies,
     ) -> anyhow::Result<bool> {
         if self.matrix.row(action).is_none() {
             return Ok(false);
@@ -454,12 +477,21 @@ impl Authz {
             None,
         )?;
         let mut policies = self.platform.clone();
-        if !tenant_policies.trim().is_empty() && principal.tenant_id.is_some() {
-            match PolicySet::from_str(tenant_policies) {
+        let tenant_text = if principal.tenant_id.is_some() {
+            stored.tenant.as_str()
+        } else {
+            ""
+        };
+        for text in [tenant_text, stored.platform.as_str()] {
+            if text.trim().is_empty() {
+                continue;
+            }
+            match PolicySet::from_str(text) {
                 Ok(set) => {
                     policies.merge(&set, true)?;
                 }
-                Err(e) => tracing::error!(error = %e, "stored tenant policies do not parse"),
+                // Checked on upload; should it still not parse, it grants nothing.
+                Err(e) => tracing::error!(error = %e, "stored policies do not parse"),
             }
         }
         let answer = self
@@ -484,6 +516,46 @@ mod tests {
             mfa_fresh: true,
             mfa_bound: false,
         }
+    }
+
+    fn tenant(text: &str) -> StoredPolicies {
+        StoredPolicies {
+            tenant: text.into(),
+            platform: String::new(),
+        }
+    }
+
+    #[test]
+    fn platform_policies_only_forbid_and_bind_everyone() {
+        let authz = Authz::new().unwrap();
+        let err = authz
+            .check_platform_policies("permit (principal, action, resource);")
+            .unwrap_err();
+        assert!(err.0.contains("only forbid"), "{}", err.0);
+        let hold = r#"forbid (principal, action == Action::"instance.delete", resource is Instance)
+                      when { resource.hasTag("hold") };"#;
+        authz.check_platform_policies(hold).unwrap();
+        let stored = StoredPolicies {
+            tenant: "permit (principal, action, resource);".into(),
+            platform: hold.into(),
+        };
+        let admin = principal("tenant_admin", Some("t1"), &[]);
+        let held = instance("t1", &[("hold", "yes")]);
+        assert!(!authz
+            .is_allowed(&admin, "instance.delete", &held, true, &stored)
+            .unwrap());
+        assert!(authz
+            .is_allowed(
+                &admin,
+                "instance.delete",
+                &instance("t1", &[]),
+                true,
+                &stored
+            )
+            .unwrap());
+        assert!(authz
+            .is_allowed(&admin, "instance.stop", &held, true, &stored)
+            .unwrap());
     }
 
     fn instance(tenant: &str, tags: &[(&str, &str)]) -> Resource {
@@ -550,7 +622,7 @@ mod tests {
                     other => panic!("resource type {other} has no case here"),
                 };
                 let allowed = authz
-                    .is_allowed(&p, &row.action, &resource, true, "")
+                    .is_allowed(&p, &row.action, &resource, true, &StoredPolicies::default())
                     .unwrap();
                 assert_eq!(
                     allowed,
@@ -567,10 +639,22 @@ mod tests {
         let authz = Authz::new().unwrap();
         let admin = principal("tenant_admin", Some("t1"), &[]);
         assert!(authz
-            .is_allowed(&admin, "instance.delete", &instance("t1", &[]), true, "")
+            .is_allowed(
+                &admin,
+                "instance.delete",
+                &instance("t1", &[]),
+                true,
+                &StoredPolicies::default()
+            )
             .unwrap());
         assert!(!authz
-            .is_allowed(&admin, "instance.delete", &instance("t2", &[]), true, "")
+            .is_allowed(
+                &admin,
+                "instance.delete",
+                &instance("t2", &[]),
+                true,
+                &StoredPolicies::default()
+            )
             .unwrap());
         // Not even a tenant policy can open another tenant's objects.
         let greedy = "permit (principal, action, resource);";
@@ -581,11 +665,17 @@ mod tests {
                 "instance.delete",
                 &instance("t2", &[]),
                 true,
-                greedy
+                &tenant(greedy)
             )
             .unwrap());
         assert!(!authz
-            .is_allowed(&admin, "tenant.create", &Resource::Platform, true, greedy)
+            .is_allowed(
+                &admin,
+                "tenant.create",
+                &Resource::Platform,
+                true,
+                &tenant(greedy)
+            )
             .unwrap());
     }
 
@@ -603,8 +693,9 @@ mod tests {
         let other_reader = principal("reader", Some("t1"), &[]);
         let prod = instance("t1", &[("env", "prod")]);
         let dev = instance("t1", &[("env", "dev")]);
-        let decide =
-            |p: &Principal, a: &str, r: &Resource| authz.is_allowed(p, a, r, true, policy).unwrap();
+        let decide = |p: &Principal, a: &str, r: &Resource| {
+            authz.is_allowed(p, a, r, true, &tenant(policy)).unwrap()
+        };
         assert!(decide(&ops_reader, "instance.stop", &prod));
         assert!(decide(&ops_reader, "instance.start", &prod));
         assert!(!decide(&ops_reader, "instance.delete", &prod));

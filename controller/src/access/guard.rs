@@ -93,9 +93,12 @@ impl RequestCtx {
             message: "request is not signed".into(),
         })?;
         let c = &self.controller;
-        let policies = match &principal.tenant_id {
-            Some(tenant) => crate::service::accounts::get_policies(&c.db, tenant).await?,
-            None => String::new(),
+        let policies = crate::access::authz::StoredPolicies {
+            tenant: match &principal.tenant_id {
+                Some(tenant) => crate::service::accounts::get_policies(&c.db, tenant).await?,
+                None => String::new(),
+            },
+            platform: crate::service::accounts::get_platform_policies(&c.db).await?,
         };
         let decide = |action: &str| {
             c.authz

@@ -873,6 +873,36 @@ pub async fn put_policies(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The platform's own (forbid-only) policies.
+pub async fn get_platform_policies(State(c): Ctl, ctx: RequestCtx) -> Result<Json<api::Policies>> {
+    ctx.authorize("platform.policy_get", &Resource::Platform)
+        .await?;
+    ctx.permit().await?;
+    Ok(Json(api::Policies {
+        text: accounts::get_platform_policies(&c.db).await?,
+    }))
+}
+
+/// Replaces the platform's policies: validated against the schema, `forbid` only.
+pub async fn put_platform_policies(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    body: Bytes,
+) -> Result<StatusCode> {
+    ctx.authorize("platform.policy_put", &Resource::Platform)
+        .await?;
+    let req: api::Policies = parse(&body)?;
+    c.authz
+        .check_platform_policies(&req.text)
+        .map_err(|e| Error::Invalid {
+            code: "policy_invalid",
+            message: e.0,
+        })?;
+    ctx.permit().await?;
+    accounts::set_platform_policies(&c.db, &req.text).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Identity alerts of the caller's tenant (or, for the security admin, the platform's).
 pub async fn list_alerts(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::Alert>>> {
     ctx.describe("alert.list", "alerts");

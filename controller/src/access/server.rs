@@ -207,6 +207,18 @@ fn table() -> Vec<(RouteSpec, Handler)> {
         ),
         r("GET", "/v1/policies", "policy.get", get(h::get_policies)),
         r("PUT", "/v1/policies", "policy.put", put(h::put_policies)),
+        r(
+            "GET",
+            "/v1/platform/policies",
+            "platform.policy_get",
+            get(h::get_platform_policies),
+        ),
+        r(
+            "PUT",
+            "/v1/platform/policies",
+            "platform.policy_put",
+            put(h::put_platform_policies),
+        ),
         r("GET", "/v1/alerts", "alert.list", get(h::list_alerts)),
         r("GET", "/v1/flavors", "flavor.list", get(h::list_flavors)),
         r("GET", "/v1/images", "image.list", get(h::list_images)),

@@ -557,6 +557,28 @@ pub async fn set_webhook(
     Ok(())
 }
 
+pub async fn get_platform_policies(db: &Db) -> Result<String> {
+    Ok(
+        sqlx::query("SELECT text FROM platform_policies WHERE id = 1")
+            .fetch_optional(&db.pool)
+            .await?
+            .map(|r| r.get("text"))
+            .unwrap_or_default(),
+    )
+}
+
+pub async fn set_platform_policies(db: &Db, text: &str) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO platform_policies (id, text, updated_at) VALUES (1, $1, $2) \
+         ON CONFLICT (id) DO UPDATE SET text = $1, updated_at = $2",
+    )
+    .bind(text)
+    .bind(now())
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
 // ---- alerts ----
 
 /// Alerts of a tenant, or the platform's own (`None`), newest first.

@@ -269,6 +269,12 @@ impl World {
             "policy.get" => ("GET", format!("/v1/policies?tenant={acme}"), vec![]),
             "policy.put" => ("PUT", "/v1/policies".into(), body(json!({"text": ""}))),
             "alert.list" => ("GET", "/v1/alerts".into(), vec![]),
+            "platform.policy_get" => ("GET", "/v1/platform/policies".into(), vec![]),
+            "platform.policy_put" => (
+                "PUT",
+                "/v1/platform/policies".into(),
+                body(json!({"text": ""})),
+            ),
             "audit.read" => ("GET", "/v1/audit/log".into(), vec![]),
             "flavor.list" => ("GET", "/v1/flavors".into(), vec![]),
             "image.list" => ("GET", "/v1/images".into(), vec![]),
@@ -1600,4 +1606,76 @@ fn no_list_or_object_field_reaches_into_another_tenant() {
         .find(|g| g.id == bob_group.id)
         .unwrap();
     assert!(bob_group.members.is_empty());
+}
+
+#[test]
+fn the_security_administrator_restricts_everyone_with_forbid_only_platform_policies() {
+    let p = Platform::start();
+    let w = World::new(&p, "https://idp.invalid");
+    let raw = p.raw();
+    let sa = &w.signers["security_admin"];
+    let ta = w.tenant_admin();
+    let vm = |name: &str, tags: serde_json::Value| {
+        let r = raw.signed(
+            &p,
+            ta,
+            "POST",
+            "/v1/instances",
+            &body(
+                json!({"name": name, "image": "debian-12-busybox", "flavor": "tiny", "tags": tags}),
+            ),
+        );
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        r.body["id"].as_str().unwrap().to_string()
+    };
+    let held = vm("held", json!({"legal-hold": "case-42"}));
+    let free = vm("free", json!({}));
+
+    // Grants come from the role table alone: a permit is refused, and nothing changes.
+    let r = raw.signed(
+        &p,
+        sa,
+        "PUT",
+        "/v1/platform/policies",
+        &body(json!({"text": "permit (principal, action == Action::\"audit.read\", resource);"})),
+    );
+    assert_eq!((r.status, r.code()), (400, "policy_invalid"));
+    assert_eq!(raw.signed(&p, sa, "GET", "/v1/audit/log", b"").status, 403);
+
+    let hold = r#"forbid (principal, action == Action::"instance.delete", resource is Instance)
+                  when { resource.hasTag("legal-hold") };"#;
+    let r = raw.signed(
+        &p,
+        sa,
+        "PUT",
+        "/v1/platform/policies",
+        &body(json!({ "text": hold })),
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    // Tenants cannot write it away, and it binds their administrators too.
+    let r = raw.signed(
+        &p,
+        ta,
+        "PUT",
+        "/v1/policies",
+        &body(json!({"text": "permit (principal, action, resource);"})),
+    );
+    assert_eq!(r.status, 204);
+    let r = raw.signed(&p, ta, "DELETE", &format!("/v1/instances/{held}"), b"");
+    assert_eq!((r.status, r.code()), (403, "forbidden"));
+    let r = raw.signed(&p, ta, "POST", &format!("/v1/instances/{held}/stop"), b"");
+    assert_eq!(r.status, 202);
+    let r = raw.signed(&p, ta, "DELETE", &format!("/v1/instances/{free}"), b"");
+    assert_eq!(r.status, 202);
+    // Only the security administrator writes them.
+    let r = raw.signed(
+        &p,
+        w.admin(),
+        "PUT",
+        "/v1/platform/policies",
+        &body(json!({"text": ""})),
+    );
+    assert_eq!(r.status, 403);
+    let stored: api::Policies = p.block_on(sa.client.get("/v1/platform/policies")).unwrap();
+    assert_eq!(stored.text, hold);
 }
