@@ -205,6 +205,66 @@ pub enum Resource {
 }
 
 impl Resource {
+    /// The Cedar entity: type, id, attributes and tags (`None` for the caller itself).
+    #[allow(clippy::type_complexity)]
+    fn entity_parts(
+        &self,
+    ) -> Option<(
+        &'static str,
+        String,
+        Vec<(&'static str, String)>,
+        &[(String, String)],
+    )> {
+        let none: &[(String, String)] = &[];
+        Some(match self {
+            Resource::Caller => return None,
+            Resource::Platform => (
+                "Platform",
+                "platform".into(),
+                vec![("tenant", String::new())],
+                none,
+            ),
+            Resource::Tenant { id, name } => (
+                "Tenant",
+                id.clone(),
+                vec![("tenant", id.clone()), ("name", name.clone())],
+                none,
+            ),
+            Resource::User {
+                id,
+                tenant,
+                name,
+                role,
+            } => (
+                "User",
+                id.clone(),
+                vec![
+                    ("tenant", tenant.clone()),
+                    ("role", role.clone()),
+                    ("name", name.clone()),
+                ],
+                none,
+            ),
+            Resource::Group { name, tenant } => (
+                "Group",
+                name.clone(),
+                vec![("tenant", tenant.clone()), ("name", name.clone())],
+                none,
+            ),
+            Resource::Instance {
+                id,
+                tenant,
+                name,
+                tags,
+            } => (
+                "Instance",
+                id.clone(),
+                vec![("tenant", tenant.clone()), ("name", name.clone())],
+                tags.as_slice(),
+            ),
+        })
+    }
+
     /// How the audit record names it.
     pub fn audit_name(&self) -> String {
         match self {
@@ -388,76 +448,19 @@ impl Authz {
             parents,
             [],
         )?);
-        let resource_uid = match resource {
-            Resource::Caller => principal_uid.clone(),
-            Resource::Platform => {
-                let uid = uid("Platform", "platform")?;
-                entities.push(Entity::new(
-                    uid.clone(),
-                    HashMap::from([("tenant".to_string(), string(""))]),
-                    Default::default(),
-                )?);
-                uid
+        let resource_uid = match resource.entity_parts() {
+            // The caller's own account is already in the set (with its groups).
+            None => principal_uid.clone(),
+            Some((kind, id, _, _)) if kind == "User" && id == principal.user_id => {
+                principal_uid.clone()
             }
-            Resource::Tenant { id, name } => {
-                let uid = uid("Tenant", id)?;
-                entities.push(Entity::new(
-                    uid.clone(),
-                    HashMap::from([
-                        ("tenant".to_string(), string(id)),
-                        ("name".to_string(), string(name)),
-                    ]),
-                    Default::default(),
-                )?);
-                uid
-            }
-            Resource::User {
-                id,
-                tenant,
-                name,
-                role,
-            } => {
-                let uid = uid("User", id)?;
-                if uid != principal_uid {
-                    entities.push(Entity::new(
-                        uid.clone(),
-                        HashMap::from([
-                            ("tenant".to_string(), string(tenant)),
-                            ("role".to_string(), string(role)),
-                            ("name".to_string(), string(name)),
-                        ]),
-                        Default::default(),
-                    )?);
-                }
-                uid
-            }
-            Resource::Group { name, tenant } => {
-                let uid = uid("Group", name)?;
-                // A group the caller belongs to is already in the set.
+            Some((kind, id, attrs, tags)) => {
+                let uid = uid(kind, &id)?;
+                // A group the caller belongs to is already in the set: this one replaces it.
                 entities.retain(|e| e.uid() != uid);
-                entities.push(Entity::new(
-                    uid.clone(),
-                    HashMap::from([
-                        ("tenant".to_string(), string(tenant)),
-                        ("name".to_string(), string(name)),
-                    ]),
-                    Default::default(),
-                )?);
-                uid
-            }
-            Resource::Instance {
-                id,
-                tenant,
-                name,
-                tags,
-            } => {
-                let uid = uid("Instance", id)?;
                 entities.push(Entity::new_with_tags(
                     uid.clone(),
-                    [
-                        ("tenant".to_string(), string(tenant)),
-                        ("name".to_string(), string(name)),
-                    ],
+                    attrs.into_iter().map(|(k, v)| (k.to_string(), string(&v))),
                     [],
                     tags.iter().map(|(k, v)| (k.clone(), string(v))),
                 )?);

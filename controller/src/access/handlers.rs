@@ -568,10 +568,7 @@ pub async fn disable_tenant(
     ctx: RequestCtx,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let tenant = tenant_for(&c, &ctx, "tenant.disable", &id).await?;
-    ctx.permit().await?;
-    accounts::set_tenant_disabled(&c.db, &tenant.id, true).await?;
-    Ok(StatusCode::NO_CONTENT)
+    tenant_disabled(&c, &ctx, &id, true).await
 }
 
 pub async fn enable_tenant(
@@ -579,9 +576,23 @@ pub async fn enable_tenant(
     ctx: RequestCtx,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let tenant = tenant_for(&c, &ctx, "tenant.enable", &id).await?;
+    tenant_disabled(&c, &ctx, &id, false).await
+}
+
+async fn tenant_disabled(
+    c: &Controller,
+    ctx: &RequestCtx,
+    id: &str,
+    disabled: bool,
+) -> Result<StatusCode> {
+    let action = if disabled {
+        "tenant.disable"
+    } else {
+        "tenant.enable"
+    };
+    let tenant = tenant_for(c, ctx, action, id).await?;
     ctx.permit().await?;
-    accounts::set_tenant_disabled(&c.db, &tenant.id, false).await?;
+    accounts::set_tenant_disabled(&c.db, &tenant.id, disabled).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -703,10 +714,7 @@ pub async fn disable_user(
     ctx: RequestCtx,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let user = user_for(&c, &ctx, "user.disable", &id).await?;
-    ctx.permit().await?;
-    accounts::set_user_disabled(&c.db, &user, true).await?;
-    Ok(StatusCode::NO_CONTENT)
+    user_disabled(&c, &ctx, &id, true).await
 }
 
 pub async fn enable_user(
@@ -714,9 +722,23 @@ pub async fn enable_user(
     ctx: RequestCtx,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let user = user_for(&c, &ctx, "user.enable", &id).await?;
+    user_disabled(&c, &ctx, &id, false).await
+}
+
+async fn user_disabled(
+    c: &Controller,
+    ctx: &RequestCtx,
+    id: &str,
+    disabled: bool,
+) -> Result<StatusCode> {
+    let action = if disabled {
+        "user.disable"
+    } else {
+        "user.enable"
+    };
+    let user = user_for(c, ctx, action, id).await?;
     ctx.permit().await?;
-    accounts::set_user_disabled(&c.db, &user, false).await?;
+    accounts::set_user_disabled(&c.db, &user, disabled).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

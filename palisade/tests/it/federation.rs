@@ -30,21 +30,7 @@ fn setup() -> Fed {
     let p = Platform::start_with_args(&["--allow-private-endpoints"]);
     let admin = p.admin();
     let (acme, ta) = p.tenant(&admin, "acme", None);
-    let raw = p.raw();
-    let ta_id = p
-        .block_on(ta.client.get::<api::Whoami>("/v1/whoami"))
-        .unwrap()
-        .user
-        .id;
-    let r = raw.signed(
-        &p,
-        &admin,
-        "PUT",
-        &format!("/v1/users/{ta_id}/role"),
-        &serde_json::to_vec(&json!({"role": "tenant_admin"})).unwrap(),
-    );
-    assert_eq!(r.status, 204);
-    let ta = p.enrol_again(&ta);
+    let ta = p.promote(&admin, &ta, "tenant_admin");
     Fed {
         p,
         idp,

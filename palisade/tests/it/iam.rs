@@ -400,20 +400,7 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
     p.wait_state(w.tenant_admin(), &w.instance, "running");
     let (_, bob) = p.tenant(w.admin(), "bob-corp", None);
     // Bob administers his own tenant: the most a tenant account can be.
-    let bob_id = p
-        .block_on(bob.client.get::<api::Whoami>("/v1/whoami"))
-        .unwrap()
-        .user
-        .id;
-    let r = raw.signed(
-        &p,
-        w.admin(),
-        "PUT",
-        &format!("/v1/users/{bob_id}/role"),
-        &body(json!({"role": "tenant_admin"})),
-    );
-    assert_eq!(r.status, 204);
-    let bob = p.enrol_again(&bob);
+    let bob = p.promote(w.admin(), &bob, "tenant_admin");
     let ta_id = p
         .block_on(w.tenant_admin().client.get::<api::Whoami>("/v1/whoami"))
         .unwrap()
@@ -533,15 +520,7 @@ fn every_key_and_session_ends_when_the_account_loses_its_footing() {
     let admin = p.admin();
     let (acme, ta) = p.tenant(&admin, "acme", None);
     let raw = p.raw();
-    let r = raw.signed(
-        &p,
-        &admin,
-        "PUT",
-        &format!("/v1/users/{}/role", whoami(&p, &ta).id),
-        &body(json!({"role": "tenant_admin"})),
-    );
-    assert_eq!(r.status, 204);
-    let ta = p.enrol_again(&ta);
+    let ta = p.promote(&admin, &ta, "tenant_admin");
     let security = p.platform_account(&admin, "sec-1", "security_admin");
     let fresh = |name: &str| p.tenant_user(&admin, &acme.id, name, "member");
     let bystander = fresh("bystander");
@@ -868,15 +847,7 @@ fn a_tenant_policy_lets_group_ops_stop_and_start_prod_but_not_delete() {
     let admin = p.admin();
     let (acme, ta) = p.tenant(&admin, "acme", None);
     let raw = p.raw();
-    let r = raw.signed(
-        &p,
-        &admin,
-        "PUT",
-        &format!("/v1/users/{}/role", whoami(&p, &ta).id),
-        &body(json!({"role": "tenant_admin"})),
-    );
-    assert_eq!(r.status, 204);
-    let ta = p.enrol_again(&ta);
+    let ta = p.promote(&admin, &ta, "tenant_admin");
     let reader = p.tenant_user(&admin, &acme.id, "ranger", "reader");
     let reader_id = whoami(&p, &reader).id;
     let vm = |name: &str, env: &str| {
@@ -998,15 +969,7 @@ fn a_tenant_policy_lets_group_ops_stop_and_start_prod_but_not_delete() {
 
     // Another tenant's greediest policy opens nothing of acme's.
     let (_, bob) = p.tenant(&admin, "bob-corp", None);
-    let r = raw.signed(
-        &p,
-        &admin,
-        "PUT",
-        &format!("/v1/users/{}/role", whoami(&p, &bob).id),
-        &body(json!({"role": "tenant_admin"})),
-    );
-    assert_eq!(r.status, 204);
-    let bob = p.enrol_again(&bob);
+    let bob = p.promote(&admin, &bob, "tenant_admin");
     let greedy = "permit (principal, action, resource);";
     let r = raw.signed(
         &p,
@@ -1095,15 +1058,7 @@ fn a_tenant_can_require_mfa_and_tighten_the_password_rules() {
     let admin = p.admin();
     let (acme, ta) = p.tenant(&admin, "acme", None);
     let raw = p.raw();
-    let r = raw.signed(
-        &p,
-        &admin,
-        "PUT",
-        &format!("/v1/users/{}/role", whoami(&p, &ta).id),
-        &body(json!({"role": "tenant_admin"})),
-    );
-    assert_eq!(r.status, 204);
-    let ta = p.enrol_again(&ta);
+    let ta = p.promote(&admin, &ta, "tenant_admin");
     let (ta_uri, _) = p.enrol_totp(&ta.user, &ta.password);
     let ta = p.key_with_totp(&ta.user, &ta.password, &ta_uri);
     let member = p.tenant_user(&admin, &acme.id, "mia", "member");
@@ -1219,15 +1174,7 @@ fn identity_anomalies_become_alerts_in_the_api_the_audit_log_and_the_webhook() {
     let admin = p.admin();
     let (acme, ta) = p.tenant(&admin, "acme", None);
     let raw = p.raw();
-    let r = raw.signed(
-        &p,
-        &admin,
-        "PUT",
-        &format!("/v1/users/{}/role", whoami(&p, &ta).id),
-        &body(json!({"role": "tenant_admin"})),
-    );
-    assert_eq!(r.status, 204);
-    let ta = p.enrol_again(&ta);
+    let ta = p.promote(&admin, &ta, "tenant_admin");
     let alice = p.tenant_user(&admin, &acme.id, "alice", "member");
     let security = p.platform_account(&admin, "sec-1", "security_admin");
     let (_, bob) = p.tenant(&admin, "bob-corp", None);
@@ -1360,16 +1307,7 @@ fn a_secret_sent_anywhere_never_comes_back_in_an_error_or_lands_in_a_log() {
     let (acme, alice) = p.tenant(&admin, "acme", None);
     let raw = p.raw();
     // The tenant's administrator, made before the failed logins below lock Alice out.
-    let ta_id = whoami(&p, &alice).id;
-    let r = raw.signed(
-        &p,
-        &admin,
-        "PUT",
-        &format!("/v1/users/{ta_id}/role"),
-        &serde_json::to_vec(&json!({"role": "tenant_admin"})).unwrap(),
-    );
-    assert_eq!(r.status, 204);
-    let ta = p.enrol_again(&alice);
+    let ta = p.promote(&admin, &alice, "tenant_admin");
     let alice = p.clone_signer(&ta);
     let marker = format!("Mk{}", hex_id() + &hex_id() + &hex_id() + &hex_id());
     let mut answers: Vec<(String, RawResponse)> = Vec::new();
@@ -1510,15 +1448,7 @@ fn no_list_or_object_field_reaches_into_another_tenant() {
     let w = World::new(&p, "https://idp.invalid");
     let raw = p.raw();
     let (bob_tenant, bob) = p.tenant(w.admin(), "bob-corp", None);
-    let r = raw.signed(
-        &p,
-        w.admin(),
-        "PUT",
-        &format!("/v1/users/{}/role", whoami(&p, &bob).id),
-        &body(json!({"role": "tenant_admin"})),
-    );
-    assert_eq!(r.status, 204);
-    let bob = p.enrol_again(&bob);
+    let bob = p.promote(w.admin(), &bob, "tenant_admin");
     // Everything of acme's that has an id.
     let mut secrets_of_acme = vec![w.acme.clone(), w.instance.clone(), w.group.clone()];
     for s in w.signers.values() {

@@ -363,6 +363,20 @@ impl Platform {
         self.signer(&s.user, &s.password, &created.id, key, s.totp.clone())
     }
 
+    /// Gives `s`'s account `role` (which ends its keys) and returns a fresh key for it.
+    pub fn promote(&self, admin: &Signer, s: &Signer, role: &str) -> Signer {
+        let me: api::Whoami = self.block_on(s.client.get("/v1/whoami")).unwrap();
+        let r = self.raw().signed(
+            self,
+            admin,
+            "PUT",
+            &format!("/v1/users/{}/role", me.user.id),
+            &serde_json::to_vec(&serde_json::json!({ "role": role })).unwrap(),
+        );
+        assert_eq!(r.status, 204, "{:?}", r.body);
+        self.enrol_again(s)
+    }
+
     /// Another handle on the same key.
     pub fn clone_signer(&self, s: &Signer) -> Signer {
         self.signer(
