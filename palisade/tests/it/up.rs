@@ -102,6 +102,67 @@ fn up_retries_a_failing_controller_and_stops_everything_on_sigterm() {
     up.finished = true;
 }
 
+#[test]
+fn the_quickstart_enrols_the_administrator_with_mfa_and_boots_the_demo_vm() {
+    let mut up = Up::spawn_with(true);
+    poll(Duration::from_secs(240), "the quickstart to finish", || {
+        up.assert_running();
+        up.stdout().contains("Try: ").then_some(())
+    });
+    let out = up.stdout();
+    for expected in [
+        "otpauth://totp/",
+        "Recovery codes",
+        "PALISADE-BOOT-OK",
+        "mfa verify",
+    ] {
+        assert!(out.contains(expected), "no {expected:?} in:\n{out}");
+    }
+    let cli = |args: &[&str]| {
+        let output = Command::new(palisade_bin())
+            .env("PALISADE_CONFIG", up.path().join("cli/config.json"))
+            .env_remove("PALISADE_PROFILE")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "palisade {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    // The administrator's profile works for administrative calls (its key carries the
+    // enrolment's fresh second factor); the demo user administers the demo tenant.
+    assert!(cli(&["--profile", "admin", "tenant", "list"]).contains("demo"));
+    let me: serde_json::Value =
+        serde_json::from_str(&cli(&["--profile", "demo", "--json", "whoami"])).unwrap();
+    assert_eq!(me["user"]["role"], "tenant_admin");
+    let vms: serde_json::Value =
+        serde_json::from_str(&cli(&["--profile", "demo", "--json", "instance", "list"])).unwrap();
+    let vm = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "demo-vm")
+        .expect("the demo VM is listed");
+    // Leave no VM behind.
+    cli(&[
+        "--profile",
+        "demo",
+        "instance",
+        "delete",
+        vm["id"].as_str().unwrap(),
+        "--wait",
+    ]);
+    signal(up.child.id(), Signal::SIGTERM);
+    let status = poll(Duration::from_secs(30), "palisade up to exit", || {
+        up.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}\n{}", up.stderr());
+    up.finished = true;
+}
+
 /// A `palisade up` on a temp dir and free ports, its stdout and stderr in files.
 struct Up {
     dir: Option<tempfile::TempDir>,
@@ -114,6 +175,10 @@ struct Up {
 
 impl Up {
     fn spawn() -> Up {
+        Up::spawn_with(false)
+    }
+
+    fn spawn_with(quickstart: bool) -> Up {
         let dir = tempfile::Builder::new()
             .prefix("palisade-up-it-")
             .tempdir()
@@ -121,8 +186,12 @@ impl Up {
         let (listen, agent_listen) = (free_port(), free_port());
         let data = dir.path().join("data");
         let file = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+        let mut args = up_args(&data, listen, agent_listen);
+        if quickstart {
+            args.retain(|a| a != "--no-quickstart");
+        }
         let child = Command::new(palisade_bin())
-            .args(up_args(&data, listen, agent_listen))
+            .args(args)
             .env("PALISADE_CONFIG", dir.path().join("cli/config.json"))
             .stdin(Stdio::null())
             .stdout(file("up.out"))
