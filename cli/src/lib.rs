@@ -143,6 +143,9 @@ pub enum PasswordCmd {
         password: String,
         #[arg(long, env = "PALISADE_NEW_PASSWORD", hide_env_values = true)]
         new_password: String,
+        /// Once a second factor is enrolled, a password change needs it too.
+        #[command(flatten)]
+        factor: SecondFactor,
     },
 }
 
@@ -234,6 +237,16 @@ pub enum TenantCmd {
     /// Delete a tenant and its users (refused while it has instances).
     Delete {
         id: String,
+    },
+    /// Where the tenant's identity alerts are posted; prints the signing secret once.
+    Webhook {
+        id: String,
+        /// An https URL (public address unless the platform allows private ones).
+        #[arg(long, conflicts_with = "remove", required_unless_present = "remove")]
+        url: Option<String>,
+        /// Stop posting alerts.
+        #[arg(long)]
+        remove: bool,
     },
     /// Tighten the tenant's identity rules; only the settings given change.
     #[command(group(
@@ -427,11 +440,14 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             user,
             password,
             new_password,
+            factor,
         }) => {
             let body = api::PasswordChange {
                 user,
                 current_password: password,
                 new_password,
+                totp_code: factor.totp_code,
+                recovery_code: factor.recovery_code,
             };
             let _: serde_json::Value = ctx.unsigned()?.post("/v1/auth/password", &body).await?;
             println!("password changed");
@@ -972,6 +988,22 @@ impl Ctx {
             TenantCmd::Delete { id } => {
                 call(&client, Method::DELETE, &path(&id, ""), None::<&()>).await?;
                 (id, "deleted")
+            }
+            TenantCmd::Webhook { id, url, remove: _ } => {
+                let webhook: api::Webhook = client
+                    .json(
+                        Method::PUT,
+                        &path(&id, "/webhook"),
+                        Some(&api::WebhookSet { url }),
+                    )
+                    .await?;
+                return self.show(&webhook, |t| {
+                    t.row(["URL", "SIGNING SECRET (shown once)"]);
+                    t.row([
+                        webhook.url.as_deref().unwrap_or("-"),
+                        webhook.secret.as_deref().unwrap_or("-"),
+                    ]);
+                });
             }
         };
         println!("tenant {id} {done}");

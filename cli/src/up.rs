@@ -647,6 +647,8 @@ async fn change_password(client: &Client, user: &str, current: &str) -> anyhow::
         user: user.into(),
         current_password: current.into(),
         new_password: new_password.clone(),
+        totp_code: None,
+        recovery_code: None,
     };
     let _: serde_json::Value = client.post("/v1/auth/password", &body).await?;
     Ok(new_password)

@@ -16,6 +16,11 @@ pub struct PasswordChange {
     pub user: String,
     pub current_password: String,
     pub new_password: String,
+    /// The second factor, required once the account has one enrolled.
+    #[serde(default)]
+    pub totp_code: Option<String>,
+    #[serde(default)]
+    pub recovery_code: Option<String>,
 }
 
 /// `POST /v1/auth/keys`: registers a client-made Ed25519 public key, proven by the password.

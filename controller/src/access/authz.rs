@@ -166,6 +166,20 @@ impl Matrix {
                 ));
             }
         }
+        // Actions no tenant role has in the table stay out of every tenant account's reach,
+        // whatever its tenant's policies permit (disabling or deleting the tenant, say).
+        let platform_only: Vec<String> = self
+            .rows
+            .iter()
+            .filter(|r| !r.allowed.iter().any(|a| TENANT_ROLES.contains(&a.as_str())))
+            .map(|r| format!("Action::\"{}\"", r.action))
+            .collect();
+        if !platform_only.is_empty() {
+            policies.push(format!(
+                "forbid (principal, action in [{}], resource) when {{ principal.tenant != \"\" }};",
+                platform_only.join(", ")
+            ));
+        }
         // The tenant boundary, above every permit a tenant can write.
         policies.push(
             "forbid (principal, action, resource) when { principal.tenant != \"\" && \
@@ -329,6 +343,50 @@ pub struct Authz {
     schema: Schema,
     platform: PolicySet,
     authorizer: Authorizer,
+    /// Stored policy texts already parsed, by text (bounded; cleared when full).
+    parsed: std::sync::Mutex<HashMap<String, std::sync::Arc<PolicySet>>>,
+}
+
+/// Longest policy text a tenant or the platform may store.
+pub const MAX_POLICY_BYTES: usize = 32 * 1024;
+/// Deepest nesting of brackets a policy may use. Cedar's parser recurses per level, and a few
+/// hundred levels overflow a thread's stack: the text is measured before Cedar sees it.
+const MAX_POLICY_DEPTH: usize = 32;
+const MAX_PARSED: usize = 256;
+
+/// The deepest nesting of (), [] and {} in Cedar text, outside string literals and comments.
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '/' if chars.peek() == Some(&'/') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Policy texts stored by tenants and by the security administrator.
@@ -366,6 +424,7 @@ impl Authz {
             schema,
             platform,
             authorizer: Authorizer::new(),
+            parsed: std::sync::Mutex::default(),
         })
     }
 
@@ -375,6 +434,16 @@ impl Authz {
 
     /// Parses and validates a tenant's policy text; the error carries the validator's message.
     pub fn check_tenant_policies(&self, text: &str) -> Result<PolicySet, PolicyRejected> {
+        if text.len() > MAX_POLICY_BYTES {
+            return Err(PolicyRejected(format!(
+                "policies are limited to {MAX_POLICY_BYTES} bytes"
+            )));
+        }
+        if nesting_depth(text) > MAX_POLICY_DEPTH {
+            return Err(PolicyRejected(format!(
+                "expressions may nest at most {MAX_POLICY_DEPTH} levels deep"
+            )));
+        }
         let set = PolicySet::from_str(text).map_err(|e| {
             let details: Vec<String> = e.iter().map(|d| d.to_string()).collect();
             PolicyRejected(format!("{e}: {}", details.join("; ")))
@@ -391,6 +460,24 @@ impl Authz {
             return Err(PolicyRejected(messages.join("; ")));
         }
         Ok(set)
+    }
+
+    /// A stored text, parsed once and then taken from the cache. Texts that fail the upload
+    /// checks (size, depth, syntax) are never parsed here.
+    fn parsed(&self, text: &str) -> Option<std::sync::Arc<PolicySet>> {
+        let mut cache = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = cache.get(text) {
+            return Some(set.clone());
+        }
+        if text.len() > MAX_POLICY_BYTES || nesting_depth(text) > MAX_POLICY_DEPTH {
+            return None;
+        }
+        let set = std::sync::Arc::new(PolicySet::from_str(text).ok()?);
+        if cache.len() >= MAX_PARSED {
+            cache.clear();
+        }
+        cache.insert(text.to_string(), set.clone());
+        Some(set)
     }
 
     /// Parses and validates the platform's own policies: like a tenant's, but `forbid` only
@@ -489,12 +576,12 @@ impl Authz {
             if text.trim().is_empty() {
                 continue;
             }
-            match PolicySet::from_str(text) {
-                Ok(set) => {
+            match self.parsed(text) {
+                Some(set) => {
                     policies.merge(&set, true)?;
                 }
-                // Checked on upload; should it still not parse, it grants nothing.
-                Err(e) => tracing::error!(error = %e, "stored policies do not parse"),
+                // Checked on upload; should it still not pass, it grants nothing.
+                None => tracing::error!("stored policies do not pass the checks"),
             }
         }
         let answer = self
@@ -659,6 +746,22 @@ mod tests {
                 &StoredPolicies::default()
             )
             .unwrap());
+        // Nor actions no tenant role has: disabling or deleting its own tenant, say.
+        for action in ["tenant.disable", "tenant.delete", "tenant.enable"] {
+            let own = Resource::Tenant {
+                id: "t1".into(),
+                name: "t1".into(),
+            };
+            assert!(!authz
+                .is_allowed(
+                    &admin,
+                    action,
+                    &own,
+                    true,
+                    &tenant("permit (principal, action, resource);")
+                )
+                .unwrap());
+        }
         // Not even a tenant policy can open another tenant's objects.
         let greedy = "permit (principal, action, resource);";
         authz.check_tenant_policies(greedy).unwrap();
@@ -704,6 +807,38 @@ mod tests {
         assert!(!decide(&ops_reader, "instance.delete", &prod));
         assert!(!decide(&ops_reader, "instance.stop", &dev));
         assert!(!decide(&other_reader, "instance.stop", &prod));
+    }
+
+    #[test]
+    fn deep_or_huge_policies_are_refused_before_cedar_parses_them() {
+        let authz = Authz::new().unwrap();
+        let deep = |n: usize| {
+            format!(
+                "permit (principal, action, resource) when {{ {}true{} }};",
+                "(".repeat(n),
+                ")".repeat(n)
+            )
+        };
+        authz.check_tenant_policies(&deep(20)).unwrap();
+        for n in [40, 200, 5000] {
+            let err = authz.check_tenant_policies(&deep(n)).unwrap_err();
+            assert!(err.0.contains("nest"), "{}", err.0);
+        }
+        let sets = format!(
+            "permit (principal, action, resource) when {{ {}1{}.contains(1) }};",
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        assert!(authz.check_tenant_policies(&sets).is_err());
+        // Brackets inside strings and comments do not count.
+        let quoted = format!(
+            "// {}\npermit (principal, action, resource) when {{ \"{}\" == \"x\" }};",
+            "(".repeat(500),
+            "[".repeat(500)
+        );
+        authz.check_tenant_policies(&quoted).unwrap();
+        let huge = "permit (principal, action, resource);\n".repeat(2000);
+        assert!(authz.check_tenant_policies(&huge).is_err());
     }
 
     #[test]

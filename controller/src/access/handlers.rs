@@ -205,6 +205,19 @@ pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
     let user =
         identity::verify_password(&c.db, c.lockout, &req.user, &req.current_password).await?;
     ctx.set_subject(&user.id, user.tenant_id.clone());
+    // Once a second factor is enrolled, the password alone cannot change the password (and
+    // with it end every session of the account).
+    if identity::mfa_state(&c.db, &user.id).await?.enrolled {
+        identity::check_second_factor(
+            &c.db,
+            &c.secrets,
+            c.lockout,
+            &user.id,
+            req.totp_code.as_deref(),
+            req.recovery_code.as_deref(),
+        )
+        .await?;
+    }
     identity::clear_failures(&c.db, &user.id).await?;
     let (min_length, _) = identity::password_rules(&c.db, &c.rules, &user.id).await?;
     identity::check_new_password(&req.user, &req.new_password, min_length)?;
@@ -421,7 +434,15 @@ pub async fn rotate_key(
     if req.overlap_secs > 86_400 {
         return Err(Error::invalid("overlap_secs must be at most 86400"));
     }
-    let new = identity::prepare_key(
+    // Only the key itself hands over to its successor: a session or another key of the same
+    // user cannot turn into a long-lived key this way.
+    if old.id != p.key_id {
+        return Err(Error::Forbidden {
+            code: "rotate_with_the_key_itself",
+            message: "sign the rotation with the key being rotated".into(),
+        });
+    }
+    let mut new = identity::prepare_key(
         &c.rules,
         &p.user_id,
         &req.public_key,
@@ -430,6 +451,9 @@ pub async fn rotate_key(
             expires_in_days: None,
         },
     )?;
+    // Rotation changes the key, not its lifetime: the successor expires when the old key would
+    // have. A longer life takes a new key, made with the password (and second factor).
+    new.expires_at = old.expires_at.clone();
     ctx.permit().await?;
     let key = identity::rotate_key(&c.db, &old, new, req.overlap_secs).await?;
     Ok((StatusCode::CREATED, Json(key)).into_response())
@@ -628,7 +652,38 @@ pub async fn create_user(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<
     let role = accounts::check_user(&req)?;
     ctx.permit().await?;
     let created = accounts::create_user(&c.db, &req, &role).await?;
+    if created.user.tenant_id.is_none() {
+        platform_account_changed(
+            &c,
+            &ctx,
+            &created.user.id,
+            &format!("created with role {role}"),
+        )
+        .await;
+    }
     Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// Every new platform account and platform role change is a platform alert: separation of
+/// duties rests on different people holding administration and audit, and whoever creates an
+/// account learns its one-time password, so the security administrators see each such change.
+async fn platform_account_changed(c: &Controller, ctx: &RequestCtx, user_id: &str, what: &str) {
+    let by = ctx
+        .principal
+        .as_ref()
+        .map(|p| p.user_id.clone())
+        .unwrap_or_default();
+    let alert = crate::service::alerts::Raise {
+        tenant_id: None,
+        user_id: Some(user_id),
+        kind: "platform_account_change",
+        detail: format!("{what} by user {by}"),
+        source: &ctx.source,
+        request_id: &ctx.request_id,
+    };
+    if let Err(e) = c.alerts.raise(alert, &c.secrets).await {
+        tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "raising an alert");
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -706,6 +761,10 @@ pub async fn set_role(
     accounts::check_role(&req.role, user.tenant_id.as_deref())?;
     ctx.permit().await?;
     accounts::set_role(&c.db, &user, &req.role).await?;
+    if user.tenant_id.is_none() && user.role != req.role {
+        let what = format!("role changed from {} to {}", user.role, req.role);
+        platform_account_changed(&c, &ctx, &user.id, &what).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -887,6 +946,22 @@ pub async fn put_policies(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result
             code: "policy_invalid",
             message: e.0,
         })?;
+    // A tenant cannot lock its own administrators out of its policies: the uploader must still
+    // be allowed to replace them under the new text.
+    let after = crate::access::authz::StoredPolicies {
+        tenant: req.text.clone(),
+        platform: accounts::get_platform_policies(&c.db).await?,
+    };
+    let still = c
+        .authz
+        .is_allowed(principal(&ctx)?, "policy.put", &tenant, true, &after)
+        .map_err(Error::Internal)?;
+    if !still {
+        return Err(Error::Invalid {
+            code: "policy_invalid",
+            message: "these policies would forbid you to change them again".into(),
+        });
+    }
     ctx.permit().await?;
     let Resource::Tenant { id, .. } = &tenant else {
         return Err(Error::NotFound { what: "tenant" });

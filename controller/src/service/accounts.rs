@@ -148,20 +148,32 @@ pub async fn set_settings(db: &Db, tenant_id: &str, settings: &TenantSettings) -
     Ok(())
 }
 
-/// Disables or enables a tenant. While disabled, no key, session or password of its users
-/// works (the key lookup joins the tenant); its instances keep their state.
+/// Disables or enables a tenant. Disabling ends every key and session of its users (enabling
+/// brings none back: they log in again); its instances keep their state.
 pub async fn set_tenant_disabled(db: &Db, tenant_id: &str, disabled: bool) -> Result<()> {
+    let mut tx = db.pool.begin_with("BEGIN IMMEDIATE").await?;
     sqlx::query("UPDATE tenants SET disabled_at = $2 WHERE id = $1")
         .bind(tenant_id)
         .bind(disabled.then(now))
-        .execute(&db.pool)
+        .execute(&mut *tx)
         .await?;
+    if disabled {
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = $2 WHERE revoked_at IS NULL \
+             AND user_id IN (SELECT id FROM users WHERE tenant_id = $1)",
+        )
+        .bind(tenant_id)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
 /// Deletes a tenant that owns no live instance, with its users, keys, groups and policies.
 pub async fn delete_tenant(db: &Db, tenant_id: &str) -> Result<()> {
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.pool.begin_with("BEGIN IMMEDIATE").await?;
     let live =
         sqlx::query("SELECT 1 FROM instances WHERE tenant_id = $1 AND deleted_at IS NULL LIMIT 1")
             .bind(tenant_id)
@@ -372,9 +384,15 @@ async fn keep_one_platform_admin(
 /// Changes a user's role; every key and session of the user ends.
 pub async fn set_role(db: &Db, user: &User, role: &str) -> Result<()> {
     check_role(role, user.tenant_id.as_deref())?;
-    let mut tx = db.pool.begin().await?;
+    // IMMEDIATE: the last-administrator check reads, then writes; two administrators acting
+    // on each other at once must queue, not fail on a stale snapshot.
+    let mut tx = db.pool.begin_with("BEGIN IMMEDIATE").await?;
     if role != user.role {
         keep_one_platform_admin(&mut tx, user).await?;
+    }
+    if role == user.role {
+        // Nothing changes, so nothing is taken away: the keys stay.
+        return Ok(());
     }
     sqlx::query("UPDATE users SET role = $2 WHERE id = $1")
         .bind(&user.id)
@@ -388,7 +406,7 @@ pub async fn set_role(db: &Db, user: &User, role: &str) -> Result<()> {
 
 /// Disables (every key and session ends; the password stops working) or enables a user.
 pub async fn set_user_disabled(db: &Db, user: &User, disabled: bool) -> Result<()> {
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.pool.begin_with("BEGIN IMMEDIATE").await?;
     if disabled {
         keep_one_platform_admin(&mut tx, user).await?;
         identity::revoke_all_keys(&mut tx, &user.id).await?;
@@ -403,7 +421,7 @@ pub async fn set_user_disabled(db: &Db, user: &User, disabled: bool) -> Result<(
 }
 
 pub async fn delete_user(db: &Db, user: &User) -> Result<()> {
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.pool.begin_with("BEGIN IMMEDIATE").await?;
     keep_one_platform_admin(&mut tx, user).await?;
     delete_user_rows(&mut tx, &user.id).await?;
     tx.commit().await?;

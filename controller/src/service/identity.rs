@@ -708,17 +708,37 @@ pub async fn revoke_key(db: &Db, user_id: &str, key_id: &str) -> Result<()> {
 /// Rotation: `new` (prepared for the same user) replaces `old`, which stops working after
 /// `overlap_secs` (at once for 0). One transaction: never both gone, never an unbounded pair.
 pub async fn rotate_key(db: &Db, old: &ApiKey, new: ApiKey, overlap_secs: u32) -> Result<ApiKey> {
-    let mut tx = db.pool.begin().await?;
-    let ends = unix_now() + i64::from(overlap_secs);
-    sqlx::query("UPDATE api_keys SET expires_at = MIN(COALESCE(expires_at, $2), $2) WHERE id = $1")
-        .bind(&old.id)
-        .bind(ends)
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = db.pool.begin_with("BEGIN IMMEDIATE").await?;
+    let now = unix_now();
+    let successor_lives = sqlx::query(
+        "SELECT 1 FROM api_keys o JOIN api_keys n ON n.id = o.rotated_to WHERE o.id = $1 \
+         AND n.revoked_at IS NULL AND (n.expires_at IS NULL OR n.expires_at > $2)",
+    )
+    .bind(&old.id)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?
+    .is_some();
+    if successor_lives {
+        return Err(Error::Conflict {
+            code: "key_already_rotated",
+            message: "this key was rotated already; rotate its successor".into(),
+        });
+    }
+    let ends = now + i64::from(overlap_secs);
+    sqlx::query(
+        "UPDATE api_keys SET expires_at = MIN(COALESCE(expires_at, $2), $2), rotated_to = $3 \
+         WHERE id = $1",
+    )
+    .bind(&old.id)
+    .bind(ends)
+    .bind(&new.id)
+    .execute(&mut *tx)
+    .await?;
     if overlap_secs == 0 {
         sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1")
             .bind(&old.id)
-            .bind(now())
+            .bind(crate::db::now())
             .execute(&mut *tx)
             .await?;
     }
@@ -796,6 +816,20 @@ pub async fn check_second_factor(
     recovery_code: Option<&str>,
 ) -> Result<()> {
     let now = unix_now();
+    // A locked account takes no second factor either: a stolen key cannot be used to guess
+    // codes at the rate limit's pace while the owner is locked out.
+    let locked = sqlx::query("SELECT locked_until FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(&db.pool)
+        .await?
+        .and_then(|r| r.get::<Option<i64>, _>("locked_until"))
+        .is_some_and(|until| until > now);
+    if locked {
+        return Err(Error::MfaRefused {
+            locked: true,
+            new_lock: None,
+        });
+    }
     let accepted = match (totp_code, recovery_code) {
         (Some(code), None) => {
             let row = sqlx::query(

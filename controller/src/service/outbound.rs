@@ -60,12 +60,14 @@ pub async fn check_url(url: &str, policy: OutboundPolicy) -> anyhow::Result<reqw
     Ok(check(url, policy).await?.url)
 }
 
-/// Not loopback, private, link-local, unspecified, multicast, documentation or shared space:
-/// the platform's own networks stay unreachable through URLs tenants set.
+/// Not loopback, private, link-local, unspecified, multicast, documentation, benchmarking,
+/// reserved or shared space, nor an IPv6 address that embeds or routes to such an IPv4 address
+/// (IPv4-mapped or -compatible, NAT64, 6to4, Teredo): the platform's own networks stay
+/// unreachable through URLs tenants set.
 fn is_public(ip: &IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -73,19 +75,45 @@ fn is_public(ip: &IpAddr) -> bool {
                 || v4.is_multicast()
                 || v4.is_broadcast()
                 || v4.is_documentation()
+                || a == 0
                 || (a == 100 && (64..128).contains(&b))
-                || a == 0)
+                || (a == 198 && (b == 18 || b == 19))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 192 && b == 88 && c == 99)
+                || a >= 240)
         }
         IpAddr::V6(v6) => {
             let seg = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    (hi >> 8) as u8,
+                    hi as u8,
+                    (lo >> 8) as u8,
+                    lo as u8,
+                ))
+            };
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(&IpAddr::V4(v4));
+            }
+            // ::a.b.c.d (IPv4-compatible) and 64:ff9b::a.b.c.d (NAT64) carry an IPv4 address.
+            if seg[..6] == [0, 0, 0, 0, 0, 0] || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return !v6.is_loopback()
+                    && !v6.is_unspecified()
+                    && is_public(&embedded(seg[6], seg[7]));
+            }
+            // 6to4 (2002::/16) routes to the IPv4 address in its next 32 bits.
+            if seg[0] == 0x2002 {
+                return is_public(&embedded(seg[1], seg[2]));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (seg[0] & 0xfe00) == 0xfc00
-                || (seg[0] & 0xffc0) == 0xfe80
-                || v6
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| !is_public(&IpAddr::V4(v4))))
+                || (seg[0] & 0xfe00) == 0xfc00 // unique local
+                || (seg[0] & 0xffc0) == 0xfe80 // link-local
+                || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || (seg[0] == 0x2001 && seg[1] == 0) // Teredo
+                || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
+                || seg[0] == 0x0100) // discard-only
         }
     }
 }
@@ -129,11 +157,28 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::7f00:1",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::1",
+            "::a9fe:a9fe",
+            "::127.0.0.1",
+            "fec0::1",
+            "2001::1",
+            "2001:db8::1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "192.0.0.8",
         ] {
             let ip: IpAddr = private.parse().unwrap();
             assert!(!is_public(&ip), "{private}");
         }
-        for public in ["93.184.216.34", "2606:2800:220:1::1"] {
+        for public in [
+            "93.184.216.34",
+            "2606:2800:220:1::1",
+            "64:ff9b::5db8:d822",
+            "2002:5db8:d822::1",
+        ] {
             let ip: IpAddr = public.parse().unwrap();
             assert!(is_public(&ip), "{public}");
         }

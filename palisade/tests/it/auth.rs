@@ -157,6 +157,8 @@ fn the_initial_admin_password_only_changes_itself() {
         user: "admin".into(),
         current_password: "not-the-password".into(),
         new_password: "A-long-enough-passw0rd".into(),
+        totp_code: None,
+        recovery_code: None,
     };
     let err = api_error(
         p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
@@ -214,6 +216,8 @@ fn the_initial_admin_password_only_changes_itself() {
             user: "admin".into(),
             current_password: current.into(),
             new_password: new.into(),
+            totp_code: None,
+            recovery_code: None,
         };
         p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
             .map_err(api_error)
@@ -707,6 +711,8 @@ fn a_password_change_revokes_every_key_of_that_user_at_once() {
         user: alice.user.clone(),
         current_password: alice.password.clone(),
         new_password: "Brand-new-passw0rd".into(),
+        totp_code: None,
+        recovery_code: None,
     };
     let _: serde_json::Value = p
         .block_on(anonymous.post("/v1/auth/password", &change))

@@ -330,7 +330,11 @@ fn every_cell_of_the_role_matrix_is_one_real_call() {
         "clients": [{"client_id": "palisade", "redirect_uris": ["http://127.0.0.1:9/cb"]}],
         "accounts": [{"username": "x", "password": "x-password", "claims": {}}],
     }));
-    let p = Platform::start_with_args(&["--allow-private-endpoints"]);
+    let p = Platform::start_with_args(&[
+        "--allow-private-endpoints",
+        "--rate-limit-per-source",
+        "5000",
+    ]);
     let matrix = Matrix::builtin().unwrap();
     let w = World::new(&p, &idp.issuer);
     let raw = p.raw();
@@ -394,7 +398,9 @@ fn snapshot(p: &Platform, w: &World) -> Vec<Vec<u8>> {
 
 #[test]
 fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
-    let p = Platform::start();
+    // Hundreds of requests from one address in a few seconds: above the default rate limit on
+    // a fast machine.
+    let p = Platform::start_with_args(&["--rate-limit-per-source", "5000"]);
     let w = World::new(&p, "https://idp.invalid");
     let raw = p.raw();
     p.wait_state(w.tenant_admin(), &w.instance, "running");
@@ -516,7 +522,7 @@ fn assert_all_refused(p: &Platform, tokens: &[Signer], since: Instant, event: &s
 
 #[test]
 fn every_key_and_session_ends_when_the_account_loses_its_footing() {
-    let p = Platform::start();
+    let p = Platform::start_with_args(&["--rate-limit-per-source", "5000"]);
     let admin = p.admin();
     let (acme, ta) = p.tenant(&admin, "acme", None);
     let raw = p.raw();
@@ -532,6 +538,8 @@ fn every_key_and_session_ends_when_the_account_loses_its_footing() {
         user: u.user.clone(),
         current_password: u.password.clone(),
         new_password: "Another-passw0rd-9".into(),
+        totp_code: None,
+        recovery_code: None,
     };
     let _: serde_json::Value = p
         .block_on(p.anonymous().post("/v1/auth/password", &change))
@@ -578,8 +586,7 @@ fn every_key_and_session_ends_when_the_account_loses_its_footing() {
         200
     );
 
-    // 6. A tenant disable ends every user's credentials in it, and enable brings back none
-    // that were ended for cause (the bystander's key was never revoked, so it works again).
+    // 6. A tenant disable ends every user's credentials in it.
     let tokens = fifty_tokens(&p, &bystander);
     let r = raw.signed(
         &p,
@@ -608,6 +615,7 @@ fn every_key_and_session_ends_when_the_account_loses_its_footing() {
         .unwrap_err(),
     );
     assert_eq!((e.status, e.code.as_str()), (401, "credentials_invalid"));
+    // Enabling the tenant brings no ended credential back; its users log in again.
     let r = raw.signed(
         &p,
         &admin,
@@ -616,10 +624,9 @@ fn every_key_and_session_ends_when_the_account_loses_its_footing() {
         b"",
     );
     assert_eq!(r.status, 204);
-    assert_eq!(
-        raw.signed(&p, &bystander, "GET", "/v1/whoami", b"").status,
-        200
-    );
+    assert_all_refused(&p, &tokens, Instant::now(), "tenant enable");
+    let again = p.enrol_again(&bystander);
+    assert_eq!(raw.signed(&p, &again, "GET", "/v1/whoami", b"").status, 200);
 }
 
 fn whoami(p: &Platform, s: &Signer) -> api::User {
@@ -695,6 +702,8 @@ fn administrative_actions_need_a_fresh_second_factor_and_each_code_works_once() 
         user: "admin-3".into(),
         current_password: created.initial_password.clone(),
         new_password: password.into(),
+        totp_code: None,
+        recovery_code: None,
     };
     let _: serde_json::Value = p
         .block_on(p.anonymous().post("/v1/auth/password", &change))
@@ -1106,6 +1115,8 @@ fn a_tenant_can_require_mfa_and_tighten_the_password_rules() {
                 user: member.user.clone(),
                 current_password: current.into(),
                 new_password: new.into(),
+                totp_code: None,
+                recovery_code: None,
             },
         ))
         .map_err(api_error)
@@ -1608,4 +1619,140 @@ fn the_security_administrator_restricts_everyone_with_forbid_only_platform_polic
     assert_eq!(r.status, 403);
     let stored: api::Policies = p.block_on(sa.client.get("/v1/platform/policies")).unwrap();
     assert_eq!(stored.text, hold);
+}
+
+#[test]
+fn what_the_first_newcomer_broke_stays_fixed() {
+    let p = Platform::start_with_args(&["--lockout-after", "3", "--lockout-secs", "60"]);
+    let admin = p.admin();
+    let (acme, ta) = p.tenant(&admin, "acme", None);
+    let ta = p.promote(&admin, &ta, "tenant_admin");
+    let raw = p.raw();
+    let put_policy = |text: &str| {
+        raw.signed(
+            &p,
+            &ta,
+            "PUT",
+            "/v1/policies",
+            &body(json!({ "text": text })),
+        )
+    };
+
+    // A deeply nested policy is a 400, not a crashed controller.
+    for depth in [142, 5000] {
+        let deep = format!(
+            "permit (principal, action, resource) when {{ {}true{} }};",
+            "(".repeat(depth),
+            ")".repeat(depth)
+        );
+        let r = put_policy(&deep);
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "policy_invalid"),
+            "depth {depth}"
+        );
+    }
+    assert_eq!(raw.signed(&p, &ta, "GET", "/v1/whoami", b"").status, 200);
+
+    // A tenant policy cannot hand out what no tenant role has (disabling its own tenant).
+    let grab = "permit (principal, action in [Action::\"tenant.disable\", \
+                Action::\"tenant.delete\"], resource);";
+    assert_eq!(put_policy(grab).status, 204);
+    let r = raw.signed(
+        &p,
+        &ta,
+        "POST",
+        &format!("/v1/tenants/{}/disable", acme.id),
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    // Nor lock its own administrators out of their policies.
+    let r = put_policy("forbid (principal, action, resource);");
+    assert_eq!((r.status, r.code()), (400, "policy_invalid"));
+    assert_eq!(put_policy("").status, 204);
+
+    // Rotation: only by the key itself, once per live successor, never extending the life.
+    let session_key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+    let session: api::ApiKey = p
+        .block_on(p.anonymous().post(
+            "/v1/auth/login",
+            &api::Login {
+                user: ta.user.clone(),
+                password: ta.password.clone(),
+                public_key: palisade_common::signing::encode_public_key(
+                    &session_key.verifying_key(),
+                ),
+                totp_code: None,
+                recovery_code: None,
+            },
+        ))
+        .unwrap();
+    let session = p.signer(&ta.user, &ta.password, &session.id, session_key, None);
+    let rotate = |signer: &Signer, id: &str| {
+        raw.signed(
+            &p,
+            signer,
+            "POST",
+            &format!("/v1/keys/{id}/rotate"),
+            &body(json!({"public_key": new_public_key(), "overlap_secs": 600})),
+        )
+    };
+    let r = rotate(&session, &ta.key_id);
+    assert_eq!((r.status, r.code()), (403, "rotate_with_the_key_itself"));
+    let keys: Vec<api::ApiKey> = p.block_on(ta.client.get("/v1/keys")).unwrap();
+    let old = keys.iter().find(|k| k.id == ta.key_id).unwrap().clone();
+    let first = rotate(&ta, &ta.key_id);
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(first.body["expires_at"].as_str(), old.expires_at.as_deref());
+    let r = rotate(&ta, &ta.key_id);
+    assert_eq!((r.status, r.code()), (409, "key_already_rotated"));
+
+    // A second factor, once enrolled, is needed to change the password, and a locked account
+    // takes no codes on mfa/verify either.
+    let (uri, _) = p.enrol_totp(&ta.user, &ta.password);
+    let ta = p.key_with_totp(&ta.user, &ta.password, &uri);
+    let e = p
+        .block_on(p.anonymous().post::<_, serde_json::Value>(
+            "/v1/auth/password",
+            &api::PasswordChange {
+                user: ta.user.clone(),
+                current_password: ta.password.clone(),
+                new_password: "Yet-another-passw0rd".into(),
+                totp_code: None,
+                recovery_code: None,
+            },
+        ))
+        .map_err(api_error)
+        .unwrap_err();
+    assert_eq!((e.status, e.code.as_str()), (401, "mfa_required"));
+    assert_eq!(raw.signed(&p, &ta, "GET", "/v1/whoami", b"").status, 200);
+    let verify = |code: String| {
+        raw.signed(
+            &p,
+            &ta,
+            "POST",
+            "/v1/auth/mfa/verify",
+            &body(json!({ "totp_code": code })),
+        )
+    };
+    for wrong in ["000000", "111111", "222222"] {
+        assert_eq!(verify(wrong.into()).status, 401);
+    }
+    let r = verify(totp_code(&uri, 30));
+    assert_eq!(
+        (r.status, r.code()),
+        (401, "mfa_invalid"),
+        "a locked account took a code"
+    );
+
+    // Every platform account created is an alert for the security administrators.
+    let security = p.platform_account(&admin, "sec-1", "security_admin");
+    p.platform_account(&admin, "audrey", "auditor");
+    let alerts: Vec<api::Alert> = p.block_on(security.client.get("/v1/alerts")).unwrap();
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.kind == "platform_account_change" && a.detail.contains("auditor")),
+        "{alerts:?}"
+    );
 }

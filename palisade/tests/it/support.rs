@@ -256,6 +256,8 @@ impl Platform {
             user: user.into(),
             current_password: initial.into(),
             new_password: password.clone(),
+            totp_code: None,
+            recovery_code: None,
         };
         let _: Value = self
             .block_on(anonymous.post("/v1/auth/password", &change))
