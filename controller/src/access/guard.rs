@@ -532,8 +532,19 @@ async fn authenticate(
         }
     };
     let params = signing::parse_signature_input(input).map_err(refuse)?;
-    // The key id is well-formed here (parsing checked its characters and length).
-    ctx.lock().claimed_key = Some(params.keyid.clone());
+    // A key id of ours (`key-<uuid>`) is recorded as claimed; any other text is recorded as a
+    // digest, so that a secret pasted into the header never lands in the log.
+    let ours = params
+        .keyid
+        .strip_prefix("key-")
+        .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok());
+    ctx.lock().claimed_key = Some(if ours {
+        params.keyid.clone()
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(params.keyid.as_bytes());
+        format!("unknown-key/sha256:{}", hex::encode(&digest[..8]))
+    });
     let signature = signing::parse_signature(signature).map_err(refuse)?;
 
     let now = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -796,8 +796,13 @@ async fn user_disabled(
         "user.enable"
     };
     let user = user_for(c, ctx, action, id).await?;
+    let by_platform = principal(ctx)?.tenant_id.is_none();
+    if !disabled && !by_platform {
+        // Refused before the audit record says "allowed" (checked again when it is written).
+        accounts::check_no_platform_hold(&c.db, &user.id).await?;
+    }
     ctx.permit().await?;
-    accounts::set_user_disabled(&c.db, &user, disabled).await?;
+    accounts::set_user_disabled(&c.db, &user, disabled, by_platform).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

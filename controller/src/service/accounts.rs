@@ -404,16 +404,53 @@ pub async fn set_role(db: &Db, user: &User, role: &str) -> Result<()> {
     Ok(())
 }
 
+fn platform_hold() -> Error {
+    Error::Forbidden {
+        code: "platform_hold",
+        message: "a platform administrator disabled this user; only one can enable it".into(),
+    }
+}
+
+/// Refuses to go on when a platform account's hold keeps the user disabled.
+pub async fn check_no_platform_hold(db: &Db, user_id: &str) -> Result<()> {
+    let held = sqlx::query("SELECT disabled_by_platform FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(&db.pool)
+        .await?
+        .is_some_and(|r| r.get::<i64, _>("disabled_by_platform") != 0);
+    if held {
+        return Err(platform_hold());
+    }
+    Ok(())
+}
+
 /// Disables (every key and session ends; the password stops working) or enables a user.
-pub async fn set_user_disabled(db: &Db, user: &User, disabled: bool) -> Result<()> {
+/// `by_platform`: a platform account acts. A platform account's hold is lifted only by a
+/// platform account, never by the tenant's own administrators.
+pub async fn set_user_disabled(
+    db: &Db,
+    user: &User,
+    disabled: bool,
+    by_platform: bool,
+) -> Result<()> {
     let mut tx = db.pool.begin_with("BEGIN IMMEDIATE").await?;
     if disabled {
         keep_one_platform_admin(&mut tx, user).await?;
         identity::revoke_all_keys(&mut tx, &user.id).await?;
+    } else if !by_platform {
+        let held = sqlx::query("SELECT disabled_by_platform FROM users WHERE id = $1")
+            .bind(&user.id)
+            .fetch_one(&mut *tx)
+            .await?
+            .get::<i64, _>("disabled_by_platform");
+        if held != 0 {
+            return Err(platform_hold());
+        }
     }
-    sqlx::query("UPDATE users SET disabled_at = $2 WHERE id = $1")
+    sqlx::query("UPDATE users SET disabled_at = $2, disabled_by_platform = $3 WHERE id = $1")
         .bind(&user.id)
         .bind(disabled.then(now))
+        .bind(i64::from(disabled && by_platform))
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

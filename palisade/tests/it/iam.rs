@@ -1747,6 +1747,27 @@ fn what_the_first_newcomer_broke_stays_fixed() {
 
     // Every platform account created is an alert for the security administrators.
     let security = p.platform_account(&admin, "sec-1", "security_admin");
+    // A user the security administrator disabled stays disabled for the tenant's admin.
+    let held = p.tenant_user(&admin, &acme.id, "held", "member");
+    let held_id = whoami(&p, &held).id;
+    let r = raw.signed(
+        &p,
+        &security,
+        "POST",
+        &format!("/v1/users/{held_id}/disable"),
+        b"",
+    );
+    assert_eq!(r.status, 204);
+    let r = raw.signed(&p, &ta, "POST", &format!("/v1/users/{held_id}/enable"), b"");
+    assert_eq!((r.status, r.code()), (403, "platform_hold"));
+    let r = raw.signed(
+        &p,
+        &security,
+        "POST",
+        &format!("/v1/users/{held_id}/enable"),
+        b"",
+    );
+    assert_eq!(r.status, 204);
     p.platform_account(&admin, "audrey", "auditor");
     let alerts: Vec<api::Alert> = p.block_on(security.client.get("/v1/alerts")).unwrap();
     assert!(
