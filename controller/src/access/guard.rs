@@ -584,6 +584,8 @@ async fn authenticate(
             message: "this account needs a second factor; this key was made without one".into(),
         });
     }
-    identity::touch_key(&controller.db, &params.keyid).await?;
+    if key.touch_due {
+        identity::touch_key(&controller.db, &params.keyid).await?;
+    }
     Ok((key.principal, key.must_change_password))
 }

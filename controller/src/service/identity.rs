@@ -43,6 +43,8 @@ pub struct KeyRecord {
     /// The account is bound to MFA but this key was made without a second factor (before the
     /// tenant required one): it works no more.
     pub lacks_mfa: bool,
+    /// The key's last use is old enough to be written again (see [`touch_key`]).
+    pub touch_due: bool,
 }
 
 /// Lifetimes of credentials, from the controller's arguments.
@@ -611,7 +613,12 @@ pub async fn lookup_key(
         || row.get::<Option<i64>, _>("require_mfa").unwrap_or(0) != 0
         || row.get::<i64, _>("totp_confirmed") != 0;
     let mfa_at = row.get::<Option<i64>, _>("mfa_at");
+    // Each use is not written: a session's last use is kept to a quarter of its idle timeout
+    // (at most 30 s), an API key's to a minute, so a busy key costs no write per request.
+    let granularity = idle.map_or(60, |idle| (idle / 4).clamp(1, 30));
+    let touch_due = last_used.is_none_or(|last| now - last >= granularity);
     Ok(Some(KeyRecord {
+        touch_due,
         lacks_mfa: mfa_bound && mfa_at.is_none(),
         public_key: row.get("public_key"),
         must_change_password: row.get::<i64, _>("must_change_password") != 0 || password_expired,
