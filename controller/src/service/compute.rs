@@ -42,16 +42,18 @@ struct ImageManifest {
     initrd: String,
     #[serde(default)]
     cmdline: String,
-    #[allow(dead_code)]
-    kernel_sha256: Option<String>,
-    #[allow(dead_code)]
-    initrd_sha256: Option<String>,
+    /// Written by the build script: the digests the platform pins. Files that no longer match
+    /// them are never registered.
+    kernel_sha256: String,
+    initrd_sha256: String,
     #[allow(dead_code)]
     kernel_version: Option<String>,
 }
 
-/// Registers (or refreshes) the public image described by `<dir>/image.json`. The digests are
-/// computed here from the files themselves; agents re-check them before every boot.
+/// Registers (or refreshes) the public image described by `<dir>/image.json`, pinning the
+/// digests the build wrote there; agents re-check them before every boot. Files that do not
+/// match their manifest are not registered: a record already there keeps its digests, so an
+/// image altered on disk never boots, even after a restart.
 pub async fn register_image_dir(db: &Db, dir: &Path) -> anyhow::Result<()> {
     let manifest_path = dir.join("image.json");
     let manifest: ImageManifest = serde_json::from_slice(
@@ -62,8 +64,21 @@ pub async fn register_image_dir(db: &Db, dir: &Path) -> anyhow::Result<()> {
     let dir = std::fs::canonicalize(dir)?;
     let kernel = dir.join(&manifest.kernel);
     let initrd = dir.join(&manifest.initrd);
-    let kernel_sha256 = sha256_file(&kernel)?;
-    let initrd_sha256 = sha256_file(&initrd)?;
+    for (path, pinned) in [
+        (&kernel, &manifest.kernel_sha256),
+        (&initrd, &manifest.initrd_sha256),
+    ] {
+        let actual = sha256_file(path)?;
+        if !actual.eq_ignore_ascii_case(pinned) {
+            tracing::error!(image = %manifest.name, file = %path.display(), pinned = %pinned,
+                %actual, "guest image file does not match its manifest: not registered");
+            return Ok(());
+        }
+    }
+    let (kernel_sha256, initrd_sha256) = (
+        manifest.kernel_sha256.to_ascii_lowercase(),
+        manifest.initrd_sha256.to_ascii_lowercase(),
+    );
     sqlx::query(
         "INSERT INTO images (id, name, kernel_path, kernel_sha256, initrd_path, initrd_sha256, \
          cmdline, public, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8) \

@@ -288,7 +288,7 @@ fn an_image_changed_after_registration_never_boots() {
     for file in ["vmlinuz", "initramfs.cpio.gz", "image.json"] {
         std::fs::copy(guest_image().join(file), copy.path().join(file)).unwrap();
     }
-    let p = Platform::start_with_image(copy.path().to_path_buf());
+    let mut p = Platform::start_with_image(copy.path().to_path_buf());
     let admin = p.admin();
     let (_, alice) = p.tenant(&admin, "acme", None);
     let mut initrd = std::fs::read(copy.path().join("initramfs.cpio.gz")).unwrap();
@@ -300,4 +300,16 @@ fn an_image_changed_after_registration_never_boots() {
     let failed = p.wait_state_allowing_error(&alice, &id, "error");
     assert_eq!(failed.last_error.as_deref(), Some("image_digest_mismatch"));
     assert!(qemu_pids(&id).is_empty(), "a tampered image booted");
+
+    // A restarted controller registers the image again from its manifest: the altered file
+    // matches neither the manifest nor the pinned digest, so it still never boots.
+    p.kill_controller();
+    p.start_controller();
+    let id = p.create_instance(&alice, "tampered-again").unwrap().id;
+    let failed = p.wait_state_allowing_error(&alice, &id, "error");
+    assert_eq!(failed.last_error.as_deref(), Some("image_digest_mismatch"));
+    assert!(
+        qemu_pids(&id).is_empty(),
+        "a tampered image booted after a restart"
+    );
 }
