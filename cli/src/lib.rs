@@ -448,6 +448,7 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
                 new_password,
                 totp_code: factor.totp_code,
                 recovery_code: factor.recovery_code,
+                webauthn: None,
             };
             let _: serde_json::Value = ctx.unsigned()?.post("/v1/auth/password", &body).await?;
             println!("password changed");
@@ -687,6 +688,7 @@ impl Ctx {
             public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
             totp_code: factor.totp_code,
             recovery_code: factor.recovery_code,
+            webauthn: None,
         };
         let session: api::ApiKey = self.unsigned()?.post("/v1/auth/login", &body).await?;
         self.store_key(Some(user), &session.id, &key)?;
@@ -809,6 +811,7 @@ impl Ctx {
                     name,
                     totp_code: factor.totp_code,
                     recovery_code: factor.recovery_code,
+                    webauthn: None,
                     expires_in_days,
                 };
                 let created: api::ApiKey = self.unsigned()?.post("/v1/auth/keys", &body).await?;
@@ -920,6 +923,7 @@ impl Ctx {
                 let body = api::MfaVerify {
                     totp_code: code,
                     recovery_code,
+                    webauthn: None,
                 };
                 let client = self.signed()?;
                 call(&client, Method::POST, "/v1/auth/mfa/verify", Some(&body)).await?;

@@ -623,6 +623,7 @@ async fn enrol(
         name: Some(format!("{profile}-cli")),
         totp_code,
         recovery_code: None,
+        webauthn: None,
         expires_in_days: None,
     };
     let created: api::ApiKey = anonymous.post("/v1/auth/keys", &body).await?;
@@ -649,6 +650,7 @@ async fn change_password(client: &Client, user: &str, current: &str) -> anyhow::
         new_password: new_password.clone(),
         totp_code: None,
         recovery_code: None,
+        webauthn: None,
     };
     let _: serde_json::Value = client.post("/v1/auth/password", &body).await?;
     Ok(new_password)

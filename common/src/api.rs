@@ -21,6 +21,9 @@ pub struct PasswordChange {
     pub totp_code: Option<String>,
     #[serde(default)]
     pub recovery_code: Option<String>,
+    /// A security key's answer to a WebAuthn challenge (`POST /v1/auth/mfa/webauthn/challenge`).
+    #[serde(default)]
+    pub webauthn: Option<WebauthnAssertion>,
 }
 
 /// `POST /v1/auth/keys`: registers a client-made Ed25519 public key, proven by the password.
@@ -38,6 +41,9 @@ pub struct KeyCreate {
     pub totp_code: Option<String>,
     #[serde(default)]
     pub recovery_code: Option<String>,
+    /// A security key's answer to a WebAuthn challenge (`POST /v1/auth/mfa/webauthn/challenge`).
+    #[serde(default)]
+    pub webauthn: Option<WebauthnAssertion>,
     /// Days until the key expires (default and maximum set by the platform).
     #[serde(default)]
     pub expires_in_days: Option<u32>,
@@ -55,6 +61,9 @@ pub struct Login {
     pub totp_code: Option<String>,
     #[serde(default)]
     pub recovery_code: Option<String>,
+    /// A security key's answer to a WebAuthn challenge (`POST /v1/auth/mfa/webauthn/challenge`).
+    #[serde(default)]
+    pub webauthn: Option<WebauthnAssertion>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,6 +132,64 @@ pub struct MfaVerify {
     pub totp_code: Option<String>,
     #[serde(default)]
     pub recovery_code: Option<String>,
+    /// A security key's answer to a WebAuthn challenge (`POST /v1/auth/mfa/webauthn/challenge`).
+    #[serde(default)]
+    pub webauthn: Option<WebauthnAssertion>,
+}
+
+/// `POST /v1/auth/mfa/webauthn/challenge`: a WebAuthn challenge for the account's security
+/// keys (password-authenticated: the challenge names the account's credentials).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebauthnChallengeRequest {
+    pub user: String,
+    pub password: String,
+}
+
+/// A WebAuthn ceremony under way: `options` go to the authenticator as they are (a
+/// `CredentialCreationOptions` or `CredentialRequestOptions` in the WebAuthn JSON form), and
+/// the answer comes back with `ceremony_id`, once, within five minutes. `origin` is the origin
+/// the platform expects in the authenticator's client data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebauthnChallenge {
+    pub ceremony_id: String,
+    pub origin: String,
+    pub options: serde_json::Value,
+}
+
+/// A security key's answer to a WebAuthn authentication challenge: the second factor of a
+/// login, key, password change or `mfa verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebauthnAssertion {
+    pub ceremony_id: String,
+    /// The `PublicKeyCredential` the authenticator returned, in the WebAuthn JSON form.
+    pub credential: serde_json::Value,
+}
+
+/// `POST /v1/mfa/webauthn/confirm` (signed): the authenticator's answer to the registration
+/// started by `POST /v1/mfa/webauthn`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebauthnConfirm {
+    pub ceremony_id: String,
+    /// The `RegisterPublicKeyCredential` the authenticator returned.
+    pub credential: serde_json::Value,
+    /// A name to tell the account's security keys apart (default `security-key`).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A registered security key. When it is the account's first second factor, `recovery_codes`
+/// are new one-time codes, shown once, and the account's earlier keys and sessions have ended
+/// (they proved no second factor); otherwise `recovery_codes` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebauthnRegistered {
+    pub id: String,
+    pub name: String,
+    pub recovery_codes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -68,6 +68,10 @@ pub struct ControllerArgs {
     /// private, loopback or link-local addresses (on-premises services). Off: public HTTPS only.
     #[arg(long)]
     pub allow_private_endpoints: bool,
+    /// The origin WebAuthn security keys are bound to: `https://<host name>[:port]`, the
+    /// address users reach the platform at. Default: `https://localhost:<API port>`.
+    #[arg(long)]
+    pub webauthn_origin: Option<url::Url>,
 }
 
 /// Shared state of a running controller.
@@ -78,11 +82,25 @@ pub struct Controller {
     pub authz: access::authz::Authz,
     /// The platform master key: seals TOTP seeds, keys recovery-code hashes.
     pub secrets: service::secrets::MasterKey,
+    /// The WebAuthn relying party that security keys are registered with.
+    pub relying_party: service::webauthn::RelyingParty,
     pub alerts: service::alerts::Alerts,
     pub limits: access::limits::Limits,
     pub audit: service::audit::AuditLog,
     pub compute: service::compute::Compute,
     pub data_dir: PathBuf,
+}
+
+impl Controller {
+    /// What a second factor is checked against.
+    pub fn factor_check(&self) -> service::identity::FactorCheck<'_> {
+        service::identity::FactorCheck {
+            db: &self.db,
+            secrets: &self.secrets,
+            relying_party: &self.relying_party,
+            lockout: self.lockout,
+        }
+    }
 }
 
 pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
@@ -112,6 +130,18 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     let audit = service::audit::AuditLog::open(&args.data_dir.join("audit"))?;
     let secrets = service::secrets::MasterKey::load_or_create(&args.data_dir.join("master.key"))?;
     let authz = access::authz::Authz::new()?;
+    // Bound now, so that the default WebAuthn origin names the real port (`--listen` may ask
+    // for port 0).
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let webauthn_origin = match &args.webauthn_origin {
+        Some(origin) => origin.clone(),
+        None => url::Url::parse(&format!(
+            "https://localhost:{}",
+            listener.local_addr()?.port()
+        ))?,
+    };
+    let relying_party = service::webauthn::RelyingParty::new(&webauthn_origin)?;
 
     if let Some(password) = service::identity::bootstrap_admin(&db).await? {
         // Shown once, on stdout only (never in a log): the operator must change it first.
@@ -145,6 +175,7 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         },
         authz,
         secrets,
+        relying_party,
         alerts,
         limits: access::limits::Limits::new(args.rate_limit_per_source, args.rate_limit_per_key),
         audit,
@@ -155,11 +186,12 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         .compute
         .spawn_reconciler(std::time::Duration::from_secs(args.reconcile_interval_secs));
     spawn_housekeeping(controller.clone());
-    access::server::run(controller, args.listen, &pki).await
+    access::server::run(controller, listener, &pki).await
 }
 
 /// Once a minute: forgets nonces too old to matter (their requests fail the time window
-/// anyway) and the rate-limit state of callers back at full budget.
+/// anyway), WebAuthn challenges nobody answered, and the rate-limit state of callers back at
+/// full budget.
 fn spawn_housekeeping(controller: Arc<Controller>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
@@ -168,6 +200,9 @@ fn spawn_housekeeping(controller: Arc<Controller>) {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             if let Err(e) = service::identity::purge_nonces(&controller.db, now).await {
                 tracing::warn!(error = %format!("{e:#}"), "purging old nonces");
+            }
+            if let Err(e) = service::webauthn::purge_ceremonies(&controller.db, now).await {
+                tracing::warn!(error = %format!("{e:#}"), "purging old WebAuthn ceremonies");
             }
             controller.limits.forget_idle();
         }

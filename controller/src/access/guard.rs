@@ -257,6 +257,7 @@ pub const PASSWORD_ROUTES: &[&str] = &[
     "/v1/auth/login",
     "/v1/auth/mfa/totp",
     "/v1/auth/mfa/totp/confirm",
+    "/v1/auth/mfa/webauthn/challenge",
     // Federated login: the identity provider, not a password, authenticates; see
     // service::federation.
     "/v1/auth/oidc/start",

@@ -15,6 +15,7 @@ use crate::access::authz::Resource;
 use crate::error::{Error, Result};
 use crate::service::accounts;
 use crate::service::identity::{self, Principal};
+use crate::service::webauthn;
 use crate::Controller;
 
 type Ctl = State<Arc<Controller>>;
@@ -138,8 +139,19 @@ async fn own_scope(c: &Controller, p: &Principal) -> Result<Resource> {
 struct Human<'a> {
     user: &'a str,
     password: &'a str,
-    totp_code: Option<&'a str>,
-    recovery_code: Option<&'a str>,
+    factor: identity::Factor<'a>,
+}
+
+fn factor<'a>(
+    totp_code: &'a Option<String>,
+    recovery_code: &'a Option<String>,
+    webauthn: &'a Option<api::WebauthnAssertion>,
+) -> identity::Factor<'a> {
+    identity::Factor {
+        totp_code: totp_code.as_deref(),
+        recovery_code: recovery_code.as_deref(),
+        webauthn: webauthn.as_ref(),
+    }
 }
 
 /// Checks a human's credentials for making a key or session. Returns the user and whether a
@@ -149,31 +161,18 @@ async fn authenticate_human(
     ctx: &RequestCtx,
     human: Human<'_>,
 ) -> Result<(identity::VerifiedUser, bool)> {
-    let user = identity::verify_password(&c.db, c.lockout, human.user, human.password).await?;
-    ctx.set_subject(&user.id, user.tenant_id.clone());
-    if user.must_change_password || password_expired(c, &user.id).await? {
-        return Err(password_change_required());
-    }
+    let user = verify_current_password(c, ctx, human.user, human.password).await?;
     let mfa = identity::mfa_state(&c.db, &user.id).await?;
-    let given = human.totp_code.is_some() || human.recovery_code.is_some();
     if mfa.bound && !mfa.enrolled {
         return Err(Error::Forbidden {
             code: "mfa_enrolment_required",
-            message: "this account needs a second factor: enrol TOTP first \
-                      (POST /v1/auth/mfa/totp)"
+            message: "this account needs a second factor: enrol TOTP (POST /v1/auth/mfa/totp) \
+                      or a security key (POST /v1/auth/mfa/webauthn) first"
                 .into(),
         });
     }
-    if mfa.bound || given {
-        identity::check_second_factor(
-            &c.db,
-            &c.secrets,
-            c.lockout,
-            &user.id,
-            human.totp_code,
-            human.recovery_code,
-        )
-        .await?;
+    if mfa.bound || human.factor.given() {
+        identity::check_second_factor(c.factor_check(), &user.id, human.factor).await?;
         identity::clear_failures(&c.db, &user.id).await?;
         super::guard::note_source(c, ctx, &user.id, user.tenant_id.as_deref()).await;
         return Ok((user, true));
@@ -181,6 +180,22 @@ async fn authenticate_human(
     identity::clear_failures(&c.db, &user.id).await?;
     super::guard::note_source(c, ctx, &user.id, user.tenant_id.as_deref()).await;
     Ok((user, false))
+}
+
+/// Checks the password of a password route other than the password change itself. An initial
+/// password, or one past its maximum age, can do nothing but change itself.
+async fn verify_current_password(
+    c: &Controller,
+    ctx: &RequestCtx,
+    user: &str,
+    password: &str,
+) -> Result<identity::VerifiedUser> {
+    let user = identity::verify_password(&c.db, c.lockout, user, password).await?;
+    ctx.set_subject(&user.id, user.tenant_id.clone());
+    if user.must_change_password || password_expired(c, &user.id).await? {
+        return Err(password_change_required());
+    }
+    Ok(user)
 }
 
 fn password_change_required() -> Error {
@@ -208,15 +223,8 @@ pub async fn change_password(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
     // Once a second factor is enrolled, the password alone cannot change the password (and
     // with it end every session of the account).
     if identity::mfa_state(&c.db, &user.id).await?.enrolled {
-        identity::check_second_factor(
-            &c.db,
-            &c.secrets,
-            c.lockout,
-            &user.id,
-            req.totp_code.as_deref(),
-            req.recovery_code.as_deref(),
-        )
-        .await?;
+        let factor = factor(&req.totp_code, &req.recovery_code, &req.webauthn);
+        identity::check_second_factor(c.factor_check(), &user.id, factor).await?;
     }
     identity::clear_failures(&c.db, &user.id).await?;
     let (min_length, _) = identity::password_rules(&c.db, &c.rules, &user.id).await?;
@@ -233,8 +241,7 @@ pub async fn create_key(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<R
     let human = Human {
         user: &req.user,
         password: &req.password,
-        totp_code: req.totp_code.as_deref(),
-        recovery_code: req.recovery_code.as_deref(),
+        factor: factor(&req.totp_code, &req.recovery_code, &req.webauthn),
     };
     let (user, mfa) = authenticate_human(&c, &ctx, human).await?;
     let kind = identity::KeyKind::Api {
@@ -260,8 +267,7 @@ pub async fn login(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Respon
     let human = Human {
         user: &req.user,
         password: &req.password,
-        totp_code: req.totp_code.as_deref(),
-        recovery_code: req.recovery_code.as_deref(),
+        factor: factor(&req.totp_code, &req.recovery_code, &req.webauthn),
     };
     let (user, mfa) = authenticate_human(&c, &ctx, human).await?;
     let session = identity::prepare_key(
@@ -280,11 +286,7 @@ pub async fn login(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Respon
 pub async fn totp_enrol(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::TotpEnrol = parse(&body)?;
     ctx.describe("mfa.enrol", named_account(&req.user));
-    let user = identity::verify_password(&c.db, c.lockout, &req.user, &req.password).await?;
-    ctx.set_subject(&user.id, user.tenant_id.clone());
-    if user.must_change_password {
-        return Err(password_change_required());
-    }
+    let user = verify_current_password(&c, &ctx, &req.user, &req.password).await?;
     identity::clear_failures(&c.db, &user.id).await?;
     ctx.permit().await?;
     let enrolment = identity::begin_totp(&c.db, &c.secrets, &user.id, &req.user).await?;
@@ -294,11 +296,20 @@ pub async fn totp_enrol(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<R
 pub async fn totp_confirm(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     let req: api::TotpConfirm = parse(&body)?;
     ctx.describe("mfa.confirm", named_account(&req.user));
-    let user = identity::verify_password(&c.db, c.lockout, &req.user, &req.password).await?;
-    ctx.set_subject(&user.id, user.tenant_id.clone());
+    let user = verify_current_password(&c, &ctx, &req.user, &req.password).await?;
     ctx.permit().await?;
     let codes = identity::confirm_totp(&c.db, &c.secrets, c.lockout, &user.id, &req.code).await?;
     Ok((StatusCode::CREATED, Json(codes)).into_response())
+}
+
+/// A WebAuthn challenge for a password login's second factor.
+pub async fn webauthn_challenge(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    let req: api::WebauthnChallengeRequest = parse(&body)?;
+    ctx.describe("mfa.webauthn_challenge", named_account(&req.user));
+    let user = verify_current_password(&c, &ctx, &req.user, &req.password).await?;
+    ctx.permit().await?;
+    let challenge = webauthn::begin_authentication(&c.db, &c.relying_party, &user.id).await?;
+    Ok((StatusCode::CREATED, Json(challenge)).into_response())
 }
 
 /// Starts a federated login (see `service::federation`).
@@ -379,17 +390,54 @@ pub async fn mfa_verify(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<S
     let p = principal(&ctx)?;
     let req: api::MfaVerify = parse(&body)?;
     ctx.permit().await?;
-    identity::check_second_factor(
-        &c.db,
-        &c.secrets,
-        c.lockout,
-        &p.user_id,
-        req.totp_code.as_deref(),
-        req.recovery_code.as_deref(),
-    )
-    .await?;
+    let factor = factor(&req.totp_code, &req.recovery_code, &req.webauthn);
+    identity::check_second_factor(c.factor_check(), &p.user_id, factor).await?;
     identity::mark_mfa_fresh(&c.db, &p.key_id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts registering a security key for the signing key's account. Once the account is bound
+/// to a second factor, adding one needs a fresh proof of it, so a stolen key alone cannot add
+/// a factor of its own.
+pub async fn webauthn_register(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {
+    ctx.authorize("mfa.webauthn_register", &Resource::Caller)
+        .await?;
+    let p = principal(&ctx)?;
+    if p.mfa_bound && !p.mfa_fresh {
+        return Err(Error::Forbidden {
+            code: "mfa_required",
+            message: "adding a security key needs a fresh second-factor proof \
+                      (POST /v1/auth/mfa/verify)"
+                .into(),
+        });
+    }
+    let user = accounts::get_user(&c.db, &p.user_id).await?;
+    ctx.permit().await?;
+    let challenge =
+        webauthn::begin_registration(&c.db, &c.relying_party, &user.id, &user.name).await?;
+    Ok((StatusCode::CREATED, Json(challenge)).into_response())
+}
+
+/// Finishes registering a security key with the authenticator's answer.
+pub async fn webauthn_confirm(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
+    ctx.authorize("mfa.webauthn_confirm", &Resource::Caller)
+        .await?;
+    let p = principal(&ctx)?;
+    let req: api::WebauthnConfirm = parse(&body)?;
+    ctx.permit().await?;
+    let registered =
+        webauthn::finish_registration(&c.db, &c.secrets, &c.relying_party, &p.user_id, &req)
+            .await?;
+    Ok((StatusCode::CREATED, Json(registered)).into_response())
+}
+
+/// A WebAuthn challenge for the signing key's account, to answer in `mfa verify`.
+pub async fn mfa_verify_challenge(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {
+    ctx.authorize("mfa.verify", &Resource::Caller).await?;
+    let p = principal(&ctx)?;
+    ctx.permit().await?;
+    let challenge = webauthn::begin_authentication(&c.db, &c.relying_party, &p.user_id).await?;
+    Ok((StatusCode::CREATED, Json(challenge)).into_response())
 }
 
 pub async fn list_keys(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api::ApiKey>>> {

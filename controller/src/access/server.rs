@@ -72,6 +72,12 @@ fn table() -> Vec<(RouteSpec, Handler)> {
         ),
         r(
             "POST",
+            "/v1/auth/mfa/webauthn/challenge",
+            "mfa.webauthn_challenge",
+            post(h::webauthn_challenge),
+        ),
+        r(
+            "POST",
             "/v1/auth/oidc/start",
             "auth.oidc_start",
             post(h::oidc_start),
@@ -88,6 +94,24 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             "/v1/auth/mfa/verify",
             "mfa.verify",
             post(h::mfa_verify),
+        ),
+        r(
+            "POST",
+            "/v1/auth/mfa/verify/challenge",
+            "mfa.verify",
+            post(h::mfa_verify_challenge),
+        ),
+        r(
+            "POST",
+            "/v1/mfa/webauthn",
+            "mfa.webauthn_register",
+            post(h::webauthn_register),
+        ),
+        r(
+            "POST",
+            "/v1/mfa/webauthn/confirm",
+            "mfa.webauthn_confirm",
+            post(h::webauthn_confirm),
         ),
         r("GET", "/v1/whoami", "user.whoami", get(h::whoami)),
         r("GET", "/v1/keys", "key.list", get(h::list_keys)),
@@ -300,10 +324,13 @@ pub fn router(controller: Arc<Controller>) -> Router {
 
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub async fn run(controller: Arc<Controller>, listen: SocketAddr, pki: &Pki) -> anyhow::Result<()> {
+pub async fn run(
+    controller: Arc<Controller>,
+    listener: std::net::TcpListener,
+    pki: &Pki,
+) -> anyhow::Result<()> {
     let tls = palisade_common::tls::server_config(&pki.server_cert, &pki.server_key, None)?;
     let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
-    let listener = std::net::TcpListener::bind(listen)?;
     let addr = listener.local_addr()?;
     // Printed for whoever started us (tests bind port 0 and read the real port from here).
     println!("PALISADE-API-LISTENING https://{addr}");

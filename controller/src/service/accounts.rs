@@ -64,7 +64,11 @@ macro_rules! tenant_columns {
 }
 macro_rules! user_columns {
     () => {
-        "id, name, tenant_id, role, created_at, disabled_at, totp_confirmed"
+        concat!(
+            "id, name, tenant_id, role, created_at, disabled_at, ",
+            mfa_enrolled_sql!("users"),
+            " AS mfa_enrolled"
+        )
     };
 }
 
@@ -226,6 +230,8 @@ async fn delete_user_rows(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, user: &s
         "DELETE FROM recovery_codes WHERE user_id = $1",
         "DELETE FROM group_members WHERE user_id = $1",
         "DELETE FROM known_sources WHERE user_id = $1",
+        "DELETE FROM webauthn_credentials WHERE user_id = $1",
+        "DELETE FROM webauthn_ceremonies WHERE user_id = $1",
         "DELETE FROM users WHERE id = $1",
     ] {
         sqlx::query(sql).bind(user).execute(&mut **tx).await?;
@@ -325,7 +331,7 @@ fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> User {
         tenant_id: row.get("tenant_id"),
         role: row.get("role"),
         disabled: row.get::<Option<String>, _>("disabled_at").is_some(),
-        mfa_enrolled: row.get::<i64, _>("totp_confirmed") != 0,
+        mfa_enrolled: row.get::<i64, _>("mfa_enrolled") != 0,
         created_at: row.get("created_at"),
     }
 }

@@ -13,6 +13,7 @@ use crate::db::{new_id, now, Db};
 use crate::error::{Error, NewLock, Result};
 use crate::service::mfa;
 use crate::service::secrets::MasterKey;
+use crate::service::webauthn;
 
 pub const PLATFORM_ADMIN: &str = "platform_admin";
 const MIN_PASSWORD_LEN: usize = 12;
@@ -562,15 +563,16 @@ pub async fn lookup_key(
     key_id: &str,
 ) -> Result<Option<KeyRecord>> {
     let now = unix_now();
-    let row = sqlx::query(
+    let row = sqlx::query(concat!(
         "SELECT k.public_key, k.expires_at, k.idle_secs, k.last_used_at, k.mfa_at, \
          u.id AS user_id, u.name, u.tenant_id, u.role, u.must_change_password, \
-         u.password_changed_at, u.totp_confirmed, t.require_mfa, t.password_max_age_days \
-         FROM api_keys k JOIN users u ON u.id = k.user_id \
+         u.password_changed_at, t.require_mfa, t.password_max_age_days, ",
+        mfa_enrolled_sql!("u"),
+        " AS mfa_enrolled FROM api_keys k JOIN users u ON u.id = k.user_id \
          LEFT JOIN tenants t ON t.id = u.tenant_id \
          WHERE k.id = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL \
-         AND t.disabled_at IS NULL",
-    )
+         AND t.disabled_at IS NULL"
+    ))
     .bind(key_id)
     .fetch_optional(&db.pool)
     .await?;
@@ -611,7 +613,7 @@ pub async fn lookup_key(
         max_age > 0 && now - row.get::<i64, _>("password_changed_at") > i64::from(max_age) * 86_400;
     let mfa_bound = tenant_id.is_none()
         || row.get::<Option<i64>, _>("require_mfa").unwrap_or(0) != 0
-        || row.get::<i64, _>("totp_confirmed") != 0;
+        || row.get::<i64, _>("mfa_enrolled") != 0;
     let mfa_at = row.get::<Option<i64>, _>("mfa_at");
     // Each use is not written: a session's last use is kept to a quarter of its idle timeout
     // (at most 30 s), an API key's to a minute, so a busy key costs no write per request.
@@ -794,14 +796,15 @@ pub struct MfaState {
 }
 
 pub async fn mfa_state(db: &Db, user_id: &str) -> Result<MfaState> {
-    let row = sqlx::query(
-        "SELECT u.tenant_id, u.totp_confirmed, t.require_mfa FROM users u \
-         LEFT JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT u.tenant_id, t.require_mfa, ",
+        mfa_enrolled_sql!("u"),
+        " AS mfa_enrolled FROM users u LEFT JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1"
+    ))
     .bind(user_id)
     .fetch_one(&db.pool)
     .await?;
-    let enrolled = row.get::<i64, _>("totp_confirmed") != 0;
+    let enrolled = row.get::<i64, _>("mfa_enrolled") != 0;
     Ok(MfaState {
         bound: row.get::<Option<String>, _>("tenant_id").is_none()
             || row.get::<Option<i64>, _>("require_mfa").unwrap_or(0) != 0
@@ -810,18 +813,46 @@ pub async fn mfa_state(db: &Db, user_id: &str) -> Result<MfaState> {
     })
 }
 
-/// Checks a TOTP code or a recovery code of an enrolled user. A TOTP code is accepted once:
-/// its step must be newer than the last accepted one (compare-and-set, so two parallel uses of
-/// one code cannot both pass). A recovery code is spent by the same kind of update.
+/// The second factor a caller offers: exactly one of these must be given.
+#[derive(Clone, Copy, Default)]
+pub struct Factor<'a> {
+    pub totp_code: Option<&'a str>,
+    pub recovery_code: Option<&'a str>,
+    pub webauthn: Option<&'a api::WebauthnAssertion>,
+}
+
+impl Factor<'_> {
+    pub fn given(&self) -> bool {
+        self.totp_code.is_some() || self.recovery_code.is_some() || self.webauthn.is_some()
+    }
+}
+
+/// Where second factors are checked: the database, the key sealing TOTP seeds, the WebAuthn
+/// relying party and the lockout rule that failures count toward.
+#[derive(Clone, Copy)]
+pub struct FactorCheck<'a> {
+    pub db: &'a Db,
+    pub secrets: &'a MasterKey,
+    pub relying_party: &'a webauthn::RelyingParty,
+    pub lockout: Lockout,
+}
+
+/// Checks a TOTP code, a recovery code or a security key's WebAuthn assertion of an enrolled
+/// user. A TOTP code is accepted once: its step must be newer than the last accepted one
+/// (compare-and-set, so two parallel uses of one code cannot both pass). A recovery code is
+/// spent by the same kind of update, a WebAuthn challenge by taking it out of the database.
 /// Failures count toward the account lockout like wrong passwords.
 pub async fn check_second_factor(
-    db: &Db,
-    secrets: &MasterKey,
-    lockout: Lockout,
+    check: FactorCheck<'_>,
     user_id: &str,
-    totp_code: Option<&str>,
-    recovery_code: Option<&str>,
+    factor: Factor<'_>,
 ) -> Result<()> {
+    let FactorCheck {
+        db,
+        secrets,
+        relying_party,
+        lockout,
+    } = check;
     let now = unix_now();
     // A locked account takes no second factor either: a stolen key cannot be used to guess
     // codes at the rate limit's pace while the owner is locked out.
@@ -837,8 +868,11 @@ pub async fn check_second_factor(
             new_lock: None,
         });
     }
-    let accepted = match (totp_code, recovery_code) {
-        (Some(code), None) => {
+    let accepted = match (factor.totp_code, factor.recovery_code, factor.webauthn) {
+        (None, None, Some(assertion)) => {
+            webauthn::check_assertion(db, relying_party, user_id, assertion).await?
+        }
+        (Some(code), None, None) => {
             let row = sqlx::query(
                 "SELECT totp_sealed, totp_last_step FROM users WHERE id = $1 \
                  AND totp_confirmed = 1",
@@ -874,7 +908,7 @@ pub async fn check_second_factor(
                 }
             }
         }
-        (None, Some(code)) => match mfa::normalize_recovery_code(code) {
+        (None, Some(code), None) => match mfa::normalize_recovery_code(code) {
             None => false,
             Some(code) => {
                 let hash = secrets.keyed_hash(&recovery_purpose(user_id), code.as_bytes());
@@ -891,15 +925,17 @@ pub async fn check_second_factor(
                     == 1
             }
         },
-        (None, None) => {
+        (None, None, None) => {
             return Err(Error::Unauthorized {
                 code: "mfa_required",
-                message: "this account needs a second factor: totp_code or recovery_code".into(),
+                message: "this account needs a second factor: totp_code, recovery_code or \
+                          webauthn"
+                    .into(),
             })
         }
-        (Some(_), Some(_)) => {
+        _ => {
             return Err(Error::invalid(
-                "give either totp_code or recovery_code, not both",
+                "give one of totp_code, recovery_code and webauthn, not several",
             ))
         }
     };
@@ -949,9 +985,11 @@ pub async fn begin_totp(
 ) -> Result<api::TotpEnrolment> {
     let secret = mfa::new_totp_secret();
     let sealed = secrets.seal(&totp_purpose(user_id), &secret);
+    // A security key counts too: a password alone must not add a second factor of its own.
     let updated = sqlx::query(
         "UPDATE users SET totp_sealed = $2, totp_last_step = NULL WHERE id = $1 \
-         AND totp_confirmed = 0",
+         AND totp_confirmed = 0 AND NOT EXISTS \
+         (SELECT 1 FROM webauthn_credentials WHERE user_id = $1)",
     )
     .bind(user_id)
     .bind(sealed)
@@ -1004,7 +1042,6 @@ pub async fn confirm_totp(
         let locked = record_failure(db, lockout, user_id, now).await?;
         return Err(mfa_refused(db, user_id, locked).await);
     };
-    let codes = mfa::new_recovery_codes();
     let mut tx = db.pool.begin().await?;
     let updated = sqlx::query(
         "UPDATE users SET totp_confirmed = 1, totp_last_step = $2 WHERE id = $1 \
@@ -1021,23 +1058,35 @@ pub async fn confirm_totp(
             message: "the enrolment changed meanwhile; start again".into(),
         });
     }
-    sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-    for code in &codes {
-        sqlx::query("INSERT INTO recovery_codes (user_id, code_hash) VALUES ($1, $2)")
-            .bind(user_id)
-            .bind(secrets.keyed_hash(&recovery_purpose(user_id), code.as_bytes()))
-            .execute(&mut *tx)
-            .await?;
-    }
+    let codes = replace_recovery_codes(&mut tx, secrets, user_id).await?;
     // Credentials made before the second factor existed did not prove it: end them.
     revoke_all_keys(&mut tx, user_id).await?;
     tx.commit().await?;
     Ok(api::RecoveryCodes {
         recovery_codes: codes,
     })
+}
+
+/// New one-time recovery codes for a user, in place of any earlier ones; only their keyed
+/// hashes are stored.
+pub async fn replace_recovery_codes(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    secrets: &MasterKey,
+    user_id: &str,
+) -> Result<Vec<String>> {
+    let codes = mfa::new_recovery_codes();
+    sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+    for code in &codes {
+        sqlx::query("INSERT INTO recovery_codes (user_id, code_hash) VALUES ($1, $2)")
+            .bind(user_id)
+            .bind(secrets.keyed_hash(&recovery_purpose(user_id), code.as_bytes()))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(codes)
 }
 
 /// Removes a user's second factor (an administrator's reset) and ends all their credentials.
@@ -1050,10 +1099,13 @@ pub async fn reset_mfa(db: &Db, user_id: &str) -> Result<()> {
     .bind(user_id)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
+    for sql in [
+        "DELETE FROM recovery_codes WHERE user_id = $1",
+        "DELETE FROM webauthn_credentials WHERE user_id = $1",
+        "DELETE FROM webauthn_ceremonies WHERE user_id = $1",
+    ] {
+        sqlx::query(sql).bind(user_id).execute(&mut *tx).await?;
+    }
     revoke_all_keys(&mut tx, user_id).await?;
     tx.commit().await?;
     Ok(())

@@ -3,6 +3,7 @@
 
 use palisade_common::api;
 use palisade_controller::access::server::routes;
+use serde_json::json;
 
 use crate::support::*;
 
@@ -141,6 +142,7 @@ fn the_initial_admin_password_only_changes_itself() {
         name: None,
         totp_code: None,
         recovery_code: None,
+        webauthn: None,
         expires_in_days: None,
     };
     let err = api_error(
@@ -151,6 +153,36 @@ fn the_initial_admin_password_only_changes_itself() {
         (err.status, err.code.as_str()),
         (403, "password_change_required")
     );
+    // Nor does any other password route take it: no session, no second factor, no challenge.
+    let public_key = palisade_common::signing::encode_public_key(&key.verifying_key());
+    for (path, body) in [
+        (
+            "/v1/auth/login",
+            json!({"user": "admin", "password": initial, "public_key": public_key}),
+        ),
+        (
+            "/v1/auth/mfa/totp",
+            json!({"user": "admin", "password": initial}),
+        ),
+        (
+            "/v1/auth/mfa/totp/confirm",
+            json!({"user": "admin", "password": initial, "code": "123456"}),
+        ),
+        (
+            "/v1/auth/mfa/webauthn/challenge",
+            json!({"user": "admin", "password": initial}),
+        ),
+    ] {
+        let err = api_error(
+            p.block_on(anonymous.post::<_, serde_json::Value>(path, &body))
+                .unwrap_err(),
+        );
+        assert_eq!(
+            (err.status, err.code.as_str()),
+            (403, "password_change_required"),
+            "{path}"
+        );
+    }
 
     // Wrong current password, and a too-short new one, are refused.
     let mut change = api::PasswordChange {
@@ -159,6 +191,7 @@ fn the_initial_admin_password_only_changes_itself() {
         new_password: "A-long-enough-passw0rd".into(),
         totp_code: None,
         recovery_code: None,
+        webauthn: None,
     };
     let err = api_error(
         p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
@@ -199,7 +232,7 @@ fn the_initial_admin_password_only_changes_itself() {
         (err.status, err.code.as_str()),
         (403, "mfa_enrolment_required")
     );
-    let (totp, _) = p.enrol_totp("admin", "A-long-enough-passw0rd");
+    let (totp, recovery) = p.enrol_totp("admin", "A-long-enough-passw0rd");
     let err = api_error(
         p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &create))
             .unwrap_err(),
@@ -210,15 +243,28 @@ fn the_initial_admin_password_only_changes_itself() {
         .block_on(anonymous.post("/v1/auth/keys", &create))
         .unwrap();
 
-    // Neither the current password nor a recent one can come back; a weak one never.
-    let cycle = |current: &str, new: &str| {
-        let change = api::PasswordChange {
-            user: "admin".into(),
-            current_password: current.into(),
-            new_password: new.into(),
-            totp_code: None,
-            recovery_code: None,
-        };
+    // With a second factor enrolled, the password alone no longer changes the password.
+    let mut change = api::PasswordChange {
+        user: "admin".into(),
+        current_password: "A-long-enough-passw0rd".into(),
+        new_password: "Another-passw0rd-2".into(),
+        totp_code: None,
+        recovery_code: None,
+        webauthn: None,
+    };
+    let err = api_error(
+        p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
+            .unwrap_err(),
+    );
+    assert_eq!((err.status, err.code.as_str()), (401, "mfa_required"));
+
+    // Neither the current password nor a recent one can come back; a weak one never. Each try
+    // spends a recovery code: the second factor is checked before the new password.
+    let codes = std::cell::RefCell::new(recovery.into_iter());
+    let mut cycle = |current: &str, new: &str| {
+        change.current_password = current.into();
+        change.new_password = new.into();
+        change.recovery_code = codes.borrow_mut().next();
         p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &change))
             .map_err(api_error)
     };
@@ -588,6 +634,7 @@ fn wrong_passwords_lock_the_account_with_growing_back_off_and_are_audited() {
             name: None,
             totp_code: None,
             recovery_code: None,
+            webauthn: None,
             expires_in_days: None,
         };
         p.block_on(anonymous.post::<_, api::ApiKey>("/v1/auth/keys", &body))
@@ -660,6 +707,7 @@ fn wrong_passwords_lock_the_account_with_growing_back_off_and_are_audited() {
             name: None,
             totp_code: None,
             recovery_code: None,
+            webauthn: None,
             expires_in_days: None,
         };
         let e = api_error(
@@ -689,6 +737,7 @@ fn a_password_change_revokes_every_key_of_that_user_at_once() {
                 name: None,
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
                 expires_in_days: None,
             };
             let created: api::ApiKey = p.block_on(anonymous.post("/v1/auth/keys", &body)).unwrap();
@@ -713,6 +762,7 @@ fn a_password_change_revokes_every_key_of_that_user_at_once() {
         new_password: "Brand-new-passw0rd".into(),
         totp_code: None,
         recovery_code: None,
+        webauthn: None,
     };
     let _: serde_json::Value = p
         .block_on(anonymous.post("/v1/auth/password", &change))
@@ -724,4 +774,42 @@ fn a_password_change_revokes_every_key_of_that_user_at_once() {
     // Nobody else's keys were touched.
     assert_eq!(raw.signed(&p, &bob, "GET", "/v1/whoami", b"").status, 200);
     assert_eq!(raw.signed(&p, &admin, "GET", "/v1/whoami", b"").status, 200);
+}
+
+#[test]
+fn the_api_speaks_only_tls_and_the_client_trusts_only_the_pinned_ca() {
+    use std::io::{Read, Write};
+    let p = Platform::start();
+    let addr = p.endpoint.trim_start_matches("https://").to_string();
+
+    // Plain HTTP on the API port gets no HTTP answer: TLS or nothing.
+    let mut plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(b"GET /v1/images HTTP/1.1\r\nHost: palisade\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain HTTP was answered: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // A client pinned to another CA refuses the platform's certificate.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let foreign = params.self_signed(&key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let foreign_ca = dir.path().join("foreign-ca.pem");
+    std::fs::write(&foreign_ca, foreign.pem()).unwrap();
+    let client = palisade_cli::client::Client::new(&p.endpoint, &foreign_ca, None).unwrap();
+    let refused = p.block_on(client.get::<serde_json::Value>("/v1/images"));
+    assert!(refused.is_err(), "a foreign CA was trusted");
+    // The pinned CA works on the same endpoint (the refusal above was the CA's doing).
+    let r = p.raw().send(&p, "GET", "/v1/images", b"", &[]);
+    assert_eq!((r.status, r.code()), (401, "signature_missing"));
 }

@@ -172,6 +172,7 @@ fn tenant_users_log_in_through_their_own_provider_with_groups_mapped() {
                 ),
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
             },
         ))
         .unwrap_err(),

@@ -175,6 +175,23 @@ impl World {
                     body(json!({"totp_code": totp_code(uri, 30)})),
                 )
             }
+            "mfa.webauthn_register" => ("POST", "/v1/mfa/webauthn".into(), vec![]),
+            "mfa.webauthn_confirm" => {
+                use webauthn_authenticator_rs::prelude::*;
+                let r = raw.signed(p, s, "POST", "/v1/mfa/webauthn", b"");
+                assert_eq!(r.status, 201, "{role}: {:?}", r.body);
+                let challenge: api::WebauthnChallenge = serde_json::from_value(r.body).unwrap();
+                let options: CreationChallengeResponse =
+                    serde_json::from_value(challenge.options).unwrap();
+                let credential = new_security_key()
+                    .do_registration(Url::parse(&challenge.origin).unwrap(), options)
+                    .unwrap();
+                (
+                    "POST",
+                    "/v1/mfa/webauthn/confirm".into(),
+                    body(json!({"ceremony_id": challenge.ceremony_id, "credential": credential})),
+                )
+            }
             "tenant.create" => (
                 "POST",
                 "/v1/tenants".into(),
@@ -398,9 +415,14 @@ fn snapshot(p: &Platform, w: &World) -> Vec<Vec<u8>> {
 
 #[test]
 fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
-    // Hundreds of requests from one address in a few seconds: above the default rate limit on
-    // a fast machine.
-    let p = Platform::start_with_args(&["--rate-limit-per-source", "5000"]);
+    // Hundreds of requests from one address and key in a few seconds: above the default rate
+    // limits on a fast machine.
+    let p = Platform::start_with_args(&[
+        "--rate-limit-per-source",
+        "5000",
+        "--rate-limit-per-key",
+        "5000",
+    ]);
     let w = World::new(&p, "https://idp.invalid");
     let raw = p.raw();
     p.wait_state(w.tenant_admin(), &w.instance, "running");
@@ -540,6 +562,7 @@ fn every_key_and_session_ends_when_the_account_loses_its_footing() {
         new_password: "Another-passw0rd-9".into(),
         totp_code: None,
         recovery_code: None,
+        webauthn: None,
     };
     let _: serde_json::Value = p
         .block_on(p.anonymous().post("/v1/auth/password", &change))
@@ -610,6 +633,7 @@ fn every_key_and_session_ends_when_the_account_loses_its_footing() {
                 public_key: new_public_key(),
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
             },
         ))
         .unwrap_err(),
@@ -704,6 +728,7 @@ fn administrative_actions_need_a_fresh_second_factor_and_each_code_works_once() 
         new_password: password.into(),
         totp_code: None,
         recovery_code: None,
+        webauthn: None,
     };
     let _: serde_json::Value = p
         .block_on(p.anonymous().post("/v1/auth/password", &change))
@@ -719,6 +744,7 @@ fn administrative_actions_need_a_fresh_second_factor_and_each_code_works_once() 
                 public_key: new_public_key(),
                 totp_code: None,
                 recovery_code: Some(recovery_code.into()),
+                webauthn: None,
             },
         ))
         .map_err(api_error)
@@ -738,6 +764,7 @@ fn administrative_actions_need_a_fresh_second_factor_and_each_code_works_once() 
                 public_key: new_public_key(),
                 totp_code: Some(code.into()),
                 recovery_code: None,
+                webauthn: None,
             },
         ))
         .map_err(api_error)
@@ -775,6 +802,7 @@ fn sessions_end_when_idle_or_old_and_rotation_hands_over_from_key_to_key() {
                     public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
                     totp_code: None,
                     recovery_code: None,
+                    webauthn: None,
                 },
             ))
             .unwrap();
@@ -812,6 +840,7 @@ fn sessions_end_when_idle_or_old_and_rotation_hands_over_from_key_to_key() {
                 name: None,
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
                 expires_in_days: Some(1000),
             },
         ))
@@ -1099,6 +1128,7 @@ fn a_tenant_can_require_mfa_and_tighten_the_password_rules() {
                 name: None,
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
                 expires_in_days: None,
             },
         ))
@@ -1117,6 +1147,7 @@ fn a_tenant_can_require_mfa_and_tighten_the_password_rules() {
                 new_password: new.into(),
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
             },
         ))
         .map_err(api_error)
@@ -1263,6 +1294,7 @@ fn identity_anomalies_become_alerts_in_the_api_the_audit_log_and_the_webhook() {
                 public_key: new_public_key(),
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
             },
         ))
         .unwrap_err()
@@ -1288,6 +1320,7 @@ fn identity_anomalies_become_alerts_in_the_api_the_audit_log_and_the_webhook() {
                 public_key: new_public_key(),
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
             },
         ));
     }
@@ -1684,6 +1717,7 @@ fn what_the_first_newcomer_broke_stays_fixed() {
                 ),
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
             },
         ))
         .unwrap();
@@ -1720,6 +1754,7 @@ fn what_the_first_newcomer_broke_stays_fixed() {
                 new_password: "Yet-another-passw0rd".into(),
                 totp_code: None,
                 recovery_code: None,
+                webauthn: None,
             },
         ))
         .map_err(api_error)

@@ -14,3 +14,4 @@ mod quota;
 mod reconcile;
 mod support;
 mod up;
+mod webauthn;

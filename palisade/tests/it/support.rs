@@ -258,6 +258,7 @@ impl Platform {
             new_password: password.clone(),
             totp_code: None,
             recovery_code: None,
+            webauthn: None,
         };
         let _: Value = self
             .block_on(anonymous.post("/v1/auth/password", &change))
@@ -270,6 +271,7 @@ impl Platform {
             name: None,
             totp_code: None,
             recovery_code: None,
+            webauthn: None,
             expires_in_days: None,
         };
         let mut totp = None;
@@ -339,6 +341,7 @@ impl Platform {
             name: None,
             totp_code: Some(totp_code(uri, 0)),
             recovery_code: None,
+            webauthn: None,
             expires_in_days: None,
         };
         let created: api::ApiKey = self
@@ -357,6 +360,7 @@ impl Platform {
             name: None,
             totp_code: s.totp.as_deref().map(|uri| totp_code(uri, 0)),
             recovery_code: None,
+            webauthn: None,
             expires_in_days: None,
         };
         let created: api::ApiKey = self
@@ -944,5 +948,69 @@ impl Drop for OidcProvider {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A software security key (webauthn-rs's CTAP2 soft token): a real authenticator that answers
+/// the platform's WebAuthn ceremonies.
+pub fn new_security_key() -> webauthn_authenticator_rs::softtoken::SoftToken {
+    webauthn_authenticator_rs::softtoken::SoftToken::new(true)
+        .unwrap()
+        .0
+}
+
+/// Runs a WebAuthn registration ceremony for `signer`'s account with `token`; returns the
+/// platform's answer (recovery codes when it is the first second factor).
+pub fn register_security_key(
+    p: &Platform,
+    signer: &Signer,
+    token: &mut webauthn_authenticator_rs::softtoken::SoftToken,
+) -> api::WebauthnRegistered {
+    use webauthn_authenticator_rs::prelude::*;
+    let r = p.raw().signed(p, signer, "POST", "/v1/mfa/webauthn", b"");
+    assert_eq!(r.status, 201, "starting a registration: {:?}", r.body);
+    let challenge: api::WebauthnChallenge = serde_json::from_value(r.body).unwrap();
+    let origin = Url::parse(&challenge.origin).unwrap();
+    let options: CreationChallengeResponse = serde_json::from_value(challenge.options).unwrap();
+    let credential = token.do_registration(origin, options).unwrap();
+    let confirm = serde_json::to_vec(&api::WebauthnConfirm {
+        ceremony_id: challenge.ceremony_id,
+        credential: serde_json::to_value(credential).unwrap(),
+        name: None,
+    })
+    .unwrap();
+    let r = p
+        .raw()
+        .signed(p, signer, "POST", "/v1/mfa/webauthn/confirm", &confirm);
+    assert_eq!(r.status, 201, "confirming a registration: {:?}", r.body);
+    serde_json::from_value(r.body).unwrap()
+}
+
+/// `token`'s answer to a WebAuthn challenge.
+pub fn answer_challenge(
+    token: &mut webauthn_authenticator_rs::softtoken::SoftToken,
+    challenge: api::WebauthnChallenge,
+) -> api::WebauthnAssertion {
+    use webauthn_authenticator_rs::prelude::*;
+    let origin = Url::parse(&challenge.origin).unwrap();
+    let options: RequestChallengeResponse = serde_json::from_value(challenge.options).unwrap();
+    let credential = token.do_authentication(origin, options).unwrap();
+    api::WebauthnAssertion {
+        ceremony_id: challenge.ceremony_id,
+        credential: serde_json::to_value(credential).unwrap(),
+    }
+}
+
+impl Platform {
+    /// A password login's WebAuthn challenge for `user`.
+    pub fn webauthn_challenge(&self, user: &str, password: &str) -> api::WebauthnChallenge {
+        self.block_on(self.anonymous().post(
+            "/v1/auth/mfa/webauthn/challenge",
+            &api::WebauthnChallengeRequest {
+                user: user.into(),
+                password: password.into(),
+            },
+        ))
+        .unwrap()
     }
 }
