@@ -14,7 +14,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Doc tests are skipped (there are none); the integration suite runs two tests at a time.
 set +e
-cargo test --workspace --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run, summed over every test binary.
