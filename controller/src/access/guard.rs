@@ -54,6 +54,11 @@ struct RecordState {
     tenant_id: Option<String>,
     /// The key a refused signature claimed, so refusals can be traced to the key they target.
     claimed_key: Option<String>,
+    /// The action the route table gives the matched route: the only one its handler may
+    /// authorize and permit.
+    route_action: Option<&'static str>,
+    /// Whether the authorization engine allowed the action (signed routes must ask it).
+    authorized: bool,
     written: bool,
 }
 
@@ -131,6 +136,7 @@ impl RequestCtx {
                     .into(),
             });
         }
+        self.lock().authorized = true;
         Ok(())
     }
 
@@ -148,7 +154,27 @@ impl RequestCtx {
 
     /// Records that the request is allowed and about to act. Must come before the action; if
     /// the record cannot be made durable, the request fails and nothing is done.
+    ///
+    /// Fails closed, as an internal error, when the handler names another action than the
+    /// route table gives its route, or (on a signed route) never asked the authorization
+    /// engine: a handler cannot act on a decision made for something else, or on none.
     pub async fn permit(&self) -> Result<(), Error> {
+        {
+            let state = self.lock();
+            if let Some(expected) = state.route_action {
+                if state.action.as_deref() != Some(expected) {
+                    return Err(Error::Internal(anyhow::anyhow!(
+                        "the handler permits {:?}, but the route table says {expected}",
+                        state.action
+                    )));
+                }
+            }
+            if self.principal.is_some() && !state.authorized {
+                return Err(Error::Internal(anyhow::anyhow!(
+                    "a signed request was permitted without an authorization decision"
+                )));
+            }
+        }
         self.write("allowed", None).await
     }
 
@@ -347,6 +373,10 @@ async fn guarded(
 
     let response = match outcome {
         Ok(body) => {
+            ctx.lock().route_action = parts
+                .extensions
+                .get::<axum::extract::MatchedPath>()
+                .and_then(|path| super::server::action_of(parts.method.as_str(), path.as_str()));
             parts.extensions.insert(ctx.clone());
             next.run(Request::from_parts(parts, Body::from(body))).await
         }

@@ -166,8 +166,8 @@ async fn authenticate_human(
     if mfa.bound && !mfa.enrolled {
         return Err(Error::Forbidden {
             code: "mfa_enrolment_required",
-            message: "this account needs a second factor: enrol TOTP (POST /v1/auth/mfa/totp) \
-                      or a security key (POST /v1/auth/mfa/webauthn) first"
+            message: "this account needs a second factor: enrol TOTP first \
+                      (POST /v1/auth/mfa/totp); security keys can be added afterwards"
                 .into(),
         });
     }

@@ -297,6 +297,16 @@ pub fn routes() -> Vec<RouteSpec> {
     table().into_iter().map(|(spec, _)| spec).collect()
 }
 
+/// The action of the route `method path` (`path` as in the table, with its `{id}` slots).
+pub fn action_of(method: &str, path: &str) -> Option<&'static str> {
+    static ROUTES: std::sync::OnceLock<Vec<RouteSpec>> = std::sync::OnceLock::new();
+    ROUTES
+        .get_or_init(routes)
+        .iter()
+        .find(|r| r.method == method && r.path == path)
+        .map(|r| r.action)
+}
+
 pub fn router(controller: Arc<Controller>) -> Router {
     let mut by_path: Vec<(&'static str, Handler)> = Vec::new();
     for (spec, handler) in table() {
@@ -352,6 +362,33 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The routes a password (or an identity provider) authenticates instead of a signature
+    /// (TESTING.md A1): this list may only shrink. Adding one means changing this test too,
+    /// in review, with a reason.
+    #[test]
+    fn the_unsigned_routes_are_exactly_these() {
+        let mut unsigned: Vec<String> = routes()
+            .iter()
+            .filter(|r| guard::is_password_route_path(r.method, r.path))
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        unsigned.sort();
+        assert_eq!(
+            unsigned,
+            [
+                "POST /v1/auth/keys",
+                "POST /v1/auth/login",
+                "POST /v1/auth/mfa/totp",
+                "POST /v1/auth/mfa/totp/confirm",
+                "POST /v1/auth/mfa/webauthn/challenge",
+                "POST /v1/auth/oidc/finish",
+                "POST /v1/auth/oidc/start",
+                "POST /v1/auth/password",
+            ]
+        );
+        assert_eq!(guard::PASSWORD_ROUTES.len(), unsigned.len());
+    }
 
     /// Every signed route's action is in the role matrix, and every matrix action has a route:
     /// a route cannot be added without deciding who may call it.

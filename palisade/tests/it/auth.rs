@@ -112,6 +112,7 @@ fn every_route_refuses_unsigned_requests() {
         let (method, route) = (route.method, route.path);
         let path = route.replace("{id}", some_id).replace("{user}", some_id);
         let r = raw.send(&p, method, &path, b"{}", &[]);
+        r.assert_security_headers(&format!("{method} {route}"));
         if route.starts_with("/v1/auth/") {
             // Password routes: a password, not a signature, is the credential.
             assert!(

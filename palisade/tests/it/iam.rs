@@ -361,6 +361,7 @@ fn every_cell_of_the_role_matrix_is_one_real_call() {
         for role in &matrix.roles {
             let (method, path, request) = w.call(&p, &row.action, role);
             let r = raw.signed(&p, &w.signers[role.as_str()], method, &path, &request);
+            r.assert_security_headers(&format!("{role} {method} {path}"));
             let expected = matrix.allows(role, &row.action);
             let fine = if expected {
                 (200..300).contains(&r.status)
@@ -462,6 +463,7 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
         let expect_401 = |headers: Vec<(String, String)>, code: &str| {
             let r = raw.send(&p, route.method, &path, &request, &headers);
             assert_eq!((r.status, r.code()), (401, code), "{what}");
+            r.assert_security_headers(&what);
         };
         expect_401(vec![], "signature_missing");
         let mut malformed = sign(&bob, route.method, &path, &request, 0);
@@ -497,16 +499,42 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
                 (405, "method_not_allowed"),
                 "{method} {path}"
             );
+            r.assert_security_headers(&format!("{method} {path}"));
         }
     }
+    let r = raw.signed(&p, &bob, "GET", "/v1/no-such-route", b"");
+    assert_eq!((r.status, r.code()), (404, "not_found"));
+    r.assert_security_headers("an unknown route");
     assert_eq!(before, snapshot(&p, &w), "a refused call changed something");
 }
 
-/// Tokens of one user: the key it enrolled with plus 49 more made by rotation (each old key
-/// kept alive for an hour), all working.
+/// Tokens of one user: the key it enrolled with, five login sessions when the account needs
+/// no second factor, and API keys made by rotation (each old key kept alive for an hour) up to
+/// fifty, all working.
 fn fifty_tokens(p: &Platform, s: &Signer) -> Vec<Signer> {
     let raw = p.raw();
     let mut tokens = vec![p.clone_signer(s)];
+    let sessions = if s.totp.is_none() { 5 } else { 0 };
+    for _ in 0..sessions {
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+        let session: api::ApiKey = p
+            .block_on(p.anonymous().post(
+                "/v1/auth/login",
+                &api::Login {
+                    user: s.user.clone(),
+                    password: s.password.clone(),
+                    public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
+                    totp_code: None,
+                    recovery_code: None,
+                    webauthn: None,
+                },
+            ))
+            .unwrap();
+        assert_eq!(session.kind, "session");
+        tokens.push(p.signer(&s.user, &s.password, &session.id, key, None));
+    }
+    // Rotation starts from the enrolment key, which is an API key.
+    tokens.swap(0, sessions);
     while tokens.len() < 50 {
         let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
         let public = palisade_common::signing::encode_public_key(&key.verifying_key());
@@ -651,6 +679,20 @@ fn every_key_and_session_ends_when_the_account_loses_its_footing() {
     assert_all_refused(&p, &tokens, Instant::now(), "tenant enable");
     let again = p.enrol_again(&bystander);
     assert_eq!(raw.signed(&p, &again, "GET", "/v1/whoami", b"").status, 200);
+
+    // 7. A tenant delete ends every credential in it (its instances go first).
+    let (doomed, owner) = p.tenant(&admin, "doomed", None);
+    let tokens = fifty_tokens(&p, &owner);
+    let r = raw.signed(
+        &p,
+        &admin,
+        "DELETE",
+        &format!("/v1/tenants/{}", doomed.id),
+        b"",
+    );
+    let done = Instant::now();
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    assert_all_refused(&p, &tokens, done, "tenant delete");
 }
 
 fn whoami(p: &Platform, s: &Signer) -> api::User {
@@ -787,7 +829,7 @@ fn administrative_actions_need_a_fresh_second_factor_and_each_code_works_once() 
 
 #[test]
 fn sessions_end_when_idle_or_old_and_rotation_hands_over_from_key_to_key() {
-    let p = Platform::start_with_args(&["--session-idle-secs", "2", "--session-max-secs", "5"]);
+    let p = Platform::start_with_args(&["--session-idle-secs", "3", "--session-max-secs", "6"]);
     let admin = p.admin();
     let (_, alice) = p.tenant(&admin, "acme", None);
     let raw = p.raw();
@@ -808,25 +850,31 @@ fn sessions_end_when_idle_or_old_and_rotation_hands_over_from_key_to_key() {
             .unwrap();
         assert_eq!(
             (session.kind.as_str(), session.idle_timeout_secs),
-            ("session", Some(2))
+            ("session", Some(3))
         );
         p.signer(&alice.user, &alice.password, &session.id, key, None)
     };
     let works = |s: &Signer| raw.signed(&p, s, "GET", "/v1/whoami", b"").status == 200;
 
-    // Used every second: lives until its absolute end, not beyond.
-    let busy = login();
+    // Used twice a second, so never idle for long: lives until its absolute end (6 s after
+    // the login), not beyond.
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(4) {
-        assert!(works(&busy), "ended early at {:?}", started.elapsed());
-        std::thread::sleep(Duration::from_millis(900));
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(!works(&busy), "outlived its absolute timeout");
-    // Left alone: ends after the idle timeout.
+    let busy = login();
+    let ended = loop {
+        if !works(&busy) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "outlived its absolute timeout"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(ended >= Duration::from_secs(5), "ended early, at {ended:?}");
+    // Left alone: ends after the idle timeout, long before its absolute end.
     let idle = login();
     assert!(works(&idle));
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_millis(4500));
     assert!(!works(&idle), "outlived its idle timeout");
 
     // API keys: expiry within the platform's maximum, rotation without and with overlap.
@@ -1024,7 +1072,7 @@ fn a_tenant_policy_lets_group_ops_stop_and_start_prod_but_not_delete() {
 
 #[test]
 fn second_factor_secrets_are_sealed_at_rest_and_never_logged() {
-    let p = Platform::start();
+    let p = Platform::start_with_args(&["--allow-private-endpoints"]);
     let admin = p.admin();
     let uri = admin.totp.clone().unwrap();
     let secret = uri
@@ -1032,9 +1080,41 @@ fn second_factor_secrets_are_sealed_at_rest_and_never_logged() {
         .find_map(|x| x.strip_prefix("secret="))
         .unwrap()
         .to_string();
-    let (acme, _) = p.tenant(&admin, "acme", None);
+    let (acme, ta) = p.tenant(&admin, "acme", None);
     let carol = p.tenant_user(&admin, &acme.id, "carol", "member");
     let (carol_uri, recovery) = p.enrol_totp(&carol.user, &carol.password);
+
+    // The tenant's other secrets: its webhook's signing secret (shown once) and its identity
+    // provider's client secret.
+    let ta = p.promote(&admin, &ta, "tenant_admin");
+    let raw = p.raw();
+    let (hook, _calls) = webhook_receiver();
+    let r = raw.signed(
+        &p,
+        &ta,
+        "PUT",
+        &format!("/v1/tenants/{}/webhook", acme.id),
+        &body(json!({ "url": hook })),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let webhook_secret = r.body["secret"].as_str().unwrap().to_string();
+    let client_secret = hex::encode(rand_bytes());
+    let idp = OidcProvider::start(&json!({
+        "clients": [{"client_id": "palisade", "client_secret": client_secret,
+                     "token_endpoint_auth_method": "client_secret_basic",
+                     "redirect_uris": ["http://127.0.0.1:9/cb"]}],
+        "accounts": [{"username": "x", "password": "x-password", "claims": {}}],
+    }));
+    let r = raw.signed(
+        &p,
+        &ta,
+        "PUT",
+        &format!("/v1/tenants/{}/oidc", acme.id),
+        &body(json!({"issuer": idp.issuer, "client_id": "palisade",
+                     "client_secret": client_secret})),
+    );
+    assert!((200..300).contains(&r.status), "{:?}", r.body);
+    assert!(!String::from_utf8_lossy(&r.bytes).contains(&client_secret));
 
     use std::os::unix::fs::PermissionsExt;
     let master = std::fs::metadata(p.data().join("master.key")).unwrap();
@@ -1069,6 +1149,14 @@ fn second_factor_secrets_are_sealed_at_rest_and_never_logged() {
                 "a TOTP secret is in the {place}"
             );
         }
+        assert!(
+            !text.contains(&webhook_secret),
+            "the webhook secret is in the {place}"
+        );
+        assert!(
+            !text.contains(&client_secret),
+            "the OIDC client secret is in the {place}"
+        );
         for code in &recovery {
             assert!(
                 !text.contains(code.as_str()),
@@ -1172,6 +1260,62 @@ fn a_tenant_can_require_mfa_and_tighten_the_password_rules() {
     assert!(status.success());
     let r = raw.signed(&p, &fresh, "GET", "/v1/whoami", b"");
     assert_eq!((r.status, r.code()), (403, "password_change_required"));
+}
+
+#[test]
+fn the_platform_maximum_password_age_forces_a_change_before_anything_else() {
+    let p = Platform::start_with_args(&["--password-max-age-days", "30"]);
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let raw = p.raw();
+    assert_eq!(raw.signed(&p, &alice, "GET", "/v1/whoami", b"").status, 200);
+    let status = std::process::Command::new("sqlite3")
+        .arg(p.data().join("palisade.db"))
+        .arg(format!(
+            "UPDATE users SET password_changed_at = {} WHERE name = '{}';",
+            time_now() - 31 * 86_400,
+            alice.user
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // Neither the key nor the password does anything but the change now.
+    let r = raw.signed(&p, &alice, "GET", "/v1/whoami", b"");
+    assert_eq!((r.status, r.code()), (403, "password_change_required"));
+    let login = |password: &str| {
+        p.block_on(p.anonymous().post::<_, api::ApiKey>(
+            "/v1/auth/login",
+            &api::Login {
+                user: alice.user.clone(),
+                password: password.into(),
+                public_key: new_public_key(),
+                totp_code: None,
+                recovery_code: None,
+                webauthn: None,
+            },
+        ))
+        .map_err(api_error)
+    };
+    let e = login(&alice.password).unwrap_err();
+    assert_eq!(
+        (e.status, e.code.as_str()),
+        (403, "password_change_required")
+    );
+    let _: serde_json::Value = p
+        .block_on(p.anonymous().post(
+            "/v1/auth/password",
+            &api::PasswordChange {
+                user: alice.user.clone(),
+                current_password: alice.password.clone(),
+                new_password: "A-renewed-passw0rd-31".into(),
+                totp_code: None,
+                recovery_code: None,
+                webauthn: None,
+            },
+        ))
+        .unwrap();
+    login("A-renewed-passw0rd-31").unwrap();
 }
 
 /// A webhook receiver on loopback: every request's signature header and body, in order.

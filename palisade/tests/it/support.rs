@@ -722,6 +722,7 @@ pub struct Raw {
 
 pub struct RawResponse {
     pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Value,
     pub bytes: Vec<u8>,
 }
@@ -729,6 +730,33 @@ pub struct RawResponse {
 impl RawResponse {
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    /// Every answer, whatever its status, carries the security headers and a request id.
+    pub fn assert_security_headers(&self, what: &str) {
+        for (name, value) in [
+            ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
+            ("strict-transport-security", "max-age=31536000"),
+            ("x-frame-options", "DENY"),
+            (
+                "content-security-policy",
+                "default-src 'none'; frame-ancestors 'none'",
+            ),
+            ("referrer-policy", "no-referrer"),
+        ] {
+            assert_eq!(
+                self.headers.get(name).and_then(|v| v.to_str().ok()),
+                Some(value),
+                "{what} ({}): header {name}",
+                self.status
+            );
+        }
+        assert!(
+            self.headers.contains_key("x-request-id"),
+            "{what} ({}): no x-request-id",
+            self.status
+        );
     }
 }
 
@@ -824,10 +852,12 @@ impl Raw {
         platform.block_on(async {
             let response = request.send().await.unwrap();
             let status = response.status().as_u16();
+            let headers = response.headers().clone();
             let bytes = response.bytes().await.unwrap().to_vec();
             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             RawResponse {
                 status,
+                headers,
                 body,
                 bytes,
             }
