@@ -296,11 +296,33 @@ pub fn is_password_route_path(method: &str, path: &str) -> bool {
 
 /// Whether the matched route reads a query string (see `server::QUERY_ROUTES`).
 fn takes_query(parts: &Parts) -> bool {
+    route_is_in(parts, super::server::QUERY_ROUTES)
+}
+
+/// Whether the matched route reads a body (see `server::BODY_ROUTES`).
+fn takes_body(parts: &Parts) -> bool {
+    route_is_in(parts, super::server::BODY_ROUTES)
+}
+
+/// An empty body, or JSON that carries nothing (`null`, `{}`), as clients send to POSTs
+/// without a payload.
+fn says_nothing(body: &[u8]) -> bool {
+    if body.is_empty() {
+        return true;
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Null) => true,
+        Ok(serde_json::Value::Object(fields)) => fields.is_empty(),
+        _ => false,
+    }
+}
+
+fn route_is_in(parts: &Parts, routes: &[(&str, &str)]) -> bool {
     let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() else {
         // No route matched: the fallback answers 404 anyway.
         return true;
     };
-    super::server::QUERY_ROUTES
+    routes
         .iter()
         .any(|(method, path)| parts.method.as_str() == *method && matched.as_str() == *path)
 }
@@ -366,6 +388,9 @@ async fn guarded(
         // After authentication, so that an unsigned request is a 401 whatever it carries.
         if parts.uri.query().is_some() && !takes_query(&parts) {
             return Err(Error::invalid("this route takes no query parameters"));
+        }
+        if !says_nothing(&body) && !takes_body(&parts) {
+            return Err(Error::invalid("this route takes no request body"));
         }
         Ok(body)
     }

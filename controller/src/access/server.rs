@@ -28,6 +28,32 @@ pub const QUERY_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/instances/{id}/console"),
 ];
 
+/// Routes that read a request body; every other route refuses a non-empty one (400), so a
+/// field sent where none is read is never silently ignored.
+pub const BODY_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/auth/password"),
+    ("POST", "/v1/auth/keys"),
+    ("POST", "/v1/auth/login"),
+    ("POST", "/v1/auth/mfa/totp"),
+    ("POST", "/v1/auth/mfa/totp/confirm"),
+    ("POST", "/v1/auth/mfa/webauthn/challenge"),
+    ("POST", "/v1/auth/oidc/start"),
+    ("POST", "/v1/auth/oidc/finish"),
+    ("POST", "/v1/auth/mfa/verify"),
+    ("POST", "/v1/mfa/webauthn/confirm"),
+    ("POST", "/v1/keys/{id}/rotate"),
+    ("POST", "/v1/tenants"),
+    ("PUT", "/v1/tenants/{id}/settings"),
+    ("PUT", "/v1/tenants/{id}/oidc"),
+    ("PUT", "/v1/tenants/{id}/webhook"),
+    ("POST", "/v1/users"),
+    ("PUT", "/v1/users/{id}/role"),
+    ("POST", "/v1/groups"),
+    ("PUT", "/v1/policies"),
+    ("PUT", "/v1/platform/policies"),
+    ("POST", "/v1/instances"),
+];
+
 type Handler = MethodRouter<Arc<Controller>>;
 
 /// The route table: the single source of the router, and of the access-control tests, which
@@ -362,6 +388,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_body_and_query_lists_name_real_routes() {
+        let routes = routes();
+        for (method, path) in BODY_ROUTES.iter().chain(QUERY_ROUTES) {
+            assert!(
+                routes
+                    .iter()
+                    .any(|r| r.method == *method && r.path == *path),
+                "{method} {path} is not a route"
+            );
+        }
+    }
 
     /// The routes a password (or an identity provider) authenticates instead of a signature
     /// (TESTING.md A1): this list may only shrink. Adding one means changing this test too,

@@ -458,7 +458,9 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
             _ => String::new(),
         };
         let path = route.path.replace("{id}", &id).replace("{user}", &ta_id);
-        let request = body(json!({}));
+        let takes_body =
+            palisade_controller::access::server::BODY_ROUTES.contains(&(route.method, route.path));
+        let request = if takes_body { body(json!({})) } else { vec![] };
         let what = format!("{} {}", route.method, route.path);
         let expect_401 = |headers: Vec<(String, String)>, code: &str| {
             let r = raw.send(&p, route.method, &path, &request, &headers);
@@ -482,6 +484,15 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
         if route.path.contains("{id}") {
             let r = raw.signed(&p, &bob, route.method, &path, &request);
             assert_eq!((r.status, r.code()), (404, "not_found"), "{what}: tenant B");
+        }
+        // A route that reads no body refuses one, rather than ignore what it says.
+        if !takes_body {
+            let r = raw.signed(&p, &bob, route.method, &path, b"{\"force\":true}");
+            assert_eq!(
+                (r.status, r.code()),
+                (400, "invalid_request"),
+                "{what}: a body"
+            );
         }
     }
     // Methods a path does not have: 405, whoever asks.
