@@ -363,7 +363,7 @@ pub async fn check_not_reused(db: &Db, user_id: &str, new: &str) -> Result<()> {
     let rows = sqlx::query(
         "SELECT password_hash AS hash FROM users WHERE id = $1 UNION ALL \
          SELECT hash FROM (SELECT hash FROM password_history WHERE user_id = $1 \
-         ORDER BY replaced_at DESC LIMIT $2)",
+         ORDER BY replaced_at DESC, rowid DESC LIMIT $2)",
     )
     .bind(user_id)
     .bind(PASSWORD_HISTORY)
@@ -392,6 +392,17 @@ pub async fn set_password(db: &Db, user_id: &str, new: &str) -> Result<()> {
     )
     .bind(user_id)
     .bind(now())
+    .execute(&mut *tx)
+    .await?;
+    // Hashes older than the history are of no use, and kept would only be exposed.
+    // (`replaced_at` has one-second steps; the row id orders changes within one second.)
+    sqlx::query(
+        "DELETE FROM password_history WHERE user_id = $1 AND rowid NOT IN \
+         (SELECT rowid FROM password_history WHERE user_id = $1 \
+          ORDER BY replaced_at DESC, rowid DESC LIMIT $2)",
+    )
+    .bind(user_id)
+    .bind(PASSWORD_HISTORY)
     .execute(&mut *tx)
     .await?;
     sqlx::query(

@@ -814,3 +814,41 @@ fn the_api_speaks_only_tls_and_the_client_trusts_only_the_pinned_ca() {
     let r = p.raw().send(&p, "GET", "/v1/images", b"", &[]);
     assert_eq!((r.status, r.code()), (401, "signature_missing"));
 }
+
+/// Regression: history entries made within one second kept no order, so "the last five"
+/// could be any five of them.
+#[test]
+fn a_password_may_come_back_after_five_others_and_not_before() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let anonymous = p.anonymous();
+    let change = |current: &str, new: &str| {
+        let body = api::PasswordChange {
+            user: alice.user.clone(),
+            current_password: current.into(),
+            new_password: new.into(),
+            totp_code: None,
+            recovery_code: None,
+            webauthn: None,
+        };
+        p.block_on(anonymous.post::<_, serde_json::Value>("/v1/auth/password", &body))
+            .map_err(api_error)
+    };
+    // The original, then six more in quick succession: the original is six back.
+    let passwords: Vec<String> = (1..=6).map(|i| format!("Rotating-passw0rd-{i}")).collect();
+    let mut current = alice.password.clone();
+    for next in &passwords {
+        change(&current, next).unwrap();
+        current = next.clone();
+    }
+    for recent in &passwords[..5] {
+        let e = change(&current, recent).unwrap_err();
+        assert_eq!(
+            (e.status, e.code.as_str()),
+            (400, "password_reused"),
+            "{recent}"
+        );
+    }
+    change(&current, &alice.password).unwrap();
+}

@@ -403,6 +403,8 @@ fn snapshot(p: &Platform, w: &World) -> Vec<Vec<u8>> {
         (ta, format!("/v1/instances/{}", w.instance)),
         (ta, "/v1/keys".to_string()),
         (ta, "/v1/instances".to_string()),
+        (admin, format!("/v1/tenants/{}", w.acme)),
+        (admin, "/v1/platform/policies".to_string()),
     ];
     reads
         .iter()
@@ -484,6 +486,13 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
         if route.path.contains("{id}") {
             let r = raw.signed(&p, &bob, route.method, &path, &request);
             assert_eq!((r.status, r.code()), (404, "not_found"), "{what}: tenant B");
+            // A3: to tenant B, tenant A's object and one that does not exist look the same.
+            let missing = route
+                .path
+                .replace("{id}", "0d6f7f3e-9c1a-4b7e-8f00-00000000abcd")
+                .replace("{user}", &ta_id);
+            let m = raw.signed(&p, &bob, route.method, &missing, &request);
+            assert_eq!((m.status, &m.bytes), (r.status, &r.bytes), "{what}: A3");
         }
         // A route that reads no body refuses one, rather than ignore what it says.
         if !takes_body {
