@@ -7,11 +7,12 @@ use serde_json::json;
 
 use crate::support::*;
 
+/// A key for `user` made with the password and `webauthn` as the second factor.
 fn login_with(
     p: &Platform,
     user: &Signer,
     webauthn: Option<api::WebauthnAssertion>,
-) -> Result<api::ApiKey, palisade_cli::client::ApiError> {
+) -> Result<(api::ApiKey, ed25519_dalek::SigningKey), palisade_cli::client::ApiError> {
     let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
     let body = api::KeyCreate {
         user: user.user.clone(),
@@ -24,10 +25,11 @@ fn login_with(
         expires_in_days: None,
     };
     p.block_on(p.anonymous().post::<_, api::ApiKey>("/v1/auth/keys", &body))
+        .map(|created| (created, key))
         .map_err(api_error)
 }
 
-fn assert_refused(result: Result<api::ApiKey, palisade_cli::client::ApiError>, what: &str) {
+fn assert_refused<T>(result: Result<T, palisade_cli::client::ApiError>, what: &str) {
     let e = result.err().unwrap_or_else(|| panic!("{what}: accepted"));
     assert_eq!((e.status, e.code.as_str()), (401, "mfa_invalid"), "{what}");
 }
@@ -74,7 +76,7 @@ fn a_security_key_is_a_second_factor_answered_once_by_the_right_key_for_the_righ
         )
     );
     let assertion = answer_challenge(&mut token, challenge);
-    let key = login_with(&p, &alice, Some(assertion.clone())).unwrap();
+    let (key, _) = login_with(&p, &alice, Some(assertion.clone())).unwrap();
     assert_eq!(key.user_id, alice_id);
 
     // The same answer again: the challenge was spent.
@@ -154,22 +156,8 @@ fn mfa_verify_takes_a_security_key_and_adding_another_needs_a_fresh_proof() {
     let mut token = new_security_key();
     register_security_key(&p, &alice, &mut token);
     let challenge = p.webauthn_challenge(&alice.user, &alice.password);
-    let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
-    let created: api::ApiKey = p
-        .block_on(p.anonymous().post(
-            "/v1/auth/keys",
-            &api::KeyCreate {
-                user: alice.user.clone(),
-                password: alice.password.clone(),
-                public_key: palisade_common::signing::encode_public_key(&key.verifying_key()),
-                name: None,
-                totp_code: None,
-                recovery_code: None,
-                webauthn: Some(answer_challenge(&mut token, challenge)),
-                expires_in_days: None,
-            },
-        ))
-        .unwrap();
+    let (created, key) =
+        login_with(&p, &alice, Some(answer_challenge(&mut token, challenge))).unwrap();
     let alice = p.signer(&alice.user, &alice.password, &created.id, key, None);
 
     // Once the proof is stale, adding a second key is refused until the first one is shown.
