@@ -24,9 +24,13 @@ pub const MEMORY_OVERHEAD_MIB: u64 = 192;
 /// CFS period (µs); the quota is `vcpus` whole periods.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
-/// QEMU's main, RCU and vCPU threads plus its block I/O thread pool (up to 64)
-/// fit in 128 tasks; `spawn=deny` in its seccomp filter forbids new processes.
-pub const PIDS_MAX: u64 = 128;
+/// Tasks of a QEMU process apart from its vCPU threads: the main and RCU
+/// threads, the block I/O thread pool (up to 64) and headroom. `spawn=deny` in
+/// its seccomp filter forbids new processes, so these are all threads.
+pub const PIDS_BASE: u64 = 120;
+
+/// Tasks per vCPU of the flavor (the vCPU thread and its helpers).
+pub const PIDS_PER_VCPU: u64 = 8;
 
 /// The v1 hierarchies we use.
 const V1_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
@@ -60,7 +64,7 @@ impl Limits {
             memory_bytes: (u64::from(memory_mib) + MEMORY_OVERHEAD_MIB) << 20,
             cpu_quota_us: u64::from(vcpus) * CPU_PERIOD_US,
             cpu_period_us: CPU_PERIOD_US,
-            pids_max: PIDS_MAX,
+            pids_max: PIDS_BASE + u64::from(vcpus) * PIDS_PER_VCPU,
         }
     }
 }
@@ -174,6 +178,12 @@ impl Cgroups {
             &memory.join("memory.limit_in_bytes"),
             &limits.memory_bytes.to_string(),
         )?;
+        let memsw = memory.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            // Memory plus swap capped at the memory limit: no guest memory goes to
+            // swap, where it would outlive the VM (v1's memory.swap.max = 0).
+            write(&memsw, &limits.memory_bytes.to_string())?;
+        }
         write(&pids.join("pids.max"), &limits.pids_max.to_string())?;
         Ok(dirs)
     }
@@ -310,7 +320,7 @@ mod tests {
         assert_eq!(limits.memory_bytes, (256 + 192) << 20);
         assert_eq!(limits.cpu_quota_us, 200_000);
         assert_eq!(limits.cpu_period_us, 100_000);
-        assert_eq!(limits.pids_max, 128);
+        assert_eq!(limits.pids_max, 120 + 2 * 8);
     }
 
     #[test]
@@ -342,7 +352,7 @@ mod tests {
             read(base("memory").join("memory.limit_in_bytes")),
             "469762048"
         );
-        assert_eq!(read(base("pids").join("pids.max")), "128");
+        assert_eq!(read(base("pids").join("pids.max")), "136");
     }
 
     #[test]

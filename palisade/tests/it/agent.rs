@@ -34,9 +34,10 @@ const ID_C: &str = "c0000000-0000-4000-8000-00000000000c";
 const ID_D: &str = "d0000000-0000-4000-8000-00000000000d";
 const ID_E: &str = "e0000000-0000-4000-8000-00000000000e";
 const ID_F: &str = "f0000000-0000-4000-8000-00000000000f";
+const ID_G: &str = "a1000000-0000-4000-8000-0000000000a1";
 /// Every instance id these tests use. Instance ids name cgroups, which are
 /// host-wide, and QEMU processes are found by id: each test has ids of its own.
-const ALL_IDS: [&str; 6] = [ID_A, ID_B, ID_C, ID_D, ID_E, ID_F];
+const ALL_IDS: [&str; 7] = [ID_A, ID_B, ID_C, ID_D, ID_E, ID_F, ID_G];
 
 // ---- the test ---------------------------------------------------------------
 
@@ -77,6 +78,7 @@ fn agent_runs_sandboxed_instances_adopts_them_after_sigkill_and_erases_them() {
         assert_sandboxed(&env, status, vcpus, memory_mib);
     }
     assert_private_to_root(&env, ID_A);
+    assert_no_side_channel_devices(&env, ID_A);
 
     refuses_an_image_that_does_not_match_its_digest(&env, &api, &image);
 
@@ -273,6 +275,33 @@ fn two_agents_on_one_host_never_share_an_instance_uid() {
     two.kill();
 }
 
+/// A guest writing far more to its serial console than the cap (the kernel's
+/// whole boot log against a 4 KiB cap) never grows the log on the host past
+/// the cap; the reader still gets the newest output at its absolute offsets.
+#[test]
+fn a_guest_console_never_grows_past_the_cap() {
+    const CAP: u64 = 4096;
+    let mut env = Env::new();
+    let image = GuestImage::locate();
+    let agent = env.spawn_agent_with(&["--console-cap-bytes", "4096"]);
+    let api = env.client(&agent, Identity::Platform);
+    // `ignore_loglevel` undoes the image's `quiet`: the kernel prints everything.
+    api.start(&image.spec(ID_G, 1, 128, "ignore_loglevel"));
+
+    let log = env.instance_dir(ID_G).join("console.log");
+    let written = poll(BOOT_TIMEOUT, "four times the cap of console output", || {
+        let size = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        assert!(size <= CAP, "console.log is {size} bytes, over the cap");
+        let chunk = api.console(ID_G, 0);
+        (chunk.next_offset > 4 * CAP).then_some(chunk)
+    });
+    // Reading from 0 starts at the oldest byte kept, not at what was dropped.
+    assert!(written.offset > 0, "{written:?}");
+    assert!(written.next_offset - written.offset <= CAP, "{written:?}");
+    let _: EraseReport = api.ok("DELETE", &format!("/v1/instances/{ID_G}"), None);
+    agent.kill();
+}
+
 /// The QEMU of `status` runs under the uid and gid the agent reported.
 fn assert_runs_as(status: &InstanceStatus) {
     let proc_status = proc_status(pid(status));
@@ -454,7 +483,7 @@ fn assert_sandboxed(env: &Env, status: &InstanceStatus, vcpus: u64, memory_mib: 
     let limits = [
         ("memory", (memory_mib + 192) << 20),
         ("cpu", vcpus * 100_000),
-        ("pids", 128),
+        ("pids", 120 + vcpus * 8),
     ];
     Cgroups::detect().assert_member_with_limits(&status.id, pid, &limits);
 }
@@ -555,6 +584,14 @@ impl Env {
     }
 
     fn spawn_agent_on(&mut self, data: &Path) -> AgentProcess {
+        self.spawn_agent_args(data, &[])
+    }
+
+    fn spawn_agent_with(&mut self, extra: &[&str]) -> AgentProcess {
+        self.spawn_agent_args(&self.data(), extra)
+    }
+
+    fn spawn_agent_args(&mut self, data: &Path, extra: &[&str]) -> AgentProcess {
         let addr_file = self.next_addr_file();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -563,6 +600,7 @@ impl Env {
             .expect("agent log");
         let mut child = self
             .agent_command(data, &addr_file)
+            .args(extra)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -983,6 +1021,15 @@ impl Cgroups {
                 }
             };
             assert_eq!(read(dir.join(file)), expected, "{controller} limit of {id}");
+            // No guest memory may go to swap: v1 caps memory plus swap at the memory
+            // limit, v2 sets swap to zero (where the kernel offers the file).
+            let swap = match self {
+                Cgroups::V1 => ("memory.memsw.limit_in_bytes", expected.clone()),
+                Cgroups::V2 => ("memory.swap.max", "0".to_string()),
+            };
+            if *controller == "memory" && dir.join(swap.0).exists() {
+                assert_eq!(read(dir.join(swap.0)), swap.1, "swap limit of {id}");
+            }
             let procs = read(dir.join("cgroup.procs"));
             assert!(
                 procs.lines().any(|p| p == pid.to_string()),
@@ -1051,8 +1098,9 @@ fn assert_no_zombie_children(parent: u32) {
     }
 }
 
-/// Runs one QMP command on a QEMU monitor socket, as a host operator would.
-fn qmp(socket: &Path, command: &str) {
+/// Runs one QMP command on a QEMU monitor socket, as a host operator would,
+/// and returns its answer.
+fn qmp(socket: &Path, command: &str) -> Value {
     let stream =
         UnixStream::connect(socket).unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
     stream
@@ -1072,6 +1120,41 @@ fn qmp(socket: &Path, command: &str) {
                 break;
             }
         }
+    }
+    let answer: Value = serde_json::from_str(&line).expect("QMP answer is JSON");
+    answer["return"].clone()
+}
+
+/// What the guest can see, asked of the running QEMU itself rather than read
+/// from its command line: no display, no USB controller, no virtio-serial
+/// (the channel a clipboard agent would use), no sound.
+fn assert_no_side_channel_devices(env: &Env, id: &str) {
+    let socket = env.instance_dir(id).join("root/run/qmp.sock");
+    let buses = qmp(&socket, "query-pci");
+    let devices: Vec<Value> = buses
+        .as_array()
+        .expect("query-pci returns a list")
+        .iter()
+        .flat_map(|bus| bus["devices"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(!devices.is_empty(), "query-pci found no devices: {buses}");
+    for device in &devices {
+        let class = device["class_info"]["class"].as_u64().expect("class");
+        let (vendor, product) = (
+            device["id"]["vendor"].as_u64().unwrap_or(0),
+            device["id"]["device"].as_u64().unwrap_or(0),
+        );
+        let what = device["class_info"]["desc"].as_str().unwrap_or("?");
+        // 0x03xx display, 0x0c03 USB, 0x04xx multimedia (sound).
+        assert!(
+            class >> 8 != 0x03 && class != 0x0c03 && class >> 8 != 0x04,
+            "{id}: guest sees a {what} device (class {class:#06x})"
+        );
+        // virtio-serial: vendor 0x1af4, device 0x1003 (legacy) or 0x1043 (modern).
+        assert!(
+            !(vendor == 0x1af4 && (product == 0x1003 || product == 0x1043)),
+            "{id}: guest sees a virtio-serial device"
+        );
     }
 }
 

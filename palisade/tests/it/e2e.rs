@@ -1,6 +1,8 @@
 //! The walking skeleton end to end, through the real CLI: a tenant boots a real VM, reads its
 //! console, stops, starts and deletes it; nothing of it remains on the host afterwards.
 
+use std::time::Duration;
+
 use crate::support::*;
 
 #[test]
@@ -167,6 +169,11 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
     );
     p.cli_ok(&["--profile", "tenant", "instance", "start", &id, "--wait"]);
     assert_eq!(qemu_pids(&id).len(), 1);
+    // The console log spans both boots: the guest must say it is up a second time.
+    poll(Duration::from_secs(120), "the second boot marker", || {
+        let console = p.cli_ok(&["--profile", "tenant", "instance", "console", &id]);
+        (console.matches(BOOT_MARKER).count() >= 2).then_some(())
+    });
 
     // Delete: no process, cgroup, directory or disk of it remains; the record says when the
     // disk was erased.
