@@ -106,3 +106,30 @@ fn a_vm_that_dies_on_its_own_is_recorded_stopped_and_can_be_started_again() {
     p.wait_state(&alice, &id, "running");
     p.wait_console(&alice, &id, BOOT_MARKER);
 }
+
+/// A VM on the host that the database does not know (its record lost, say a database restored
+/// from before it was made) is an orphan: the reconciler stops it and erases it.
+#[test]
+fn a_vm_without_a_record_is_stopped_and_erased() {
+    let mut p = Platform::start();
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    let id = p.create_instance(&alice, "orphan").unwrap().id;
+    p.wait_state(&alice, &id, "running");
+    assert_eq!(qemu_pids(&id).len(), 1);
+
+    p.kill_controller();
+    let db = p.data().join("palisade.db");
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!("DELETE FROM instances WHERE id = '{id}'"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    p.start_controller();
+
+    poll(Duration::from_secs(60), "the orphan to be erased", || {
+        (qemu_pids(&id).is_empty() && !p.agent_instance_dirs().contains(&id)).then_some(())
+    });
+    assert!(cgroup_dirs(&id).is_empty(), "{:?}", cgroup_dirs(&id));
+}
