@@ -279,15 +279,18 @@ impl Resource {
         })
     }
 
-    /// How the audit record names it.
+    /// How the audit record names it (an id a caller sent that is none of ours as a digest).
     pub fn audit_name(&self) -> String {
+        use crate::access::server::loggable_id;
         match self {
             Resource::Caller => "self".into(),
             Resource::Platform => "platform".into(),
-            Resource::Tenant { id, .. } => format!("tenant/{id}"),
-            Resource::User { id, .. } => format!("user/{id}"),
-            Resource::Group { name, tenant } => format!("tenant/{tenant}/group/{name}"),
-            Resource::Instance { id, .. } => format!("instance/{id}"),
+            Resource::Tenant { id, .. } => format!("tenant/{}", loggable_id(id)),
+            Resource::User { id, .. } => format!("user/{}", loggable_id(id)),
+            Resource::Group { name, tenant } => {
+                format!("tenant/{}/group/{name}", loggable_id(tenant))
+            }
+            Resource::Instance { id, .. } => format!("instance/{}", loggable_id(id)),
         }
     }
 

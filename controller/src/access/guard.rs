@@ -346,9 +346,17 @@ pub async fn guard(
         controller: controller.clone(),
         record: Arc::default(),
     };
-    ctx.describe(&format!("http.{}", parts.method), parts.uri.path());
+    // The path as sent may carry anything, a secret included: log and audit a safe form.
+    let path = super::server::loggable_path(parts.uri.path());
+    // Extension methods are any token a client likes: only the standard ones are named.
+    let method = match parts.method.as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "PATCH" | "OPTIONS" | "TRACE"
+        | "CONNECT") => m,
+        _ => "OTHER",
+    };
+    ctx.describe(&format!("http.{method}"), path.as_str());
     let span = tracing::info_span!("request", request_id = %ctx.request_id,
-        method = %parts.method, path = %parts.uri.path(), peer = %ctx.source);
+        method = %method, path = %path, peer = %ctx.source);
     guarded(controller, ctx, parts, body, next, peer.ip())
         .instrument(span)
         .await

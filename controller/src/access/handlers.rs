@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::guard::RequestCtx;
 use crate::access::authz::Resource;
+use crate::access::server::loggable_id;
 use crate::error::{Error, Result};
 use crate::service::accounts;
 use crate::service::identity::{self, Principal};
@@ -454,7 +455,7 @@ pub async fn revoke_key(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     ctx.authorize("key.revoke", &Resource::Caller).await?;
-    ctx.describe("key.revoke", format!("key/{id}"));
+    ctx.describe("key.revoke", format!("key/{}", loggable_id(&id)));
     let p = principal(&ctx)?;
     identity::own_key(&c.db, &p.user_id, &id).await?;
     ctx.permit().await?;
@@ -470,7 +471,7 @@ pub async fn rotate_key(
     body: Bytes,
 ) -> Result<Response> {
     ctx.authorize("key.rotate", &Resource::Caller).await?;
-    ctx.describe("key.rotate", format!("key/{id}"));
+    ctx.describe("key.rotate", format!("key/{}", loggable_id(&id)));
     let p = principal(&ctx)?;
     let old = identity::own_key(&c.db, &p.user_id, &id).await?;
     let req: api::KeyRotate = parse(&body)?;
@@ -541,7 +542,7 @@ async fn tenant_for(
     action: &str,
     id: &str,
 ) -> Result<api::Tenant> {
-    ctx.describe(action, format!("tenant/{id}"));
+    ctx.describe(action, format!("tenant/{}", loggable_id(&id)));
     principal(ctx)?;
     let id = canonical_id(id, "tenant")?;
     let tenant = accounts::get_tenant(&c.db, &id).await?;
@@ -771,7 +772,7 @@ pub async fn list_users(
 
 /// Resolves a user by id and asks whether the caller may do `action` on them.
 async fn user_for(c: &Controller, ctx: &RequestCtx, action: &str, id: &str) -> Result<api::User> {
-    ctx.describe(action, format!("user/{id}"));
+    ctx.describe(action, format!("user/{}", loggable_id(&id)));
     principal(ctx)?;
     let id = canonical_id(id, "user")?;
     let user = accounts::get_user(&c.db, &id).await?;
@@ -912,7 +913,7 @@ pub async fn list_groups(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api:
 }
 
 async fn group_for(c: &Controller, ctx: &RequestCtx, action: &str, id: &str) -> Result<api::Group> {
-    ctx.describe(action, format!("group/{id}"));
+    ctx.describe(action, format!("group/{}", loggable_id(&id)));
     let Resource::Tenant { id: tenant, .. } = caller_tenant(c, ctx).await? else {
         return Err(Error::NotFound { what: "group" });
     };
@@ -1139,7 +1140,7 @@ async fn instance_for(
     action: &str,
     id: &str,
 ) -> Result<api::Instance> {
-    ctx.describe(action, format!("instance/{id}"));
+    ctx.describe(action, format!("instance/{}", loggable_id(&id)));
     principal(ctx)?;
     let id = canonical_id(id, "instance")?;
     let instance = c.compute.find_instance(&id).await?;

@@ -333,6 +333,40 @@ pub fn action_of(method: &str, path: &str) -> Option<&'static str> {
         .map(|r| r.action)
 }
 
+/// `path` as it may be logged and audited: each segment that is a literal of some route or an
+/// id (a UUID, or `key-<uuid>`) is kept; any other segment — which may be a secret pasted into
+/// the wrong place — becomes a digest, so a request path never carries caller text into a log.
+pub fn loggable_path(path: &str) -> String {
+    static LITERALS: std::sync::OnceLock<std::collections::BTreeSet<&'static str>> =
+        std::sync::OnceLock::new();
+    let literals = LITERALS.get_or_init(|| {
+        routes()
+            .iter()
+            .flat_map(|r| r.path.split('/'))
+            .filter(|segment| !segment.starts_with('{'))
+            .collect()
+    });
+    path.split('/')
+        .map(|segment| match literals.contains(segment) {
+            true => segment.to_string(),
+            false => loggable_id(segment),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// An object id sent by a caller, as it may be logged and audited: an id of ours (a UUID, or
+/// `key-<uuid>`) as sent, anything else as a digest.
+pub fn loggable_id(id: &str) -> String {
+    let uuid = id.strip_prefix("key-").unwrap_or(id);
+    if uuid::Uuid::parse_str(uuid).is_ok() {
+        return id.to_string();
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    format!("~sha256:{}", hex::encode(&digest[..8]))
+}
+
 pub fn router(controller: Arc<Controller>) -> Router {
     let mut by_path: Vec<(&'static str, Handler)> = Vec::new();
     for (spec, handler) in table() {
@@ -387,6 +421,22 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_route_literals_and_ids_of_a_path_are_logged_as_sent() {
+        use super::loggable_path;
+        let id = "0f8e2a4c-1b2d-4e5f-8a9b-0c1d2e3f4a5b";
+        let path = format!("/v1/instances/{id}/console");
+        assert_eq!(loggable_path(&path), path);
+        let key = format!("/v1/keys/key-{id}/rotate");
+        assert_eq!(loggable_path(&key), key);
+        let secret = loggable_path("/v1/users/Hunter2-secret/x%0Ay");
+        assert!(secret.starts_with("/v1/users/~sha256:"), "{secret}");
+        assert!(
+            !secret.contains("Hunter2") && !secret.contains("%0A"),
+            "{secret}"
+        );
+    }
+
     use super::*;
 
     #[test]

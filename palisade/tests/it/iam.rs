@@ -1510,14 +1510,19 @@ fn identity_anomalies_become_alerts_in_the_api_the_audit_log_and_the_webhook() {
 
 #[test]
 fn a_secret_sent_anywhere_never_comes_back_in_an_error_or_lands_in_a_log() {
-    let p = Platform::start_with_args(&["--allow-private-endpoints"]);
+    let mut p = Platform::start_with_args(&["--allow-private-endpoints"]);
+    // Everything the controller and the agent can log, at every level, is searched below.
+    p.log_filter = "trace".to_string();
+    p.kill_controller();
+    p.start_controller();
     let admin = p.admin();
     let (acme, alice) = p.tenant(&admin, "acme", None);
     let raw = p.raw();
     // The tenant's administrator, made before the failed logins below lock Alice out.
     let ta = p.promote(&admin, &alice, "tenant_admin");
     let alice = p.clone_signer(&ta);
-    let marker = format!("Mk{}", hex_id() + &hex_id() + &hex_id() + &hex_id());
+    // 32 random bytes.
+    let marker = format!("Mk{}", (0..8).map(|_| hex_id()).collect::<String>());
     let mut answers: Vec<(String, RawResponse)> = Vec::new();
     let mut send = |what: &str, r: RawResponse| answers.push((what.to_string(), r));
     let unsigned = |path: &str, body: &[u8]| raw.send(&p, "POST", path, body, &[]);
@@ -1625,6 +1630,28 @@ fn a_secret_sent_anywhere_never_comes_back_in_an_error_or_lands_in_a_log() {
         ),
     ] {
         send(&path, raw.signed(&p, &alice, method, &path, &request));
+    }
+    // The secret as a path segment (an id, a route), as an extension method, and in headers
+    // that look like credentials, signed and not.
+    for (method, path) in [
+        ("GET", format!("/v1/users/{m}")),
+        ("DELETE", format!("/v1/keys/{m}")),
+        ("GET", format!("/v1/{m}")),
+        ("POST", format!("/v1/auth/{m}")),
+        (m, "/v1/whoami".to_string()),
+    ] {
+        send(&path, raw.signed(&p, &alice, method, &path, &[]));
+        send(&path, raw.send(&p, method, &path, &[], &[]));
+    }
+    for name in [
+        "authorization",
+        "x-api-key",
+        "cookie",
+        "signature",
+        "x-forwarded-for",
+    ] {
+        let headers = [(name.to_string(), format!("Bearer {m}"))];
+        send(name, raw.send(&p, "GET", "/v1/whoami", &[], &headers));
     }
     let path = format!("/v1/tenants/{}/oidc", acme.id);
     let config = json!({"issuer": format!("http://127.0.0.1:{}", free_port()), "client_id": "x", "client_secret": m});

@@ -74,6 +74,8 @@ pub struct Platform {
     pub endpoint: String,
     pub agent_port: u16,
     pub initial_password: Option<String>,
+    /// `RUST_LOG` of the controller and the agent, kept for restarts.
+    pub log_filter: String,
     controller: Option<Child>,
     agent: Option<Child>,
     runtime: tokio::runtime::Runtime,
@@ -111,6 +113,7 @@ impl Platform {
             endpoint: String::new(),
             agent_port: free_port(),
             initial_password: None,
+            log_filter: "info".to_string(),
             controller: None,
             agent: None,
             runtime,
@@ -159,6 +162,7 @@ impl Platform {
             .arg("--reconcile-interval-secs")
             .arg("1")
             .args(&self.controller_args)
+            .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(self.log("controller.log"))
@@ -201,6 +205,7 @@ impl Platform {
             .arg(pki.join("agent.pem"))
             .arg("--key")
             .arg(pki.join("agent.key"))
+            .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(self.log("agent.log"))
             .stderr(self.log("agent.log"))
