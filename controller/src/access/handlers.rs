@@ -434,7 +434,8 @@ pub async fn webauthn_confirm(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Re
 
 /// A WebAuthn challenge for the signing key's account, to answer in `mfa verify`.
 pub async fn mfa_verify_challenge(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {
-    ctx.authorize("mfa.verify", &Resource::Caller).await?;
+    ctx.authorize("mfa.verify_challenge", &Resource::Caller)
+        .await?;
     let p = principal(&ctx)?;
     ctx.permit().await?;
     let challenge = webauthn::begin_authentication(&c.db, &c.relying_party, &p.user_id).await?;

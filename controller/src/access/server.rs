@@ -124,7 +124,7 @@ fn table() -> Vec<(RouteSpec, Handler)> {
         r(
             "POST",
             "/v1/auth/mfa/verify/challenge",
-            "mfa.verify",
+            "mfa.verify_challenge",
             post(h::mfa_verify_challenge),
         ),
         r(
