@@ -421,6 +421,54 @@ fn route_of(method: &str, path: &str) -> Option<(&'static str, &'static str)> {
         .map(|r| (r.method, r.path))
 }
 
+/// B3 on every administrative cell: each role allowed an administrative action is refused it
+/// (403 mfa_required) once its signing key's second-factor proof is stale, and nothing else
+/// about the call differs from the allowed one in the role-matrix test.
+#[test]
+fn every_administrative_action_needs_a_fresh_second_factor() {
+    const FRESH_SECS: u64 = 20;
+    let idp = OidcProvider::start(&json!({
+        "clients": [{"client_id": "palisade", "redirect_uris": ["http://127.0.0.1:9/cb"]}],
+        "accounts": [{"username": "x", "password": "x-password", "claims": {}}],
+    }));
+    let p = Platform::start_with_args(&[
+        "--allow-private-endpoints",
+        "--rate-limit-per-source",
+        "5000",
+        "--mfa-fresh-secs",
+        &FRESH_SECS.to_string(),
+    ]);
+    let matrix = Matrix::builtin().unwrap();
+    let w = World::new(&p, &idp.issuer);
+    // Prepare every call while the proofs are fresh (some need objects made first)...
+    let mut calls = Vec::new();
+    for row in matrix.rows.iter().filter(|row| row.admin) {
+        for role in &row.allowed {
+            calls.push((
+                row.action.clone(),
+                role.clone(),
+                w.call(&p, &row.action, role),
+            ));
+        }
+    }
+    assert!(calls.len() > 20, "{} administrative cells", calls.len());
+    // ...then send them once every proof has gone stale.
+    std::thread::sleep(Duration::from_secs(FRESH_SECS + 1));
+    let raw = p.raw();
+    let mut wrong = Vec::new();
+    for (action, role, (method, path, request)) in &calls {
+        let r = raw.signed(&p, &w.signers[role.as_str()], method, path, request);
+        if (r.status, r.code()) != (403, "mfa_required") {
+            wrong.push(format!("{role} {action}: {} {}", r.status, r.code()));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "allowed without a fresh proof:\n{}",
+        wrong.join("\n")
+    );
+}
+
 /// Reads that show the state of tenant A: equal before and after refused calls.
 fn snapshot(p: &Platform, w: &World) -> Vec<Vec<u8>> {
     let raw = p.raw();
