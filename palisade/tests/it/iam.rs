@@ -360,13 +360,34 @@ fn every_cell_of_the_role_matrix_is_one_real_call() {
     let mut wrong = Vec::new();
     let mut cells = 0;
     let mut reached = std::collections::BTreeSet::new();
+    let mut strict = 0;
     for row in &matrix.rows {
         for role in &matrix.roles {
             let (method, path, request) = w.call(&p, &row.action, role);
             reached.insert(route_of(method, &path));
-            let r = raw.signed(&p, &w.signers[role.as_str()], method, &path, &request);
-            r.assert_security_headers(&format!("{role} {method} {path}"));
+            let signer = &w.signers[role.as_str()];
             let expected = matrix.allows(role, &row.action);
+            // Point 10: an allowed call with one field too many is refused whole, and does
+            // nothing (the real call below still works).
+            if let (true, Ok(serde_json::Value::Object(mut fields))) = (
+                expected,
+                serde_json::from_slice::<serde_json::Value>(&request),
+            ) {
+                fields.insert("unexpected_field".into(), json!(1));
+                strict += 1;
+                let extra = body(serde_json::Value::Object(fields));
+                let r = raw.signed(&p, signer, method, &path, &extra);
+                if (r.status, r.code()) != (400, "invalid_request") {
+                    wrong.push(format!(
+                        "{role} {} with an unknown field: {} {}",
+                        row.action,
+                        r.status,
+                        r.code()
+                    ));
+                }
+            }
+            let r = raw.signed(&p, signer, method, &path, &request);
+            r.assert_security_headers(&format!("{role} {method} {path}"));
             let fine = if expected {
                 (200..300).contains(&r.status)
             } else {
@@ -392,6 +413,10 @@ fn every_cell_of_the_role_matrix_is_one_real_call() {
         wrong.join("\n")
     );
     assert_eq!(cells, matrix.rows.len() * matrix.roles.len());
+    assert!(
+        strict >= 20,
+        "only {strict} calls tried with an unknown field"
+    );
     // Two routes may share an action: each route must still be called, so that a route added
     // with an existing action is tried for every role too.
     let unreached: Vec<_> = routes()
@@ -551,6 +576,12 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
             r.assert_security_headers(&what);
         };
         expect_401(vec![], "signature_missing");
+        // Over the body cap: 413 before anything else, signed or not.
+        let oversized = vec![b' '; api::MAX_BODY_BYTES + 1];
+        for headers in [vec![], sign(&bob, route.method, &path, &oversized, 0)] {
+            let r = raw.send(&p, route.method, &path, &oversized, &headers);
+            assert_eq!((r.status, r.code()), (413, "body_too_large"), "{what}");
+        }
         let mut malformed = sign(&bob, route.method, &path, &request, 0);
         malformed[2].1 = "sig1=:bm90IGEgc2lnbmF0dXJl:".into();
         expect_401(malformed, "signature_malformed");
