@@ -852,3 +852,73 @@ fn a_password_may_come_back_after_five_others_and_not_before() {
     }
     change(&current, &alice.password).unwrap();
 }
+
+/// Every new user, not only the first administrator, gets a random one-time password that can
+/// do nothing but change itself; passwords are stored only as Argon2id hashes.
+#[test]
+fn a_new_users_one_time_password_only_changes_itself_and_passwords_are_argon2id() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let tenant: api::Tenant = p
+        .block_on(admin.client.post(
+            "/v1/tenants",
+            &api::TenantCreate {
+                name: "acme".into(),
+                quota: None,
+            },
+        ))
+        .unwrap();
+    let created: api::UserCreated = p
+        .block_on(admin.client.post(
+            "/v1/users",
+            &api::UserCreate {
+                name: "newcomer".into(),
+                tenant_id: Some(tenant.id),
+                role: None,
+            },
+        ))
+        .unwrap();
+    let one_time = created.initial_password.clone();
+    assert!(one_time.len() >= 16, "a short one-time password");
+    let anonymous = p.anonymous();
+    let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+    let public_key = palisade_common::signing::encode_public_key(&key.verifying_key());
+    for path in ["/v1/auth/keys", "/v1/auth/login"] {
+        let body = json!({"user": "newcomer", "password": one_time, "public_key": public_key});
+        let err = api_error(
+            p.block_on(anonymous.post::<_, serde_json::Value>(path, &body))
+                .unwrap_err(),
+        );
+        assert_eq!(
+            (err.status, err.code.as_str()),
+            (403, "password_change_required"),
+            "{path}"
+        );
+    }
+    let change = api::PasswordChange {
+        user: "newcomer".into(),
+        current_password: one_time,
+        new_password: "Fresh-passw0rd-of-mine".into(),
+        totp_code: None,
+        recovery_code: None,
+        webauthn: None,
+    };
+    let _: serde_json::Value = p
+        .block_on(anonymous.post("/v1/auth/password", &change))
+        .unwrap();
+    let body =
+        json!({"user": "newcomer", "password": "Fresh-passw0rd-of-mine", "public_key": public_key});
+    let _: api::ApiKey = p.block_on(anonymous.post("/v1/auth/keys", &body)).unwrap();
+
+    let out = std::process::Command::new("sqlite3")
+        .arg(p.data().join("palisade.db"))
+        .arg("SELECT password_hash FROM users")
+        .output()
+        .unwrap();
+    let hashes = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(hashes.lines().count() >= 2, "{hashes}");
+    for hash in hashes.lines() {
+        assert!(hash.starts_with("$argon2id$"), "not Argon2id: {hash}");
+    }
+    assert!(!hashes.contains("Fresh-passw0rd-of-mine"));
+}
