@@ -27,6 +27,11 @@ pub struct ControllerArgs {
     /// Base URL of the local host agent (mutual TLS with certificates from the data dir).
     #[arg(long, default_value = "https://127.0.0.1:8444")]
     pub agent_url: String,
+    /// The platform master key file (0600; created on first start). Default:
+    /// `<data-dir>/master.key`. Keep it on another volume (a secrets mount, say) so that a
+    /// copy of the data directory or its backups opens no sealed secret.
+    #[arg(long)]
+    pub master_key: Option<PathBuf>,
     /// Guest image directory (with image.json) registered as a public image at start.
     #[arg(long)]
     pub guest_image: Option<PathBuf>,
@@ -128,7 +133,11 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     let pki = pki::ensure(&args.data_dir, &args.server_names, agent_host.as_slice())?;
     let db = db::Db::open(&args.data_dir.join("palisade.db")).await?;
     let audit = service::audit::AuditLog::open(&args.data_dir.join("audit"))?;
-    let secrets = service::secrets::MasterKey::load_or_create(&args.data_dir.join("master.key"))?;
+    let master_key = args
+        .master_key
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("master.key"));
+    let secrets = service::secrets::MasterKey::load_or_create(&master_key)?;
     let authz = access::authz::Authz::new()?;
     // Bound now, so that the default WebAuthn origin names the real port (`--listen` may ask
     // for port 0).

@@ -1,7 +1,9 @@
 //! The platform master key, envelope encryption and keyed hashes for secrets at rest.
 //!
-//! The master key is 32 random bytes in a 0600 file kept apart from the database, so a copy of
-//! the database alone opens no sealed value and cannot test guesses against a keyed hash. Each
+//! The master key is 32 random bytes in a 0600 file (`--master-key`; by default beside the
+//! database, in the data directory). A copy of the database alone opens no sealed value and
+//! cannot test guesses against a keyed hash; an operator who keeps the key file on another
+//! volume keeps it out of copies of the data directory as well. Each
 //! sealed value gets its own random data key (XChaCha20-Poly1305), wrapped under a key derived
 //! from the master key. Both layers bind the caller's purpose (e.g. `totp-seed:<user id>`) as
 //! associated data, so a value copied to another row or column fails to open.

@@ -2115,3 +2115,19 @@ fn what_the_first_newcomer_broke_stays_fixed() {
         "{alerts:?}"
     );
 }
+
+/// The master key can live outside the data directory (`--master-key`): it is made there, 0600,
+/// and nothing of it is left in the data directory.
+#[test]
+fn the_master_key_can_be_kept_outside_the_data_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let vault = tempfile::tempdir().unwrap();
+    let key = vault.path().join("master.key");
+    let p = Platform::start_with_args(&["--master-key", key.to_str().unwrap()]);
+    let admin = p.admin();
+    let _ = p.tenant(&admin, "acme", None);
+    let meta = std::fs::metadata(&key).expect("the master key was made where it was asked");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.len(), 32);
+    assert!(!p.data().join("master.key").exists());
+}
