@@ -846,6 +846,36 @@ impl Raw {
         body: &[u8],
         headers: &[(String, String)],
     ) -> RawResponse {
+        self.try_send(platform, method, path, body, headers)
+            .unwrap()
+    }
+
+    /// A request whose body the server may refuse before reading it (413): the connection can
+    /// close while the body is still being sent, so a transport error is tried again.
+    pub fn send_refused_early(
+        &self,
+        platform: &Platform,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(String, String)],
+    ) -> RawResponse {
+        for _ in 0..5 {
+            if let Ok(r) = self.try_send(platform, method, path, body, headers) {
+                return r;
+            }
+        }
+        panic!("{method} {path}: no answer in five tries");
+    }
+
+    pub fn try_send(
+        &self,
+        platform: &Platform,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(String, String)],
+    ) -> reqwest::Result<RawResponse> {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut request = self
             .http
@@ -855,17 +885,17 @@ impl Raw {
         }
         let request = request.body(body.to_vec());
         platform.block_on(async {
-            let response = request.send().await.unwrap();
+            let response = request.send().await?;
             let status = response.status().as_u16();
             let headers = response.headers().clone();
-            let bytes = response.bytes().await.unwrap().to_vec();
+            let bytes = response.bytes().await?.to_vec();
             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            RawResponse {
+            Ok(RawResponse {
                 status,
                 headers,
                 body,
                 bytes,
-            }
+            })
         })
     }
 }
