@@ -562,7 +562,7 @@ impl Manager {
             .instrument(slot.span()),
         );
 
-        if let Err(e) = self.wait_for_qmp(paths, exited.clone()).await {
+        if let Err(e) = self.wait_for_qmp(paths, pid, exited.clone()).await {
             if !*exited.borrow() {
                 kill_if_same(pid, start_time);
                 let mut exited = exited.clone();
@@ -574,6 +574,7 @@ impl Manager {
         let console_reader = tokio::spawn(
             read_console(
                 paths.in_run(qemu::CONSOLE_SOCKET),
+                pid,
                 slot.console.clone(),
                 exited.clone(),
             )
@@ -590,6 +591,7 @@ impl Manager {
     async fn wait_for_qmp(
         &self,
         paths: &Paths,
+        pid: u32,
         exited: watch::Receiver<bool>,
     ) -> Result<(), InstanceError> {
         let socket = paths.in_run(qemu::QMP_SOCKET);
@@ -606,7 +608,7 @@ impl Manager {
                 });
             }
             if socket.exists() {
-                match Qmp::connect(&socket, Duration::from_secs(2)).await {
+                match Qmp::connect(&socket, pid, Duration::from_secs(2)).await {
                     Ok(_) => return Ok(()),
                     Err(e) => debug!(error = %e, "QMP not ready yet"),
                 }
@@ -638,7 +640,7 @@ impl Manager {
         if !*exited.borrow() {
             let socket = slot.paths.in_run(qemu::QMP_SOCKET);
             let quit = async {
-                let mut qmp = Qmp::connect(&socket, Duration::from_secs(2)).await?;
+                let mut qmp = Qmp::connect(&socket, running.pid, Duration::from_secs(2)).await?;
                 qmp.execute("quit", Duration::from_secs(2)).await
             };
             if let Err(e) = quit.await {
@@ -907,6 +909,7 @@ impl Manager {
         let console_reader = tokio::spawn(
             read_console(
                 slot.paths.in_run(qemu::CONSOLE_SOCKET),
+                pid,
                 slot.console.clone(),
                 exited.clone(),
             )
@@ -1029,12 +1032,18 @@ fn log_tail(path: &Path) -> String {
 /// Appends the guest's serial output to its console log until QEMU exits,
 /// reconnecting whenever the socket drops (QEMU serves one client at a time;
 /// what the guest writes while nobody is connected is lost).
-async fn read_console(socket: PathBuf, log: Arc<ConsoleLog>, mut exited: watch::Receiver<bool>) {
+async fn read_console(
+    socket: PathBuf,
+    pid: u32,
+    log: Arc<ConsoleLog>,
+    mut exited: watch::Receiver<bool>,
+) {
     loop {
         if *exited.borrow() {
             return;
         }
-        if let Ok(stream) = crate::unix_socket::connect(&socket).await {
+        // Only this instance's QEMU: its run/ directory is the guest uid's to change.
+        if let Ok(stream) = crate::unix_socket::connect_to_process(&socket, pid).await {
             debug!("console attached");
             if let Err(e) = pump_console(stream, &log).await {
                 // Only the log file can fail here (e.g. deleted): stop.

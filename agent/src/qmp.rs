@@ -38,15 +38,16 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and leaves capability negotiation mode.
-    pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
-        tokio::time::timeout(timeout, Self::connect_inner(path))
+    /// Connects to the monitor of QEMU process `pid` (no other process's),
+    /// reads the greeting and leaves capability negotiation mode.
+    pub async fn connect(path: &Path, pid: u32, timeout: Duration) -> Result<Self, QmpError> {
+        tokio::time::timeout(timeout, Self::connect_inner(path, pid))
             .await
             .map_err(|_| QmpError::TimedOut(timeout))?
     }
 
-    async fn connect_inner(path: &Path) -> Result<Self, QmpError> {
-        let stream = crate::unix_socket::connect(path).await?;
+    async fn connect_inner(path: &Path, pid: u32) -> Result<Self, QmpError> {
+        let stream = crate::unix_socket::connect_to_process(path, pid).await?;
         let (read, writer) = stream.into_split();
         let mut qmp = Qmp {
             reader: BufReader::new(read),
@@ -142,7 +143,9 @@ mod tests {
         let server = tokio::spawn(fake_qemu(UnixListener::bind(&path).expect("bind")));
 
         let timeout = Duration::from_secs(5);
-        let mut qmp = Qmp::connect(&path, timeout).await.expect("connect");
+        let mut qmp = Qmp::connect(&path, std::process::id(), timeout)
+            .await
+            .expect("connect");
         assert_eq!(qmp.execute("quit", timeout).await.expect("quit"), json!({}));
         server.await.expect("server");
     }
@@ -164,7 +167,9 @@ mod tests {
                 .expect("write");
         });
 
-        let err = Qmp::connect(&path, Duration::from_secs(5)).await.err();
+        let err = Qmp::connect(&path, std::process::id(), Duration::from_secs(5))
+            .await
+            .err();
         assert!(matches!(err, Some(QmpError::Command { class, .. }) if class == "GenericError"));
         server.await.expect("server");
     }

@@ -35,9 +35,11 @@ const ID_D: &str = "d0000000-0000-4000-8000-00000000000d";
 const ID_E: &str = "e0000000-0000-4000-8000-00000000000e";
 const ID_F: &str = "f0000000-0000-4000-8000-00000000000f";
 const ID_G: &str = "a1000000-0000-4000-8000-0000000000a1";
+const ID_H: &str = "a2000000-0000-4000-8000-0000000000a2";
+const ID_I: &str = "a3000000-0000-4000-8000-0000000000a3";
 /// Every instance id these tests use. Instance ids name cgroups, which are
 /// host-wide, and QEMU processes are found by id: each test has ids of its own.
-const ALL_IDS: [&str; 7] = [ID_A, ID_B, ID_C, ID_D, ID_E, ID_F, ID_G];
+const ALL_IDS: [&str; 9] = [ID_A, ID_B, ID_C, ID_D, ID_E, ID_F, ID_G, ID_H, ID_I];
 
 // ---- the test ---------------------------------------------------------------
 
@@ -299,6 +301,40 @@ fn a_guest_console_never_grows_past_the_cap() {
     assert!(written.offset > 0, "{written:?}");
     assert!(written.next_offset - written.offset <= CAP, "{written:?}");
     let _: EraseReport = api.ok("DELETE", &format!("/v1/instances/{ID_G}"), None);
+    agent.kill();
+}
+
+/// A compromised QEMU owns its `run/` directory and can swap its monitor socket
+/// for a link to another VM's: the agent, which runs as root, must still only
+/// ever talk to the instance's own QEMU. Stopping H must not stop I.
+#[test]
+fn a_vm_cannot_point_the_agent_at_another_vms_monitor() {
+    let mut env = Env::new();
+    let image = GuestImage::locate();
+    let agent = env.spawn_agent();
+    let api = env.client(&agent, Identity::Platform);
+    let h = api.start(&image.spec(ID_H, 1, 128, ""));
+    let i = api.start(&image.spec(ID_I, 1, 128, ""));
+
+    // What H's uid may do in its own run/: replace its socket with a link to I's.
+    let run_h = env.instance_dir(ID_H).join("root/run");
+    let socket_i = env.instance_dir(ID_I).join("root/run/qmp.sock");
+    std::fs::rename(run_h.join("qmp.sock"), run_h.join("qmp.real")).expect("rename");
+    std::os::unix::fs::symlink(&socket_i, run_h.join("qmp.sock")).expect("symlink");
+
+    let stopped = api.stop(ID_H);
+    assert_eq!(stopped.state, PowerState::Stopped, "{stopped:?}");
+    assert!(!is_running(pid(&h)), "H still runs");
+    assert!(is_running(pid(&i)), "stopping H stopped I through H's link");
+    let listed = api.list();
+    assert_eq!(
+        find(&listed, ID_I).map(|s| s.state),
+        Some(PowerState::Running)
+    );
+
+    for id in [ID_H, ID_I] {
+        let _: EraseReport = api.ok("DELETE", &format!("/v1/instances/{id}"), None);
+    }
     agent.kill();
 }
 
