@@ -317,27 +317,27 @@ impl Compute {
 
     /// Sets what the tenant wants; the reconciler does it.
     pub async fn set_desired(&self, tenant_id: &str, id: &str, desired: &str) -> Result<Instance> {
-        let current = self.get_instance(tenant_id, id).await?;
-        if current.deleted_at.is_some() || current.state == "deleting" {
-            return Err(Error::NotFound { what: "instance" });
-        }
-        let state = match desired {
-            "running" if current.state != "running" => "starting",
-            "stopped" if current.state != "stopped" => "stopping",
-            "deleted" => "deleting",
-            _ => current.state.as_str(),
-        };
-        sqlx::query(
-            "UPDATE instances SET desired = $1, state = $2, last_error = NULL, updated_at = $3 \
-             WHERE id = $4 AND tenant_id = $5 AND deleted_at IS NULL",
+        // One statement decides from the row as it is now: a stop or start racing a delete can
+        // never turn the delete back (a read first, then a write, could).
+        let changed = sqlx::query(
+            "UPDATE instances SET desired = $1, last_error = NULL, updated_at = $2, state = \
+               CASE WHEN $1 = 'deleted' THEN 'deleting' \
+                    WHEN $1 = 'running' AND state <> 'running' THEN 'starting' \
+                    WHEN $1 = 'stopped' AND state <> 'stopped' THEN 'stopping' \
+                    ELSE state END \
+             WHERE id = $3 AND tenant_id = $4 AND deleted_at IS NULL AND state <> 'deleting' \
+               AND (desired <> 'deleted' OR $1 = 'deleted')",
         )
         .bind(desired)
-        .bind(state)
         .bind(now())
         .bind(id)
         .bind(tenant_id)
         .execute(&self.db.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Err(Error::NotFound { what: "instance" });
+        }
         self.wake.notify_one();
         self.get_instance(tenant_id, id).await
     }

@@ -133,3 +133,37 @@ fn a_vm_without_a_record_is_stopped_and_erased() {
     });
     assert!(cgroup_dirs(&id).is_empty(), "{:?}", cgroup_dirs(&id));
 }
+
+/// An acknowledged delete never comes back (D3): stops and starts sent at the same moment as
+/// the delete, over several rounds, end with every instance deleted and its QEMU gone.
+#[test]
+fn stops_and_starts_racing_a_delete_never_undo_it() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (_, alice) = p.tenant(&admin, "acme", None);
+    for round in 0..4 {
+        let id = p
+            .create_instance(&alice, &format!("racer-{round}"))
+            .unwrap()
+            .id;
+        p.wait_state(&alice, &id, "running");
+        let client = &alice.client;
+        let delete_path = format!("/v1/instances/{id}");
+        let results = p.block_on(async {
+            let power = (0..12).map(|i| {
+                let verb = if i % 2 == 0 { "stop" } else { "start" };
+                let path = format!("/v1/instances/{id}/{verb}");
+                async move { client.post::<_, serde_json::Value>(&path, &()).await }
+            });
+            let delete =
+                client.json::<(), serde_json::Value>(reqwest::Method::DELETE, &delete_path, None);
+            futures::future::join(delete, futures::future::join_all(power)).await
+        });
+        assert!(results.0.is_ok(), "round {round}: {:?}", results.0);
+        let gone = p.wait_state(&alice, &id, "deleted");
+        assert!(gone.disk_erased_at.is_some(), "round {round}");
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(p.instance(&alice, &id).state, "deleted", "round {round}");
+        assert!(qemu_pids(&id).is_empty(), "round {round}");
+    }
+}
