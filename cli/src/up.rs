@@ -745,19 +745,21 @@ async fn quickstart(
             },
         )
         .await?;
-    let demo_password = change_password(&anonymous, "demo", &user.initial_password).await?;
+    // A tenant user's login name is `<name>@<tenant>`: demo@demo.
+    let login = user.user.name.as_str();
+    let demo_password = change_password(&anonymous, login, &user.initial_password).await?;
     let demo = enrol(
         config_path,
         "demo",
         endpoint,
         ca,
-        "demo",
+        login,
         &demo_password,
         None,
     )
     .await?;
     println!(
-        "Tenant demo ({}): user demo, password {demo_password} (shown once), CLI profile \
+        "Tenant demo ({}): user {login}, password {demo_password} (shown once), CLI profile \
               'demo'",
         tenant.id
     );

@@ -287,11 +287,25 @@ pub fn check_user(req: &api::UserCreate) -> Result<String> {
 
 /// Creates a user with a random initial password, shown once in the answer; it must be
 /// changed before anything else.
+/// Creates a user with a random one-time password. A tenant user's login name is
+/// `<name>@<tenant name>`: names are unique within a tenant, so that creating a user can never
+/// tell a tenant which names other tenants (or the platform) use.
 pub async fn create_user(db: &Db, req: &api::UserCreate, role: &str) -> Result<UserCreated> {
+    let name = match &req.tenant_id {
+        Some(tenant_id) => {
+            let tenant: String = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
+                .bind(tenant_id)
+                .fetch_optional(&db.pool)
+                .await?
+                .ok_or(Error::NotFound { what: "tenant" })?;
+            format!("{}@{tenant}", req.name)
+        }
+        None => req.name.clone(),
+    };
     let password = random_password();
     let user = User {
         id: new_id(),
-        name: req.name.clone(),
+        name,
         tenant_id: req.tenant_id.clone(),
         role: role.to_string(),
         disabled: false,
@@ -315,7 +329,8 @@ pub async fn create_user(db: &Db, req: &api::UserCreate, role: &str) -> Result<U
     if inserted.rows_affected() == 0 {
         return Err(Error::Conflict {
             code: "name_taken",
-            message: "a user with this name exists".into(),
+            message: "a user with this name exists in the tenant (or among platform accounts)"
+                .into(),
         });
     }
     Ok(UserCreated {

@@ -350,6 +350,8 @@ pub fn check_new_password(user_name: &str, new: &str, tenant_min_length: u32) ->
     if distinct.len() < 5 {
         return Err(policy_error("the new password repeats too few characters"));
     }
+    // A tenant user's login name is `<name>@<tenant>`: the name part is what people pick.
+    let user_name = user_name.split('@').next().unwrap_or(user_name);
     if user_name.chars().count() >= 3 && new.to_lowercase().contains(&user_name.to_lowercase()) {
         return Err(policy_error(
             "the new password must not contain the user name",

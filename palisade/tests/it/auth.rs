@@ -878,13 +878,15 @@ fn a_new_users_one_time_password_only_changes_itself_and_passwords_are_argon2id(
             },
         ))
         .unwrap();
+    // Tenant users log in as `<name>@<tenant>`.
+    assert_eq!(created.user.name, "newcomer@acme");
     let one_time = created.initial_password.clone();
     assert!(one_time.len() >= 16, "a short one-time password");
     let anonymous = p.anonymous();
     let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
     let public_key = palisade_common::signing::encode_public_key(&key.verifying_key());
     for path in ["/v1/auth/keys", "/v1/auth/login"] {
-        let body = json!({"user": "newcomer", "password": one_time, "public_key": public_key});
+        let body = json!({"user": "newcomer@acme", "password": one_time, "public_key": public_key});
         let err = api_error(
             p.block_on(anonymous.post::<_, serde_json::Value>(path, &body))
                 .unwrap_err(),
@@ -896,7 +898,7 @@ fn a_new_users_one_time_password_only_changes_itself_and_passwords_are_argon2id(
         );
     }
     let change = api::PasswordChange {
-        user: "newcomer".into(),
+        user: "newcomer@acme".into(),
         current_password: one_time,
         new_password: "Fresh-passw0rd-of-mine".into(),
         totp_code: None,
@@ -906,8 +908,7 @@ fn a_new_users_one_time_password_only_changes_itself_and_passwords_are_argon2id(
     let _: serde_json::Value = p
         .block_on(anonymous.post("/v1/auth/password", &change))
         .unwrap();
-    let body =
-        json!({"user": "newcomer", "password": "Fresh-passw0rd-of-mine", "public_key": public_key});
+    let body = json!({"user": "newcomer@acme", "password": "Fresh-passw0rd-of-mine", "public_key": public_key});
     let _: api::ApiKey = p.block_on(anonymous.post("/v1/auth/keys", &body)).unwrap();
 
     let out = std::process::Command::new("sqlite3")

@@ -102,13 +102,15 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
     )
     .unwrap();
     let alice_initial = user["initial_password"].as_str().unwrap().to_string();
+    // A tenant user's login name carries the tenant's.
+    assert_eq!(user["user"]["name"], "alice@acme");
     p.cli_ok(&[
         "--profile",
         "tenant",
         "password",
         "change",
         "--user",
-        "alice",
+        "alice@acme",
         "--password",
         &alice_initial,
         "--new-password",
@@ -120,7 +122,7 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "key",
         "create",
         "--user",
-        "alice",
+        "alice@acme",
         "--password",
         "Wonder-land-1234",
     ]);

@@ -1391,7 +1391,8 @@ fn a_tenant_can_require_mfa_and_tighten_the_password_rules() {
     let status = std::process::Command::new("sqlite3")
         .arg(p.data().join("palisade.db"))
         .arg(format!(
-            "UPDATE users SET password_changed_at = {two_days_ago} WHERE name = 'mia';"
+            "UPDATE users SET password_changed_at = {two_days_ago} WHERE name = '{}';",
+            member.user
         ))
         .status()
         .unwrap();
@@ -2136,4 +2137,37 @@ fn the_master_key_can_be_kept_outside_the_data_directory() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(meta.len(), 32);
     assert!(!p.data().join("master.key").exists());
+}
+
+/// Creating a user tells a tenant nothing about other tenants: a name another tenant (or a
+/// platform account) uses is free in this one; only the tenant's own names are taken.
+#[test]
+fn user_names_are_the_tenants_own_and_reveal_no_other_tenant() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (acme, acme_user) = p.tenant(&admin, "acme", None);
+    let (globex, _) = p.tenant(&admin, "globex", None);
+    let acme_admin = p.promote(&admin, &acme_user, "tenant_admin");
+    let _ = p.tenant_user(&admin, &globex.id, "taken", "member");
+    let _ = p.platform_account(&admin, "ops-1", "operator");
+    let create = |name: &str| {
+        p.block_on(acme_admin.client.post::<_, api::UserCreated>(
+            "/v1/users",
+            &api::UserCreate {
+                name: name.into(),
+                tenant_id: Some(acme.id.clone()),
+                role: None,
+            },
+        ))
+        .map_err(api_error)
+    };
+    for name in ["taken", "ops-1", "admin", "globex-user"] {
+        let created = create(name).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(created.user.name, format!("{name}@acme"));
+    }
+    // Within the tenant a name is taken, as any tenant can see for itself.
+    for name in ["taken", "acme-user"] {
+        let e = create(name).unwrap_err();
+        assert_eq!((e.status, e.code.as_str()), (409, "name_taken"), "{name}");
+    }
 }

@@ -450,7 +450,8 @@ impl Platform {
                 },
             ))
             .unwrap();
-        self.enrol(name, &created.initial_password)
+        // A tenant user logs in as `<name>@<tenant name>`.
+        self.enrol(&created.user.name, &created.initial_password)
     }
 
     pub fn admin(&self) -> Signer {
@@ -488,7 +489,8 @@ impl Platform {
                 },
             ))
             .unwrap();
-        let signer = self.enrol(&user_name, &created.initial_password);
+        assert_eq!(created.user.name, format!("{user_name}@{name}"));
+        let signer = self.enrol(&created.user.name, &created.initial_password);
         (tenant, signer)
     }
 

@@ -138,6 +138,7 @@ fn the_quickstart_enrols_the_administrator_with_mfa_and_boots_the_demo_vm() {
     let me: serde_json::Value =
         serde_json::from_str(&cli(&["--profile", "demo", "--json", "whoami"])).unwrap();
     assert_eq!(me["user"]["role"], "tenant_admin");
+    assert_eq!(me["user"]["name"], "demo@demo");
     let vms: serde_json::Value =
         serde_json::from_str(&cli(&["--profile", "demo", "--json", "instance", "list"])).unwrap();
     let vm = vms
