@@ -3,12 +3,13 @@
 use std::fmt;
 
 /// Guest or tenant text made safe for a terminal: line breaks and tabs stay, every other
-/// control character (escape sequences included) becomes `?`.
+/// control character (escape sequences included) and every invisible direction or format
+/// character becomes `?`.
 pub fn printable(text: &str) -> String {
     text.chars()
         .map(|c| match c {
             '\n' | '\r' | '\t' => c,
-            c if c.is_control() => '?',
+            c if c.is_control() || palisade_common::api::is_invisible_format_char(c) => '?',
             c => c,
         })
         .collect()
@@ -67,6 +68,7 @@ mod tests {
     #[test]
     fn escape_sequences_never_reach_the_terminal() {
         assert_eq!(printable("ok\x1b[2J\x07\r\n"), "ok?[2J?\r\n");
+        assert_eq!(printable("a\u{202E}b\u{200B}c\u{2066}"), "a?b?c?");
         let mut t = Table::default();
         t.row(["a\x1b]0;pwned\x07", "b\nc"]);
         assert_eq!(t.to_string(), "a?]0;pwned?  b c\n");

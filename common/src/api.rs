@@ -485,6 +485,18 @@ pub struct ConsoleOutput {
     pub data: String,
 }
 
+/// Characters that change how the text around them is shown without showing themselves:
+/// bidirectional overrides and isolates, zero-width characters, invisible operators, the byte
+/// order mark, interlinear annotations, tag characters, and the line and paragraph separators.
+/// Text that people read in a table must not carry them (it could show one thing and say
+/// another).
+pub fn is_invisible_format_char(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0000}'..='\u{E007F}')
+}
+
 pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63

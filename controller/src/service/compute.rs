@@ -166,9 +166,10 @@ fn check_tags(tags: &std::collections::BTreeMap<String, String>) -> Result<()> {
         if !api::is_valid_name(key) {
             return Err(Error::invalid("tag keys: 1-63 of A-Z a-z 0-9 - _ ."));
         }
-        if value.chars().count() > 128 || value.chars().any(char::is_control) {
+        let hidden = |c: char| c.is_control() || api::is_invisible_format_char(c);
+        if value.chars().count() > 128 || value.chars().any(hidden) {
             return Err(Error::invalid(
-                "tag values: up to 128 characters, no control characters",
+                "tag values: up to 128 characters, no control, direction or invisible characters",
             ));
         }
     }

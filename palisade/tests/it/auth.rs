@@ -433,6 +433,17 @@ fn bad_input_gets_a_clear_4xx_never_a_500() {
             413,
             "body_too_large",
         ),
+        // A tag value that would reorder or hide what a table shows.
+        (
+            &alice,
+            "POST",
+            "/v1/instances",
+            "{\"name\":\"a\",\"image\":\"debian-12-busybox\",\"flavor\":\"tiny\",\"tags\":{\"k\":\"\u{202e}\u{200b}zz\"}}"
+                .as_bytes()
+                .to_vec(),
+            400,
+            "invalid_request",
+        ),
         (
             &alice,
             "GET",
