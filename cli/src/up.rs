@@ -62,6 +62,29 @@ pub struct UpArgs {
     pub no_quickstart: bool,
 }
 
+/// Set by `palisade up` on the controller and agent it starts: its own pid.
+pub const SUPERVISOR_ENV: &str = "PALISADE_SUPERVISOR_PID";
+
+/// In a controller or agent started by `palisade up`: end with it. A supervisor killed with
+/// SIGKILL cannot stop its children, and children left running would hold the data
+/// directory's locks and keep a new `palisade up` from starting. The kernel sends SIGTERM when
+/// the supervisor dies (PR_SET_PDEATHSIG); a supervisor already gone before that was set is
+/// caught by comparing the parent pid. Call it before any thread is started.
+pub fn end_with_supervisor() -> anyhow::Result<()> {
+    let Ok(pid) = std::env::var(SUPERVISOR_ENV) else {
+        return Ok(());
+    };
+    let pid: i32 = pid
+        .parse()
+        .with_context(|| format!("{SUPERVISOR_ENV} is not a pid"))?;
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .context("asking to end with palisade up")?;
+    if nix::unistd::getppid().as_raw() != pid {
+        anyhow::bail!("palisade up ({pid}) is gone");
+    }
+    Ok(())
+}
+
 pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<()> {
     // First of all, so that no signal ever leaves the children behind: from here on SIGINT,
     // SIGTERM and SIGHUP all mean "stop in order".
@@ -317,6 +340,7 @@ impl Launcher {
         command
             .process_group(0)
             .env("NO_COLOR", "1")
+            .env(SUPERVISOR_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .kill_on_drop(true);
         Ok(command)

@@ -35,6 +35,12 @@ fn main() -> std::process::ExitCode {
     if let Command::Jail(args) = cli.command {
         return palisade_agent::jail_main(args);
     }
+    if matches!(cli.command, Command::Controller(_) | Command::Agent(_)) {
+        if let Err(e) = palisade_cli::up::end_with_supervisor() {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     init_logging();
     palisade_common::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {

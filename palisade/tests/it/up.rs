@@ -102,6 +102,46 @@ fn up_retries_a_failing_controller_and_stops_everything_on_sigterm() {
     up.finished = true;
 }
 
+/// `palisade up` killed with SIGKILL cannot stop its children: they end with it all the same,
+/// and a new `palisade up` on the same data directory starts.
+#[test]
+fn the_controller_and_agent_end_with_a_killed_up() {
+    let mut up = Up::spawn();
+    poll(Duration::from_secs(120), "palisade up to be up", || {
+        up.assert_running();
+        up.stdout().contains("Palisade is up").then_some(())
+    });
+    let children = [up.child_process("controller"), up.child_process("agent")];
+    signal(up.child.id(), Signal::SIGKILL);
+    let _ = up.child.wait();
+    poll(Duration::from_secs(20), "the children to end", || {
+        children.iter().all(|pid| !is_running(*pid)).then_some(())
+    });
+    up.finished = true;
+
+    let mut again = Command::new(palisade_bin())
+        .args(up.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(again.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("Palisade is up") {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(n > 0, "the second palisade up ended early:\n{seen}");
+        seen.push_str(&line);
+    }
+    let restarted = children_of(again.id());
+    signal(again.id(), Signal::SIGTERM);
+    assert!(again.wait().unwrap().success());
+    for pid in restarted {
+        assert!(!is_running(pid), "{pid} outlived the second palisade up");
+    }
+}
+
 #[test]
 fn the_quickstart_enrols_the_administrator_with_mfa_and_boots_the_demo_vm() {
     let mut up = Up::spawn_with(true);
