@@ -421,9 +421,18 @@ impl Compute {
             "running" if running => self.set_state(&instance.id, "running", None).await,
             "running" if instance.state == "running" => {
                 // It was running and is no more: it stopped or crashed on its own.
+                // Not started again behind the tenant's back; the record says why it stopped.
                 tracing::warn!(instance = %instance.id, "instance exited unexpectedly");
-                self.set_state(&instance.id, "stopped", Some("stopped"))
-                    .await
+                sqlx::query(
+                    "UPDATE instances SET state = 'stopped', desired = 'stopped', \
+                     last_error = 'exited_unexpectedly', updated_at = $1 \
+                     WHERE id = $2 AND desired = 'running' AND state = 'running'",
+                )
+                .bind(now())
+                .bind(&instance.id)
+                .execute(&self.db.pool)
+                .await?;
+                Ok(())
             }
             "running" => match self.agent.start(&self.spec(instance).await?).await {
                 Ok(_) => self.set_state(&instance.id, "running", None).await,

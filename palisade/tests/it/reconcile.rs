@@ -95,8 +95,13 @@ fn a_vm_that_dies_on_its_own_is_recorded_stopped_and_can_be_started_again() {
             .arg(pid.to_string())
             .status();
     }
-    // Not restarted behind the tenant's back: recorded as stopped.
-    p.wait_state(&alice, &id, "stopped");
+    // Not restarted behind the tenant's back: recorded as stopped, with the reason.
+    let stopped = p.wait_state(&alice, &id, "stopped");
+    assert_eq!(
+        stopped.last_error.as_deref(),
+        Some("exited_unexpectedly"),
+        "{stopped:?}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert!(qemu_pids(&id).is_empty());
     assert_eq!(p.instance(&alice, &id).state, "stopped");
