@@ -1363,7 +1363,13 @@ impl Ctx {
         };
         match palisade_common::audit::verify(&bytes) {
             palisade_common::audit::Verdict::Intact { records, head } => {
-                println!("audit log intact: {records} records, head {head}");
+                if self.global.json {
+                    let verdict =
+                        serde_json::json!({"intact": true, "records": records, "head": head});
+                    println!("{verdict}");
+                } else {
+                    println!("audit log intact: {records} records, head {head}");
+                }
                 Ok(())
             }
             palisade_common::audit::Verdict::Broken { line, reason } => {

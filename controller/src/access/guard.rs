@@ -394,7 +394,7 @@ async fn guarded(
             ctx.principal = Some(principal.0);
         }
         // After authentication, so that an unsigned request is a 401 whatever it carries.
-        if parts.uri.query().is_some() && !takes_query(&parts) {
+        if parts.uri.query().is_some_and(|q| !q.is_empty()) && !takes_query(&parts) {
             return Err(Error::invalid("this route takes no query parameters"));
         }
         if !says_nothing(&body) && !takes_body(&parts) {

@@ -282,6 +282,10 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
     ]);
     let verdict = as_auditor(&["audit", "verify"]);
     assert!(verdict.contains("intact"), "{verdict}");
+    let verdict: serde_json::Value =
+        serde_json::from_str(&as_auditor(&["--json", "audit", "verify"])).unwrap();
+    assert_eq!(verdict["intact"], true, "{verdict}");
+    assert!(verdict["records"].as_u64().unwrap() > 10, "{verdict}");
     p.cli_ok(&[
         "audit",
         "verify",
