@@ -174,15 +174,7 @@ fn the_initial_admin_password_only_changes_itself() {
             json!({"user": "admin", "password": initial}),
         ),
     ] {
-        let err = api_error(
-            p.block_on(anonymous.post::<_, serde_json::Value>(path, &body))
-                .unwrap_err(),
-        );
-        assert_eq!(
-            (err.status, err.code.as_str()),
-            (403, "password_change_required"),
-            "{path}"
-        );
+        assert_needs_a_password_change(&p, path, &body);
     }
 
     // Wrong current password, and a too-short new one, are refused.
@@ -898,15 +890,7 @@ fn a_new_users_one_time_password_only_changes_itself_and_passwords_are_argon2id(
     let public_key = palisade_common::signing::encode_public_key(&key.verifying_key());
     for path in ["/v1/auth/keys", "/v1/auth/login"] {
         let body = json!({"user": "newcomer@acme", "password": one_time, "public_key": public_key});
-        let err = api_error(
-            p.block_on(anonymous.post::<_, serde_json::Value>(path, &body))
-                .unwrap_err(),
-        );
-        assert_eq!(
-            (err.status, err.code.as_str()),
-            (403, "password_change_required"),
-            "{path}"
-        );
+        assert_needs_a_password_change(&p, path, &body);
     }
     let change = api::PasswordChange {
         user: "newcomer@acme".into(),
@@ -933,4 +917,17 @@ fn a_new_users_one_time_password_only_changes_itself_and_passwords_are_argon2id(
         assert!(hash.starts_with("$argon2id$"), "not Argon2id: {hash}");
     }
     assert!(!hashes.contains("Fresh-passw0rd-of-mine"));
+}
+
+/// A password route called with a one-time password: refused until the password is changed.
+fn assert_needs_a_password_change(p: &Platform, path: &str, body: &serde_json::Value) {
+    let err = api_error(
+        p.block_on(p.anonymous().post::<_, serde_json::Value>(path, body))
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (err.status, err.code.as_str()),
+        (403, "password_change_required"),
+        "{path}"
+    );
 }

@@ -343,17 +343,25 @@ fn new_public_key() -> String {
     palisade_common::signing::encode_public_key(&key.verifying_key())
 }
 
-#[test]
-fn every_cell_of_the_role_matrix_is_one_real_call() {
+/// A platform and a provider for the role-matrix tests: private endpoints allowed (the tenant's
+/// identity provider runs on loopback), a source rate high enough for one call per cell.
+fn matrix_platform(extra: &[&str]) -> (OidcProvider, Platform) {
     let idp = OidcProvider::start(&json!({
         "clients": [{"client_id": "palisade", "redirect_uris": ["http://127.0.0.1:9/cb"]}],
         "accounts": [{"username": "x", "password": "x-password", "claims": {}}],
     }));
-    let p = Platform::start_with_args(&[
+    let mut args = vec![
         "--allow-private-endpoints",
         "--rate-limit-per-source",
         "5000",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    (idp, Platform::start_with_args(&args))
+}
+
+#[test]
+fn every_cell_of_the_role_matrix_is_one_real_call() {
+    let (idp, p) = matrix_platform(&[]);
     let matrix = Matrix::builtin().unwrap();
     let w = World::new(&p, &idp.issuer);
     let raw = p.raw();
@@ -452,17 +460,7 @@ fn route_of(method: &str, path: &str) -> Option<(&'static str, &'static str)> {
 #[test]
 fn every_administrative_action_needs_a_fresh_second_factor() {
     const FRESH_SECS: u64 = 20;
-    let idp = OidcProvider::start(&json!({
-        "clients": [{"client_id": "palisade", "redirect_uris": ["http://127.0.0.1:9/cb"]}],
-        "accounts": [{"username": "x", "password": "x-password", "claims": {}}],
-    }));
-    let p = Platform::start_with_args(&[
-        "--allow-private-endpoints",
-        "--rate-limit-per-source",
-        "5000",
-        "--mfa-fresh-secs",
-        &FRESH_SECS.to_string(),
-    ]);
+    let (idp, p) = matrix_platform(&["--mfa-fresh-secs", &FRESH_SECS.to_string()]);
     let matrix = Matrix::builtin().unwrap();
     let w = World::new(&p, &idp.issuer);
     // Prepare every call while the proofs are fresh (some need objects made first)...

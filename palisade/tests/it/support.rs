@@ -862,15 +862,12 @@ impl Raw {
         body: &[u8],
         headers: &[(String, String)],
     ) -> RawResponse {
-        for _ in 0..5 {
-            if let Ok(r) = self.try_send(platform, method, path, body, headers) {
-                return r;
-            }
-        }
-        panic!("{method} {path}: no answer in five tries");
+        (0..5)
+            .find_map(|_| self.try_send(platform, method, path, body, headers).ok())
+            .unwrap_or_else(|| panic!("{method} {path}: no answer in five tries"))
     }
 
-    pub fn try_send(
+    fn try_send(
         &self,
         platform: &Platform,
         method: &str,
