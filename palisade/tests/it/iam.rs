@@ -613,6 +613,15 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
                 "{what}: a body"
             );
         }
+        // B2: the same signed request, sent twice, is refused the second time on every route.
+        let headers = sign(&bob, route.method, &path, &request, 0);
+        let _ = raw.send(&p, route.method, &path, &request, &headers);
+        let again = raw.send(&p, route.method, &path, &request, &headers);
+        assert_eq!(
+            (again.status, again.code()),
+            (401, "replayed"),
+            "{what}: a replay"
+        );
         // A2: the privileged reads return the same bytes after each route's refused calls.
         assert_eq!(
             before,
