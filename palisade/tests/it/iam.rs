@@ -1901,6 +1901,34 @@ fn no_list_or_object_field_reaches_into_another_tenant() {
     ] {
         let r = raw.signed(&p, &bob, method, &path, &request);
         assert_eq!((r.status, r.code()), (404, "not_found"), "{method} {path}");
+        // A3 for fields too: acme's ids and ids that exist nowhere answer the same bytes.
+        let missing = "0d6f7f3e-9c1a-4b7e-8f00-00000000beef";
+        let foreign = [
+            ta_user.to_string(),
+            w.group.clone(),
+            w.acme.clone(),
+            w.tenant_admin()
+                .key_id
+                .trim_start_matches("key-")
+                .to_string(),
+            w.instance.clone(),
+        ];
+        let (mut path_m, mut request_m) = (path.clone(), String::from_utf8(request).unwrap());
+        for id in &foreign {
+            path_m = path_m.replace(id.as_str(), missing);
+            request_m = request_m.replace(id.as_str(), missing);
+        }
+        assert_ne!(
+            path_m.clone() + &request_m,
+            path.clone(),
+            "{method} {path}: no id replaced"
+        );
+        let m = raw.signed(&p, &bob, method, &path_m, request_m.as_bytes());
+        assert_eq!(
+            (m.status, &m.bytes),
+            (r.status, &r.bytes),
+            "{method} {path}: A3"
+        );
     }
     assert_eq!(before, snapshot(&p, &w), "a refused call changed acme");
     let bob_group: api::Group = p
