@@ -1038,21 +1038,34 @@ async fn read_console(
     log: Arc<ConsoleLog>,
     mut exited: watch::Receiver<bool>,
 ) {
+    let mut pause = Duration::from_millis(100);
     loop {
         if *exited.borrow() {
             return;
         }
         // Only this instance's QEMU: its run/ directory is the guest uid's to change.
-        if let Ok(stream) = crate::unix_socket::connect_to_process(&socket, pid).await {
-            debug!("console attached");
-            if let Err(e) = pump_console(stream, &log).await {
-                // Only the log file can fail here (e.g. deleted): stop.
-                warn!(error = %e, "console log write failed; console reader stops");
-                return;
+        match crate::unix_socket::connect_to_process(&socket, pid).await {
+            Ok(stream) => {
+                debug!("console attached");
+                pause = Duration::from_millis(100);
+                if let Err(e) = pump_console(stream, &log).await {
+                    // Only the log file can fail here (e.g. deleted): stop.
+                    warn!(error = %e, "console log write failed; console reader stops");
+                    return;
+                }
             }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                // Someone else's socket in the guest's place: logged the first few times, tried
+                // again less and less often (the guest can make this happen at will).
+                if pause < Duration::from_secs(1) {
+                    warn!(error = %e, "console socket is not this instance's QEMU");
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            Err(_) => {}
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(pause) => {}
             changed = exited.changed() => if changed.is_err() { return },
         }
     }

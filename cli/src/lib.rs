@@ -274,7 +274,8 @@ pub enum UserCmd {
     /// Create a user; its random initial password is printed once.
     Create {
         name: String,
-        /// The user's tenant; without it, a platform account (which needs --role).
+        /// The user's tenant (default for a tenant administrator: its own); from a platform
+        /// administrator without it, a platform account (which needs --role).
         #[arg(long)]
         tenant: Option<String>,
         /// Default `member` in a tenant.

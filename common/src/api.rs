@@ -492,9 +492,22 @@ pub struct ConsoleOutput {
 /// another).
 pub fn is_invisible_format_char(c: char) -> bool {
     matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
-        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
-        | '\u{E0000}'..='\u{E007F}')
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}' | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// A tag value people can read as it is: letters and digits of any script, spaces and
+/// `_ . : / = + - @` (as large clouds allow), at most 128 characters. Everything else is
+/// refused — control and format characters, combining marks and selectors, symbols, and the
+/// letters that show as blank (Hangul fillers) — so that two values that look the same are
+/// the same.
+pub fn is_valid_tag_value(value: &str) -> bool {
+    value.chars().count() <= 128
+        && value.chars().all(|c| {
+            (c.is_alphanumeric() && !is_invisible_format_char(c)) || " _.:/=+-@".contains(c)
+        })
 }
 
 pub fn is_valid_name(name: &str) -> bool {
@@ -504,4 +517,43 @@ pub fn is_valid_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_valid_tag_value;
+
+    #[test]
+    fn tag_values_are_readable_as_they_are() {
+        for ok in ["prod", "team-α", "東京", "a b", "x@y.z/1:2=3+4_5", ""] {
+            assert!(is_valid_tag_value(ok), "{ok:?}");
+        }
+        let hidden = [
+            '\u{202E}',
+            '\u{200B}',
+            '\u{2066}',
+            '\u{FEFF}',
+            '\u{E0041}',
+            '\u{061C}',
+            '\u{1D173}',
+            '\u{0600}',
+            '\u{06DD}',
+            '\u{070F}',
+            '\u{3164}',
+            '\u{115F}',
+            '\u{FE0F}',
+            '\u{E0100}',
+            '\u{034F}',
+            '\u{2800}',
+            '\u{17B4}',
+            '\u{FFA0}',
+            '\u{0301}',
+            '\u{1B}',
+            '\n',
+        ];
+        for c in hidden {
+            assert!(!is_valid_tag_value(&format!("a{c}b")), "U+{:04X}", c as u32);
+        }
+        assert!(!is_valid_tag_value(&"a".repeat(129)));
+    }
 }

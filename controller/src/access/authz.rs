@@ -456,10 +456,13 @@ impl Authz {
         }
         let validation = Validator::new(self.schema.clone()).validate(&set, ValidationMode::Strict);
         if !validation.validation_passed() {
-            let messages: Vec<String> = validation
-                .validation_errors()
-                .map(|e| format!("{e}"))
-                .collect();
+            // The validator repeats one fault for every action it checks: say each once.
+            let mut messages: Vec<String> = Vec::new();
+            for message in validation.validation_errors().map(|e| format!("{e}")) {
+                if !messages.contains(&message) {
+                    messages.push(message);
+                }
+            }
             return Err(PolicyRejected(messages.join("; ")));
         }
         Ok(set)

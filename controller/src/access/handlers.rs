@@ -685,8 +685,12 @@ pub async fn delete_tenant(
 
 pub async fn create_user(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<Response> {
     ctx.describe("user.create", "user");
-    principal(&ctx)?;
-    let req: api::UserCreate = parse(&body)?;
+    let caller_tenant = principal(&ctx)?.tenant_id.clone();
+    let mut req: api::UserCreate = parse(&body)?;
+    // A tenant account names no tenant: it means its own.
+    if req.tenant_id.is_none() {
+        req.tenant_id = caller_tenant;
+    }
     let scope = match &req.tenant_id {
         Some(id) => {
             let id = canonical_id(id, "tenant")?;

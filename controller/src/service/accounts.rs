@@ -315,7 +315,7 @@ pub async fn create_user(db: &Db, req: &api::UserCreate, role: &str) -> Result<U
     let inserted = sqlx::query(
         "INSERT INTO users (id, name, tenant_id, role, password_hash, must_change_password, \
          created_at, password_changed_at) VALUES ($1, $2, $3, $4, $5, 1, $6, $7) \
-         ON CONFLICT (name) DO NOTHING",
+         ON CONFLICT DO NOTHING",
     )
     .bind(&user.id)
     .bind(&user.name)

@@ -157,7 +157,7 @@ fn image_from_row(row: &SqliteRow) -> Image {
     }
 }
 
-/// Tags: at most 16, keys like names, values up to 128 printable characters.
+/// Tags: at most 16, keys like names, values readable as they are (`api::is_valid_tag_value`).
 fn check_tags(tags: &std::collections::BTreeMap<String, String>) -> Result<()> {
     if tags.len() > 16 {
         return Err(Error::invalid("at most 16 tags"));
@@ -166,10 +166,9 @@ fn check_tags(tags: &std::collections::BTreeMap<String, String>) -> Result<()> {
         if !api::is_valid_name(key) {
             return Err(Error::invalid("tag keys: 1-63 of A-Z a-z 0-9 - _ ."));
         }
-        let hidden = |c: char| c.is_control() || api::is_invisible_format_char(c);
-        if value.chars().count() > 128 || value.chars().any(hidden) {
+        if !api::is_valid_tag_value(value) {
             return Err(Error::invalid(
-                "tag values: up to 128 characters, no control, direction or invisible characters",
+                "tag values: up to 128 letters, digits, spaces and _ . : / = + - @",
             ));
         }
     }

@@ -2214,7 +2214,21 @@ fn user_names_are_the_tenants_own_and_reveal_no_other_tenant() {
         assert_eq!(created.user.name, format!("{name}@acme"));
     }
     // Within the tenant a name is taken, as any tenant can see for itself.
-    for name in ["taken", "acme-user"] {
+    // A tenant administrator who names no tenant means its own.
+    let own: api::UserCreated = p
+        .block_on(acme_admin.client.post(
+            "/v1/users",
+            &api::UserCreate {
+                name: "no-tenant-named".into(),
+                tenant_id: None,
+                role: None,
+            },
+        ))
+        .unwrap();
+    assert_eq!(own.user.tenant_id.as_deref(), Some(acme.id.as_str()));
+    assert_eq!(own.user.name, "no-tenant-named@acme");
+    // Letter case makes no second name: no look-alike accounts.
+    for name in ["taken", "acme-user", "TAKEN", "Acme-User"] {
         let e = create(name).unwrap_err();
         assert_eq!((e.status, e.code.as_str()), (409, "name_taken"), "{name}");
     }
