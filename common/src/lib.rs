@@ -4,5 +4,6 @@ pub mod agent_api;
 pub mod api;
 pub mod audit;
 pub mod error;
+pub mod merkle;
 pub mod signing;
 pub mod tls;
