@@ -36,7 +36,8 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         !out.status.success(),
         "the initial password must not create keys"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("password_change_required"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("password_change_required"), "{stderr}");
     p.cli_ok(&[
         "password",
         "change",
