@@ -191,14 +191,35 @@ impl Platform {
         self.controller = Some(child);
     }
 
+    /// Starts the agent on `agent_port` and waits until it says it listens. The port was
+    /// free when chosen, but another test's server may take it before the agent binds it: then
+    /// the agent exits, and it is started on a new port, the controller restarted to match.
     pub fn start_agent(&mut self) {
+        for _ in 0..5 {
+            if self.try_start_agent() {
+                return;
+            }
+            self.agent_port = free_port();
+            if self.controller.is_some() {
+                self.kill_controller();
+                self.start_controller();
+            }
+        }
+        panic!("the agent could not listen:\n{}", self.tail("agent.log"));
+    }
+
+    fn try_start_agent(&mut self) -> bool {
         let pki = self.data().join("pki");
-        let child = Command::new(palisade_bin())
+        let addr_file = self.data().join("agent.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut child = Command::new(palisade_bin())
             .arg("agent")
             .arg("--data-dir")
             .arg(self.data().join("agent"))
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.agent_port))
+            .arg("--addr-file")
+            .arg(&addr_file)
             .arg("--ca")
             .arg(pki.join("ca.pem"))
             .arg("--cert")
@@ -211,11 +232,15 @@ impl Platform {
             .stderr(self.log("agent.log"))
             .spawn()
             .unwrap();
-        self.agent = Some(child);
-        let port = self.agent_port;
-        poll(Duration::from_secs(30), "the agent to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        // Its own word that it listens, not a connection that anything on the port accepts.
+        let listening = poll(Duration::from_secs(30), "the agent to listen", || {
+            if addr_file.exists() {
+                return Some(true);
+            }
+            child.try_wait().unwrap().map(|_| false)
         });
+        self.agent = Some(child);
+        listening
     }
 
     /// kill -9, as a crash would.
@@ -776,9 +801,12 @@ impl Platform {
     pub fn raw_from(&self, local: Option<std::net::IpAddr>) -> Raw {
         let tls = palisade_common::tls::client_config(&self.ca(), None).unwrap();
         Raw {
+            // A connection per request: the server closes one whose body it refused unread
+            // (413), and a pooled connection could be picked just before that close arrives.
             http: reqwest::Client::builder()
                 .tls_backend_preconfigured(tls)
                 .local_address(local)
+                .pool_max_idle_per_host(0)
                 .build()
                 .unwrap(),
             endpoint: self.endpoint.clone(),
