@@ -605,9 +605,7 @@ async fn authenticate(
     ctx.lock().claimed_key = Some(if ours {
         params.keyid.clone()
     } else {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(params.keyid.as_bytes());
-        format!("unknown-key/sha256:{}", hex::encode(&digest[..8]))
+        format!("unknown-key/{}", super::server::text_digest(&params.keyid))
     });
     let signature = signing::parse_signature(signature).map_err(refuse)?;
 

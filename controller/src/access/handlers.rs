@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::guard::RequestCtx;
 use crate::access::authz::Resource;
-use crate::access::server::loggable_id;
+use crate::access::server::{loggable_id, text_digest};
 use crate::error::{Error, Result};
 use crate::service::accounts;
 use crate::service::identity::{self, Principal};
@@ -90,9 +90,7 @@ fn named_tenant_text(name: &str) -> String {
     if api::is_valid_name(name) {
         format!("tenant-name/{name}")
     } else {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(name.as_bytes());
-        format!("tenant-name/sha256:{}", hex::encode(&digest[..8]))
+        format!("tenant-name/{}", text_digest(name))
     }
 }
 
@@ -100,9 +98,7 @@ fn named_tenant_text(name: &str) -> String {
 /// password proves who it is: a digest, not the text, because people type passwords into the
 /// user-name field, and an unknown name must not land in the log as typed.
 fn named_account(name: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(name.as_bytes());
-    format!("user-name/sha256:{}", hex::encode(&digest[..8]))
+    format!("user-name/{}", text_digest(name))
 }
 
 fn principal(ctx: &RequestCtx) -> Result<&Principal> {
@@ -543,7 +539,7 @@ async fn tenant_for(
     action: &str,
     id: &str,
 ) -> Result<api::Tenant> {
-    ctx.describe(action, format!("tenant/{}", loggable_id(&id)));
+    ctx.describe(action, format!("tenant/{}", loggable_id(id)));
     principal(ctx)?;
     let id = canonical_id(id, "tenant")?;
     let tenant = accounts::get_tenant(&c.db, &id).await?;
@@ -777,7 +773,7 @@ pub async fn list_users(
 
 /// Resolves a user by id and asks whether the caller may do `action` on them.
 async fn user_for(c: &Controller, ctx: &RequestCtx, action: &str, id: &str) -> Result<api::User> {
-    ctx.describe(action, format!("user/{}", loggable_id(&id)));
+    ctx.describe(action, format!("user/{}", loggable_id(id)));
     principal(ctx)?;
     let id = canonical_id(id, "user")?;
     let user = accounts::get_user(&c.db, &id).await?;
@@ -918,7 +914,7 @@ pub async fn list_groups(State(c): Ctl, ctx: RequestCtx) -> Result<Json<Vec<api:
 }
 
 async fn group_for(c: &Controller, ctx: &RequestCtx, action: &str, id: &str) -> Result<api::Group> {
-    ctx.describe(action, format!("group/{}", loggable_id(&id)));
+    ctx.describe(action, format!("group/{}", loggable_id(id)));
     let Resource::Tenant { id: tenant, .. } = caller_tenant(c, ctx).await? else {
         return Err(Error::NotFound { what: "group" });
     };
@@ -1145,7 +1141,7 @@ async fn instance_for(
     action: &str,
     id: &str,
 ) -> Result<api::Instance> {
-    ctx.describe(action, format!("instance/{}", loggable_id(&id)));
+    ctx.describe(action, format!("instance/{}", loggable_id(id)));
     principal(ctx)?;
     let id = canonical_id(id, "instance")?;
     let instance = c.compute.find_instance(&id).await?;

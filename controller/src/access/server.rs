@@ -362,9 +362,15 @@ pub fn loggable_id(id: &str) -> String {
     if uuid::Uuid::parse_str(uuid).is_ok() {
         return id.to_string();
     }
+    format!("~{}", text_digest(id))
+}
+
+/// Caller text that may hold a secret, as logs and audit records name it: `sha256:<first 8
+/// bytes, hex>`, enough to match repeats, never the text.
+pub fn text_digest(text: &str) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(id.as_bytes());
-    format!("~sha256:{}", hex::encode(&digest[..8]))
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    format!("sha256:{}", hex::encode(&digest[..8]))
 }
 
 pub fn router(controller: Arc<Controller>) -> Router {

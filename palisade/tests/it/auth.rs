@@ -430,9 +430,11 @@ fn bad_input_gets_a_clear_4xx_never_a_500() {
             &alice,
             "POST",
             "/v1/instances",
-            "{\"name\":\"a\",\"image\":\"debian-12-busybox\",\"flavor\":\"tiny\",\"tags\":{\"k\":\"\u{202e}\u{200b}zz\"}}"
-                .as_bytes()
-                .to_vec(),
+            serde_json::to_vec(&json!({
+                "name": "a", "image": "debian-12-busybox", "flavor": "tiny",
+                "tags": {"k": "\u{202e}\u{200b}zz"},
+            }))
+            .unwrap(),
             400,
             "invalid_request",
         ),
@@ -903,7 +905,9 @@ fn a_new_users_one_time_password_only_changes_itself_and_passwords_are_argon2id(
     let _: serde_json::Value = p
         .block_on(anonymous.post("/v1/auth/password", &change))
         .unwrap();
-    let body = json!({"user": "newcomer@acme", "password": "Fresh-passw0rd-of-mine", "public_key": public_key});
+    let body = json!({
+        "user": "newcomer@acme", "password": "Fresh-passw0rd-of-mine", "public_key": public_key,
+    });
     let _: api::ApiKey = p.block_on(anonymous.post("/v1/auth/keys", &body)).unwrap();
 
     let out = std::process::Command::new("sqlite3")
