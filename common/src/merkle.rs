@@ -1,10 +1,11 @@
-//! The Merkle tree of RFC 9162 (Certificate Transparency 2.0, §2.1), for the transparency log
-//! the audit trail becomes in issue #4: tree heads, inclusion proofs (a record is in the log)
-//! and consistency proofs (a later log extends an earlier one: nothing cut or rewritten).
+//! The Merkle tree of RFC 9162 (Certificate Transparency 2.0, §2.1) under the audit log: tree
+//! heads, inclusion proofs (a record is in the log) and consistency proofs (a later log extends
+//! an earlier one: nothing cut or rewritten).
 //!
-//! Leaves are given as their leaf hashes (`leaf_hash` of the record's bytes). Proof generation
-//! here works on all leaves in memory; the verifiers need only the proof, the sizes and the
-//! heads, which is what an offline verifier or a tenant has.
+//! Leaves are given as their leaf hashes (`leaf_hash` of the record's bytes). The free functions
+//! state the definitions over a slice of leaves; [`Tree`] keeps subtree roots so the writer
+//! answers in O(log n). The verifiers need only the proof, the sizes and the heads, which is
+//! what an offline verifier or a tenant has.
 
 use sha2::{Digest, Sha256};
 
@@ -38,15 +39,24 @@ fn split(n: usize) -> usize {
 
 /// MTH: the root of the tree over `leaves` (the hash of the empty string for none).
 pub fn root(leaves: &[Hash]) -> Hash {
+    root_of_slice(leaves)
+}
+
+fn root_of_slice(leaves: &[Hash]) -> Hash {
     match leaves.len() {
         0 => Sha256::digest(b"").into(),
         1 => leaves[0],
         n => {
             let k = split(n);
-            node_hash(&root(&leaves[..k]), &root(&leaves[k..]))
+            node_hash(&root_of_slice(&leaves[..k]), &root_of_slice(&leaves[k..]))
         }
     }
 }
+
+/// The root of leaves `a..b`, through `sub`, which knows the roots of whole aligned subtrees
+/// (and may know more).
+type Sub<'a> = &'a dyn Fn(usize, usize) -> Hash;
+
 
 /// PATH(index): the audit path of leaf `index` in the tree over `leaves`, or `None` when
 /// there is no such leaf.
@@ -55,22 +65,22 @@ pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
         return None;
     }
     let mut proof = Vec::new();
-    path(leaves, index, &mut proof);
+    path(&|a, b| root_of_slice(&leaves[a..b]), 0, leaves.len(), index, &mut proof);
     Some(proof)
 }
 
-fn path(leaves: &[Hash], index: usize, proof: &mut Vec<Hash>) {
-    let n = leaves.len();
+fn path(sub: Sub, a: usize, b: usize, index: usize, proof: &mut Vec<Hash>) {
+    let n = b - a;
     if n <= 1 {
         return;
     }
     let k = split(n);
     if index < k {
-        path(&leaves[..k], index, proof);
-        proof.push(root(&leaves[k..]));
+        path(sub, a, a + k, index, proof);
+        proof.push(sub(a + k, b));
     } else {
-        path(&leaves[k..], index - k, proof);
-        proof.push(root(&leaves[..k]));
+        path(sub, a + k, b, index - k, proof);
+        proof.push(sub(a, a + k));
     }
 }
 
@@ -81,25 +91,104 @@ pub fn consistency_proof(leaves: &[Hash], first: usize) -> Option<Vec<Hash>> {
         return None;
     }
     let mut proof = Vec::new();
-    subproof(leaves, first, true, &mut proof);
+    subproof(&|a, b| root_of_slice(&leaves[a..b]), 0, leaves.len(), first, true, &mut proof);
     Some(proof)
 }
 
-fn subproof(leaves: &[Hash], m: usize, whole: bool, proof: &mut Vec<Hash>) {
-    let n = leaves.len();
+fn subproof(sub: Sub, a: usize, b: usize, m: usize, whole: bool, proof: &mut Vec<Hash>) {
+    let n = b - a;
     if m == n {
         if !whole {
-            proof.push(root(leaves));
+            proof.push(sub(a, b));
         }
         return;
     }
     let k = split(n);
     if m <= k {
-        subproof(&leaves[..k], m, whole, proof);
-        proof.push(root(&leaves[k..]));
+        subproof(sub, a, a + k, m, whole, proof);
+        proof.push(sub(a + k, b));
     } else {
-        subproof(&leaves[k..], m - k, false, proof);
-        proof.push(root(&leaves[..k]));
+        subproof(sub, a + k, b, m - k, false, proof);
+        proof.push(sub(a, a + k));
+    }
+}
+
+/// A growing tree that keeps every whole aligned subtree's root (two hashes per leaf), so
+/// appends cost one node hash on average and roots and proofs for any size cost O(log n).
+#[derive(Debug, Default, Clone)]
+pub struct Tree {
+    /// `levels[h][i]`: the root of leaves `i·2^h .. (i+1)·2^h`, for whole subtrees only.
+    levels: Vec<Vec<Hash>>,
+}
+
+impl Tree {
+    pub fn new() -> Tree {
+        Tree::default()
+    }
+
+    pub fn size(&self) -> usize {
+        self.levels.first().map_or(0, Vec::len)
+    }
+
+    pub fn leaf(&self, index: usize) -> Option<&Hash> {
+        self.levels.first().and_then(|l| l.get(index))
+    }
+
+    pub fn push(&mut self, leaf: Hash) {
+        if self.levels.is_empty() {
+            self.levels.push(Vec::new());
+        }
+        self.levels[0].push(leaf);
+        let mut h = 0;
+        // A level whose length became even completed a subtree one level up.
+        while self.levels[h].len() % 2 == 0 {
+            let n = self.levels[h].len();
+            let parent = node_hash(&self.levels[h][n - 2], &self.levels[h][n - 1]);
+            if self.levels.len() == h + 1 {
+                self.levels.push(Vec::new());
+            }
+            self.levels[h + 1].push(parent);
+            h += 1;
+        }
+    }
+
+    /// The root of leaves `a..b` (`a < b <= size`).
+    fn range(&self, a: usize, b: usize) -> Hash {
+        let n = b - a;
+        if n == 0 {
+            return Sha256::digest(b"").into();
+        }
+        if n.is_power_of_two() && a % n == 0 {
+            let h = n.trailing_zeros() as usize;
+            return self.levels[h][a / n];
+        }
+        let k = split(n);
+        node_hash(&self.range(a, a + k), &self.range(a + k, b))
+    }
+
+    /// The root of the tree's first `size` leaves; `None` past the end.
+    pub fn root_at(&self, size: usize) -> Option<Hash> {
+        (size <= self.size()).then(|| self.range(0, size))
+    }
+
+    /// The audit path of leaf `index` in the tree of the first `size` leaves.
+    pub fn inclusion_proof(&self, index: usize, size: usize) -> Option<Vec<Hash>> {
+        if index >= size || size > self.size() {
+            return None;
+        }
+        let mut proof = Vec::new();
+        path(&|a, b| self.range(a, b), 0, size, index, &mut proof);
+        Some(proof)
+    }
+
+    /// That the tree of `second` leaves extends the tree of `first` leaves.
+    pub fn consistency_proof(&self, first: usize, second: usize) -> Option<Vec<Hash>> {
+        if first == 0 || first > second || second > self.size() {
+            return None;
+        }
+        let mut proof = Vec::new();
+        subproof(&|a, b| self.range(a, b), 0, second, first, true, &mut proof);
+        Some(proof)
     }
 }
 
@@ -292,5 +381,34 @@ mod tests {
             assert!(consistency_proof(&tree, 0).is_none());
             assert!(consistency_proof(&tree, n + 1).is_none());
         }
+    }
+
+    #[test]
+    fn the_kept_tree_agrees_with_the_definitions_at_every_size() {
+        let all = leaves(70);
+        let mut tree = Tree::new();
+        assert_eq!(tree.root_at(0), Some(root(&[])));
+        for (i, leaf) in all.iter().enumerate() {
+            tree.push(*leaf);
+            assert_eq!(tree.size(), i + 1);
+        }
+        for size in 1..=all.len() {
+            assert_eq!(tree.root_at(size), Some(root(&all[..size])), "root {size}");
+            for index in [0, size / 2, size - 1] {
+                assert_eq!(
+                    tree.inclusion_proof(index, size),
+                    inclusion_proof(&all[..size], index)
+                );
+            }
+            for first in [1, size / 2 + 1, size] {
+                assert_eq!(
+                    tree.consistency_proof(first, size),
+                    consistency_proof(&all[..size], first)
+                );
+            }
+        }
+        assert_eq!(tree.root_at(71), None);
+        assert_eq!(tree.inclusion_proof(3, 71), None);
+        assert_eq!(tree.consistency_proof(0, 5), None);
     }
 }
