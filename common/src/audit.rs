@@ -1,117 +1,493 @@
-//! The audit log's record format and its hash chain, shared by the controller (which writes
-//! it) and the CLI (which verifies an exported copy offline).
+//! The audit log's formats and their verifier, shared by the controller (which writes the log)
+//! and the CLI (which verifies an exported copy offline).
 //!
-//! One JSON object per line. Each record's `hash` is SHA-256 over the previous record's hash
-//! and the record's canonical JSON without `hash`; the first record chains from 32 zero bytes.
-//! Changing, removing, inserting or reordering any byte breaks the chain at or after that
-//! record. (Cutting records off the end needs signed heads kept elsewhere: a later step.)
+//! The log is a transparency log in the manner of RFC 9162: one JSON record per line, each a
+//! leaf of a Merkle tree (`merkle`). A record's `hash` is its leaf hash, SHA-256(0x00 ‖ the
+//! record's bytes without `hash`), so a changed byte names its record. Signed tree heads
+//! ([`TreeHead`]) commit to the root of the first `tree_size` records: a record rewritten with a
+//! recomputed hash, removed, reordered or cut off the end no longer matches a head signed
+//! before, and heads are kept in a second store too, so cutting both is needed to hide a cut.
+//! The head key signs nothing but heads; a rotation is announced by a head the old key signs.
 
+use std::collections::BTreeSet;
+
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+use crate::merkle::{self, Hash, Tree};
+
+/// Record types (`type`).
+pub const TYPE_AUTHENTICATION: &str = "authentication";
+pub const TYPE_READ: &str = "read";
+pub const TYPE_MUTATION: &str = "mutation";
+pub const TYPE_HOST: &str = "host";
+pub const TYPE_SYSTEM: &str = "system";
+
+/// Actions of the records the log writes about itself.
+pub const WRITER_STARTED: &str = "audit.writer_started";
+pub const WRITER_STOPPED: &str = "audit.writer_stopped";
+pub const HEAD_KEY_ROTATED: &str = "audit.head_key_rotated";
+
+/// Longest a head may lag the log it covers while the writer runs; the verifier reports
+/// longer silences between heads that no writer restart explains.
+pub const HEAD_INTERVAL_SECS: u64 = 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AuditRecord {
+    /// 1-based; the record is leaf `seq - 1`.
     pub seq: u64,
-    /// RFC 3339 UTC.
+    /// RFC 3339 UTC, milliseconds.
     pub time: String,
+    /// `authentication`, `read`, `mutation`, `host` or `system`.
+    #[serde(rename = "type")]
+    pub kind: String,
     pub request_id: String,
-    /// `ip:port` of the TCP peer.
+    /// `ip:port` of the TCP peer, or `host:<name>` for what an agent reports.
     pub source: String,
-    /// `user:<id>`, or `anonymous` before authentication succeeded.
+    /// `user:<id>`, `agent:<host>`, `controller`, or `anonymous` before authentication.
     pub subject: String,
+    /// The subject's role, once known.
+    pub role: Option<String>,
     pub key_id: Option<String>,
+    /// The tenant whose resource (or member) this concerns.
     pub tenant_id: Option<String>,
+    /// A platform role acted on a tenant's resource: shown to that tenant as a provider action.
+    pub provider: bool,
     /// e.g. `instance.create`, or `http.<METHOD>` when no action was reached.
     pub action: String,
     /// e.g. `instance/<id>`, or the request path when no object was reached.
     pub object: String,
-    /// `allowed`, `denied` or `rejected` (malformed).
+    /// `allowed`, `denied`, `rejected` (malformed), or for outcomes `succeeded` / `failed`.
     pub result: String,
     /// Stable error code for refusals.
     pub code: Option<String>,
-    pub prev: String,
-    #[serde(default)]
+    /// The leaf hash, hex; last in the line, left out of what it hashes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash: String,
 }
 
 impl AuditRecord {
-    /// The hash this record must carry, given its fields and `prev`.
-    pub fn compute_hash(&self) -> String {
-        let mut unhashed = self.clone();
-        unhashed.hash = String::new();
-        let canonical = serde_json::to_vec(&unhashed).unwrap_or_default();
-        let mut hasher = Sha256::new();
-        hasher.update(self.prev.as_bytes());
-        hasher.update(b"\n");
-        hasher.update(&canonical);
-        hex::encode(hasher.finalize())
+    /// Fills in `hash` and gives the record's line (with its newline).
+    pub fn seal(&mut self) -> Vec<u8> {
+        self.hash = String::new();
+        let unhashed = ascii_json(self);
+        self.hash = hex::encode(merkle::leaf_hash(&unhashed));
+        let mut line = ascii_json(self);
+        line.push(b'\n');
+        line
     }
 }
 
-/// What verification found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Intact {
-        records: u64,
-        head: String,
-    },
-    /// The first record (1-based line number and, where readable, its sequence number) that
-    /// does not verify, and why.
-    Broken {
-        line: u64,
-        reason: String,
-    },
+/// JSON with every character outside printable ASCII escaped (`\uXXXX`): a record is one line
+/// of plain text whatever its fields hold (no line or paragraph separators, terminal escapes,
+/// NULs or bidirectional controls reach a reader raw).
+pub fn ascii_json<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, AsciiFormatter);
+    // Plain data structs with string keys: serializing them cannot fail.
+    let _ = value.serialize(&mut ser);
+    out
 }
 
-/// Verifies a whole log, stopping at the first bad record.
-pub fn verify(log: &[u8]) -> Verdict {
-    let mut prev = GENESIS.to_string();
-    let mut count = 0u64;
+struct AsciiFormatter;
+
+impl serde_json::ser::Formatter for AsciiFormatter {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            if c.is_ascii() && c != '\x7f' {
+                continue;
+            }
+            writer.write_all(&fragment.as_bytes()[start..i])?;
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                write!(writer, "\\u{unit:04x}")?;
+            }
+            start = i + c.len_utf8();
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
+/// A line ends with `,"hash":"<64 hex>"}`; its leaf hash covers the line without that.
+const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
+
+fn unhashed_part(line: &[u8]) -> Option<&[u8]> {
+    let cut = line.len().checked_sub(HASH_SUFFIX_LEN)?;
+    let (body, suffix) = line.split_at(cut);
+    (suffix.starts_with(br#","hash":""#) && suffix.ends_with(b"\"}")).then_some(body)
+}
+
+/// The leaf hash a record line must carry, computed from its bytes alone.
+pub fn line_leaf_hash(line: &[u8]) -> Option<Hash> {
+    use sha2::{Digest, Sha256};
+    let body = unhashed_part(line)?;
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(body);
+    h.update(b"}");
+    Some(h.finalize().into())
+}
+
+/// Checks one line as record `seq`: well-formed, numbered, and carrying its own leaf hash.
+pub fn check_line(line: &[u8], seq: u64) -> Result<(AuditRecord, Hash), String> {
+    let record: AuditRecord =
+        serde_json::from_slice(line).map_err(|e| format!("not a valid record: {e}"))?;
+    if record.seq != seq {
+        return Err(format!("sequence {} where {seq} was due", record.seq));
+    }
+    let leaf = line_leaf_hash(line).ok_or("the record does not end with its hash")?;
+    if hex::encode(leaf) != record.hash {
+        return Err("content does not match its hash".into());
+    }
+    Ok((record, leaf))
+}
+
+/// The host clock as the kernel's time discipline reports it when a head is signed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClockState {
+    /// Whether an NTP/PTP daemon keeps the clock synchronized (adjtimex without STA_UNSYNC).
+    pub synchronized: bool,
+    /// The measured offset from the time source, microseconds.
+    pub offset_us: i64,
+    /// The kernel's bound on the clock error, microseconds.
+    pub max_error_us: i64,
+}
+
+/// A signed tree head: the log's first `tree_size` records have root `root_hash`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TreeHead {
+    pub tree_size: u64,
+    /// Hex.
+    pub root_hash: String,
+    /// RFC 3339 UTC, milliseconds.
+    pub time: String,
+    pub clock: ClockState,
+    /// `start`, `periodic`, `request`, `rotation` or `stop`.
+    pub reason: String,
+    /// The Ed25519 public key that signs this head, base64.
+    pub key: String,
+    /// On a rotation: the key that signs the heads after this one, base64.
+    pub next_key: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signature: String,
+}
+
+const HEAD_CONTEXT: &[u8] = b"palisade audit tree head v1\n";
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+pub fn public_key_text(key: &VerifyingKey) -> String {
+    b64().encode(key.as_bytes())
+}
+
+impl TreeHead {
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature = String::new();
+        let mut bytes = HEAD_CONTEXT.to_vec();
+        bytes.extend(serde_json::to_vec(&unsigned).unwrap_or_default());
+        bytes
+    }
+
+    pub fn sign(&mut self, key: &SigningKey) {
+        self.key = public_key_text(&key.verifying_key());
+        self.signature = b64().encode(key.sign(&self.signed_bytes()).to_bytes());
+    }
+
+    /// Whether the signature is the named key's over this head.
+    pub fn signature_valid(&self) -> bool {
+        let Some(key) = parse_key(&self.key) else {
+            return false;
+        };
+        let Ok(sig) = b64().decode(&self.signature) else {
+            return false;
+        };
+        let Ok(sig) = Signature::from_slice(&sig) else {
+            return false;
+        };
+        key.verify(&self.signed_bytes(), &sig).is_ok()
+    }
+
+    pub fn root(&self) -> Option<Hash> {
+        hex::decode(&self.root_hash).ok()?.try_into().ok()
+    }
+}
+
+pub fn parse_key(text: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = b64().decode(text).ok()?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
+/// Reads heads (JSON lines) from any number of stores, merged, duplicates dropped, ordered by
+/// size then time. A line that is not a head is an error naming its store and line.
+pub fn read_heads(stores: &[(&str, &[u8])]) -> Result<Vec<TreeHead>, String> {
+    let mut heads = Vec::new();
+    for (name, bytes) in stores {
+        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let head: TreeHead = serde_json::from_slice(line)
+                .map_err(|e| format!("{name} line {}: not a tree head: {e}", i + 1))?;
+            heads.push(head);
+        }
+    }
+    heads.sort_by(|a, b| (a.tree_size, &a.time).cmp(&(b.tree_size, &b.time)));
+    heads.dedup();
+    Ok(heads)
+}
+
+/// What verifying a log against its heads found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Report {
+    pub records: u64,
+    /// Heads checked (signature, key, root).
+    pub heads: u64,
+    /// The size the newest valid head covers.
+    pub covered: u64,
+    /// The keys that signed heads, in order of use.
+    pub keys: Vec<String>,
+    /// Writer starts and stops, key rotations and silences, one line each, in log order.
+    pub events: Vec<String>,
+    /// The first fault: the 1-based record (line) it is in or after, and why. `None` = intact.
+    pub fault: Option<(u64, String)>,
+}
+
+/// Verifies the records alone (each numbered and carrying its own hash), giving the tree, the
+/// records' markers, and the first bad record if any.
+pub fn verify_records(log: &[u8]) -> (Tree, Vec<(u64, AuditRecord)>, Option<(u64, String)>) {
+    let mut tree = Tree::new();
+    let mut markers = Vec::new();
     if !log.is_empty() && !log.ends_with(b"\n") {
         let line = log.split(|b| *b == b'\n').count() as u64;
-        return broken(line, "last record is not terminated by a newline");
+        return (
+            tree,
+            markers,
+            Some((line, "last record is not terminated by a newline".into())),
+        );
     }
-    for (index, raw) in log.split(|b| *b == b'\n').enumerate() {
-        let line = index as u64 + 1;
-        if raw.is_empty() && line as usize == log.split(|b| *b == b'\n').count() {
+    let body = log.strip_suffix(b"\n").unwrap_or(log);
+    if body.is_empty() {
+        return (tree, markers, None);
+    }
+    for (index, line) in body.split(|b| *b == b'\n').enumerate() {
+        let seq = index as u64 + 1;
+        match check_line(line, seq) {
+            Ok((record, leaf)) => {
+                tree.push(leaf);
+                if record.kind == TYPE_SYSTEM && record.action.starts_with("audit.") {
+                    markers.push((seq, record));
+                }
+            }
+            Err(reason) => return (tree, markers, Some((seq, reason))),
+        }
+    }
+    (tree, markers, None)
+}
+
+/// Verifies an exported log against heads from its stores. `pinned`: the head key the
+/// operator published; without it, the first head's key is trusted (and reported).
+pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
+    let (tree, markers, fault) = verify_records(log);
+    let mut report = Report {
+        records: tree.size() as u64,
+        fault,
+        ..Report::default()
+    };
+    let mut trusted: BTreeSet<String> = pinned.map(str::to_string).into_iter().collect();
+    let mut head_events: Vec<(u64, String)> = Vec::new();
+    let mut last_good: Option<&TreeHead> = None;
+    for head in heads {
+        if trusted.is_empty() {
+            trusted.insert(head.key.clone());
+            head_events.push((
+                0,
+                format!("trusting head key {} (first head; pin it with --key)", head.key),
+            ));
+        }
+        let fail = |report: &mut Report, line: u64, why: String| {
+            if report.fault.as_ref().is_none_or(|(l, _)| *l > line) {
+                report.fault = Some((line, why));
+            }
+        };
+        if !head.signature_valid() {
+            fail(&mut report, head.tree_size.max(1), format!(
+                "the head of {} records signed at {} has no valid signature",
+                head.tree_size, head.time
+            ));
             break;
         }
-        let record: AuditRecord = match serde_json::from_slice(raw) {
-            Ok(record) => record,
-            Err(e) => return broken(line, &format!("not a valid record: {e}")),
-        };
-        if record.seq != count + 1 {
-            return broken(
-                line,
-                &format!("sequence {} where {} was due", record.seq, count + 1),
-            );
+        if !trusted.contains(&head.key) {
+            fail(&mut report, head.tree_size.max(1), format!(
+                "the head of {} records at {} is signed by an untrusted key {}",
+                head.tree_size, head.time, head.key
+            ));
+            break;
         }
-        if record.prev != prev {
-            return broken(line, "does not chain to the record before it");
+        if !report.keys.contains(&head.key) {
+            report.keys.push(head.key.clone());
         }
-        if record.compute_hash() != record.hash {
-            return broken(line, "content does not match its hash");
+        let from = last_good.map_or(0, |h| h.tree_size);
+        if head.tree_size > report.records {
+            let have = report.records;
+            fail(&mut report, have + 1, format!(
+                "the log ends after {have} records, but a head signed at {} covers {}: \
+                 records {}..{} were cut off",
+                head.time, head.tree_size, have + 1, head.tree_size
+            ));
+            break;
         }
-        // Re-serializing must give back the stored bytes: no alternative encodings accepted.
-        if serde_json::to_vec(&record).ok().as_deref() != Some(raw) {
-            return broken(line, "record is not in canonical form");
+        let root = tree.root_at(head.tree_size as usize);
+        if root.is_none() || root != head.root() {
+            fail(&mut report, from + 1, format!(
+                "records {}..{} do not match the head signed at {}: one was changed, removed, \
+                 reordered or re-hashed",
+                from + 1, head.tree_size, head.time
+            ));
+            break;
         }
-        prev = record.hash;
-        count += 1;
+        if let Some(prev) = last_good {
+            if let Some(gap) = seconds_between(&prev.time, &head.time) {
+                let restarted = markers
+                    .iter()
+                    .any(|(seq, r)| r.action == WRITER_STARTED && *seq > prev.tree_size && *seq <= head.tree_size);
+                if gap > 3 * HEAD_INTERVAL_SECS as i64 && !restarted && prev.reason != "stop" {
+                    head_events.push((
+                        head.tree_size,
+                        format!("no head for {gap} s before {} while the writer ran", head.time),
+                    ));
+                }
+            }
+        }
+        if let Some(next) = &head.next_key {
+            trusted.insert(next.clone());
+            head_events.push((
+                head.tree_size,
+                format!("head key rotated at {} ({} -> {next})", head.time, head.key),
+            ));
+        }
+        report.heads += 1;
+        report.covered = head.tree_size;
+        last_good = Some(head);
     }
-    Verdict::Intact {
-        records: count,
-        head: prev,
+    let mut events: Vec<(u64, String)> = head_events;
+    let mut stopped_cleanly = true;
+    for (seq, record) in &markers {
+        match record.action.as_str() {
+            WRITER_STARTED => {
+                let how = if *seq == 1 {
+                    "log started"
+                } else if stopped_cleanly {
+                    "writer restarted after a clean stop"
+                } else {
+                    "writer restarted after an unclean stop (no stop marker)"
+                };
+                events.push((*seq, format!("record {seq}: {how} at {}", record.time)));
+                stopped_cleanly = false;
+            }
+            WRITER_STOPPED => {
+                events.push((*seq, format!("record {seq}: writer stopped at {}", record.time)));
+                stopped_cleanly = true;
+            }
+            HEAD_KEY_ROTATED => events.push((
+                *seq,
+                format!("record {seq}: head key rotation to {}", record.object),
+            )),
+            _ => events.push((*seq, format!("record {seq}: {}", record.action))),
+        }
+    }
+    events.sort_by_key(|(seq, _)| *seq);
+    report.events = events.into_iter().map(|(_, e)| e).collect();
+    report
+}
+
+fn seconds_between(a: &str, b: &str) -> Option<i64> {
+    use time::format_description::well_known::Rfc3339;
+    let a = time::OffsetDateTime::parse(a, &Rfc3339).ok()?;
+    let b = time::OffsetDateTime::parse(b, &Rfc3339).ok()?;
+    Some((b - a).whole_seconds())
+}
+
+/// An inclusion proof of one record, as the API gives it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InclusionProof {
+    pub seq: u64,
+    pub tree_size: u64,
+    /// Hex hashes, leaf to root.
+    pub path: Vec<String>,
+}
+
+/// A consistency proof between two tree sizes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencyProof {
+    pub first: u64,
+    pub second: u64,
+    pub path: Vec<String>,
+}
+
+fn hashes(path: &[String]) -> Option<Vec<Hash>> {
+    path.iter()
+        .map(|h| hex::decode(h).ok()?.try_into().ok())
+        .collect()
+}
+
+/// Proves one record line is in the log the head signs: the line carries its own hash, the
+/// proof leads from it to the head's root, and the head is validly signed by `key`.
+pub fn verify_inclusion(
+    line: &[u8],
+    proof: &InclusionProof,
+    head: &TreeHead,
+    key: &str,
+) -> Result<(), String> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let (_, leaf) = check_line(line, proof.seq)?;
+    if head.key != key || !head.signature_valid() {
+        return Err("the head is not validly signed by the given key".into());
+    }
+    if proof.tree_size != head.tree_size || proof.seq == 0 {
+        return Err("the proof is for another tree size".into());
+    }
+    let path = hashes(&proof.path).ok_or("the proof holds a malformed hash")?;
+    let root = head.root().ok_or("the head holds a malformed root")?;
+    if merkle::verify_inclusion(proof.seq - 1, proof.tree_size, &leaf, &path, &root) {
+        Ok(())
+    } else {
+        Err("the record is not in the tree the head signs".into())
     }
 }
 
-fn broken(line: u64, reason: &str) -> Verdict {
-    Verdict::Broken {
-        line,
-        reason: reason.to_string(),
+/// Checks that `second` extends `first` (both signed by trusted keys, checked by the caller).
+pub fn verify_consistency(
+    first: &TreeHead,
+    second: &TreeHead,
+    proof: &ConsistencyProof,
+) -> Result<(), String> {
+    let (Some(a), Some(b)) = (first.root(), second.root()) else {
+        return Err("a head holds a malformed root".into());
+    };
+    if proof.first != first.tree_size || proof.second != second.tree_size {
+        return Err("the proof is for other sizes".into());
+    }
+    let path = hashes(&proof.path).ok_or("the proof holds a malformed hash")?;
+    if first.tree_size == 0
+        || merkle::verify_consistency(first.tree_size, second.tree_size, &a, &b, &path)
+    {
+        Ok(())
+    } else {
+        Err("the later head does not extend the earlier one".into())
     }
 }
 
@@ -119,81 +495,180 @@ fn broken(line: u64, reason: &str) -> Verdict {
 mod tests {
     use super::*;
 
-    fn log(n: u64) -> Vec<u8> {
-        let mut prev = GENESIS.to_string();
+    fn record(seq: u64, action: &str) -> AuditRecord {
+        AuditRecord {
+            seq,
+            time: format!("2026-01-01T00:00:{:02}.000Z", seq % 60),
+            kind: TYPE_READ.into(),
+            request_id: format!("req-{seq}"),
+            source: "127.0.0.1:1".into(),
+            subject: "anonymous".into(),
+            role: None,
+            key_id: None,
+            tenant_id: None,
+            provider: false,
+            action: action.into(),
+            object: "/v1/x\n\u{1b}[31m\u{2028}\0".into(),
+            result: "denied".into(),
+            code: Some("signature_missing".into()),
+            hash: String::new(),
+        }
+    }
+
+    fn log(n: u64) -> (Vec<u8>, Tree) {
         let mut out = Vec::new();
+        let mut tree = Tree::new();
         for seq in 1..=n {
-            let mut r = AuditRecord {
-                seq,
-                time: "2026-01-01T00:00:00Z".into(),
-                request_id: format!("req-{seq}"),
-                source: "127.0.0.1:1".into(),
-                subject: "anonymous".into(),
-                key_id: None,
-                tenant_id: None,
-                action: "http.GET".into(),
-                object: "/v1/x\n\u{1b}[31m".into(),
-                result: "denied".into(),
-                code: Some("signature_missing".into()),
-                prev: prev.clone(),
-                hash: String::new(),
-            };
-            r.hash = r.compute_hash();
-            prev = r.hash.clone();
-            out.extend(serde_json::to_vec(&r).unwrap());
-            out.push(b'\n');
+            let mut r = record(seq, "http.GET");
+            out.extend(r.seal());
+            tree.push(hex::decode(&r.hash).unwrap().try_into().unwrap());
         }
-        out
+        (out, tree)
     }
 
-    #[test]
-    fn intact_log_verifies() {
-        assert!(matches!(
-            verify(&log(5)),
-            Verdict::Intact { records: 5, .. }
-        ));
-        assert!(matches!(verify(b""), Verdict::Intact { records: 0, .. }));
-    }
-
-    #[test]
-    fn every_single_byte_flip_is_detected_at_or_before_its_record() {
-        let good = log(4);
-        for pos in 0..good.len() {
-            let mut bad = good.clone();
-            bad[pos] ^= 0x01;
-            let record_line = good[..pos].iter().filter(|b| **b == b'\n').count() as u64 + 1;
-            match verify(&bad) {
-                Verdict::Broken { line, .. } => assert!(
-                    line <= record_line + 1,
-                    "flip at {pos} reported at line {line}"
-                ),
-                Verdict::Intact { .. } => panic!("flip at byte {pos} not detected"),
-            }
-        }
-    }
-
-    #[test]
-    fn removed_or_swapped_records_are_detected() {
-        let good = log(3);
-        let lines: Vec<&[u8]> = good
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .collect();
-        let join = |ls: &[&[u8]]| {
-            let mut v = Vec::new();
-            for l in ls {
-                v.extend_from_slice(l);
-                v.push(b'\n');
-            }
-            v
+    fn head(tree: &Tree, size: u64, key: &SigningKey, time: &str) -> TreeHead {
+        let mut h = TreeHead {
+            tree_size: size,
+            root_hash: hex::encode(tree.root_at(size as usize).unwrap()),
+            time: time.into(),
+            clock: ClockState::default(),
+            reason: "periodic".into(),
+            key: String::new(),
+            next_key: None,
+            signature: String::new(),
         };
-        assert!(matches!(
-            verify(&join(&[lines[0], lines[2]])),
-            Verdict::Broken { line: 2, .. }
-        ));
-        assert!(matches!(
-            verify(&join(&[lines[1], lines[0], lines[2]])),
-            Verdict::Broken { line: 1, .. }
-        ));
+        h.sign(key);
+        h
+    }
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    #[test]
+    fn an_intact_log_verifies_against_its_heads() {
+        let (bytes, tree) = log(5);
+        let k = key(1);
+        let heads = [
+            head(&tree, 3, &k, "2026-01-01T00:00:03.000Z"),
+            head(&tree, 5, &k, "2026-01-01T00:00:05.000Z"),
+        ];
+        let pinned = public_key_text(&k.verifying_key());
+        let report = verify(&bytes, &heads, Some(&pinned));
+        assert_eq!(report.fault, None, "{report:?}");
+        assert_eq!((report.records, report.heads, report.covered), (5, 2, 5));
+        assert_eq!(verify(b"", &[], None).fault, None);
+    }
+
+    #[test]
+    fn every_single_bit_flip_names_its_record() {
+        let (good, _) = log(4);
+        for pos in 0..good.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = good.clone();
+                bad[pos] ^= bit;
+                let record_line = good[..pos].iter().filter(|b| **b == b'\n').count() as u64 + 1;
+                match verify(&bad, &[], None).fault {
+                    Some((line, _)) => assert!(
+                        line == record_line || (good[pos] == b'\n' && line == record_line + 1),
+                        "flip at {pos} reported at line {line}, not {record_line}"
+                    ),
+                    None => panic!("flip at byte {pos} not detected"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rehashed_removed_swapped_and_cut_records_fail_the_heads() {
+        let (good, tree) = log(6);
+        let k = key(2);
+        let heads = [head(&tree, 6, &k, "2026-01-01T00:00:06.000Z")];
+        let pinned = public_key_text(&k.verifying_key());
+        let lines: Vec<&[u8]> = good.split_inclusive(|b| *b == b'\n').collect();
+        let join = |ls: &[&[u8]]| ls.concat();
+        // A record rewritten with a recomputed hash: each line is fine, the head is not.
+        let mut forged = record(3, "http.GET");
+        forged.result = "allowed".into();
+        let forged = forged.seal();
+        let rewritten = join(&[lines[0], lines[1], &forged, lines[3], lines[4], lines[5]]);
+        assert!(verify_records(&rewritten).2.is_none());
+        assert!(verify(&rewritten, &heads, Some(&pinned)).fault.is_some());
+        // Cut tail.
+        let cut = join(&lines[..4]);
+        let report = verify(&cut, &heads, Some(&pinned));
+        assert!(report.fault.as_ref().unwrap().1.contains("cut off"), "{report:?}");
+        // Removed, swapped, duplicated: the sequence breaks.
+        for bad in [
+            join(&[lines[0], lines[2]]),
+            join(&[lines[1], lines[0]]),
+            join(&[lines[0], lines[0]]),
+        ] {
+            assert!(verify(&bad, &heads, Some(&pinned)).fault.is_some());
+        }
+        // A head signed by another key, or with a forged signature.
+        let other = head(&tree, 6, &key(3), "2026-01-01T00:00:06.000Z");
+        assert!(verify(&good, &[other], Some(&pinned)).fault.is_some());
+        let mut tampered = heads[0].clone();
+        tampered.tree_size = 5;
+        tampered.root_hash = hex::encode(tree.root_at(5).unwrap());
+        assert!(verify(&good, &[tampered], Some(&pinned)).fault.is_some());
+    }
+
+    #[test]
+    fn a_rotation_is_followed_and_reported() {
+        let (bytes, tree) = log(4);
+        let (old, new) = (key(4), key(5));
+        let mut rotation = TreeHead {
+            next_key: Some(public_key_text(&new.verifying_key())),
+            ..head(&tree, 2, &old, "2026-01-01T00:00:02.000Z")
+        };
+        rotation.sign(&old);
+        let after = head(&tree, 4, &new, "2026-01-01T00:00:04.000Z");
+        let pinned = public_key_text(&old.verifying_key());
+        let report = verify(&bytes, &[rotation, after.clone()], Some(&pinned));
+        assert_eq!(report.fault, None, "{report:?}");
+        assert_eq!(report.keys.len(), 2);
+        assert!(report.events.iter().any(|e| e.contains("rotated")));
+        // Without the announcing head, the new key is not trusted.
+        assert!(verify(&bytes, &[after], Some(&pinned)).fault.is_some());
+    }
+
+    #[test]
+    fn one_record_is_proved_against_a_signed_head() {
+        let (bytes, tree) = log(9);
+        let k = key(6);
+        let h = head(&tree, 9, &k, "2026-01-01T00:00:09.000Z");
+        let line = bytes.split_inclusive(|b| *b == b'\n').nth(4).unwrap();
+        let proof = InclusionProof {
+            seq: 5,
+            tree_size: 9,
+            path: tree
+                .inclusion_proof(4, 9)
+                .unwrap()
+                .iter()
+                .map(hex::encode)
+                .collect(),
+        };
+        let pinned = public_key_text(&k.verifying_key());
+        assert_eq!(verify_inclusion(line, &proof, &h, &pinned), Ok(()));
+        let mut other = line.to_vec();
+        other[10] ^= 1;
+        assert!(verify_inclusion(&other, &proof, &h, &pinned).is_err());
+        let wrong = InclusionProof { seq: 6, ..proof.clone() };
+        assert!(verify_inclusion(line, &wrong, &h, &pinned).is_err());
+        let older = head(&tree, 6, &k, "2026-01-01T00:00:06.000Z");
+        let consistency = ConsistencyProof {
+            first: 6,
+            second: 9,
+            path: tree
+                .consistency_proof(6, 9)
+                .unwrap()
+                .iter()
+                .map(hex::encode)
+                .collect(),
+        };
+        assert_eq!(verify_consistency(&older, &h, &consistency), Ok(()));
+        assert!(verify_consistency(&h, &older, &consistency).is_err());
     }
 }

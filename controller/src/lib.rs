@@ -21,6 +21,11 @@ pub struct ControllerArgs {
     /// Directory holding the database, PKI and audit log (created if missing).
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// A second place for the audit log's signed tree heads (default `<data-dir>/audit-heads`):
+    /// with it on another volume or a remote mount, cutting records off the end of the log is
+    /// detectable even by someone who can rewrite the data directory.
+    #[arg(long)]
+    pub audit_head_store: Option<PathBuf>,
     /// Address of the HTTPS API.
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
@@ -132,12 +137,21 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()));
     let pki = pki::ensure(&args.data_dir, &args.server_names, agent_host.as_slice())?;
     let db = db::Db::open(&args.data_dir.join("palisade.db")).await?;
-    let audit = service::audit::AuditLog::open(&args.data_dir.join("audit"))?;
     let master_key = args
         .master_key
         .clone()
         .unwrap_or_else(|| args.data_dir.join("master.key"));
     let secrets = service::secrets::MasterKey::load_or_create(&master_key)?;
+    let audit = service::audit::AuditLog::open(
+        &service::audit::AuditPaths {
+            dir: args.data_dir.join("audit"),
+            head_store: args
+                .audit_head_store
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("audit-heads")),
+        },
+        &secrets,
+    )?;
     let authz = access::authz::Authz::new()?;
     // Bound now, so that the default WebAuthn origin names the real port (`--listen` may ask
     // for port 0).

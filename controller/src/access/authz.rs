@@ -294,6 +294,17 @@ impl Resource {
         }
     }
 
+    /// The tenant the resource belongs to, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Resource::Caller | Resource::Platform => None,
+            Resource::Tenant { id, .. } => Some(id),
+            Resource::User { tenant, .. }
+            | Resource::Group { tenant, .. }
+            | Resource::Instance { tenant, .. } => Some(tenant),
+        }
+    }
+
     /// The word a 404 uses.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -59,6 +59,10 @@ struct RecordState {
     route_action: Option<&'static str>,
     /// Whether the authorization engine allowed the action (signed routes must ask it).
     authorized: bool,
+    /// The tenant owning the resource the action was asked for.
+    resource_tenant: Option<String>,
+    /// The record type: authentication, read or mutation.
+    kind: &'static str,
     written: bool,
 }
 
@@ -93,6 +97,7 @@ impl RequestCtx {
     /// need a fresh second-factor proof from MFA-bound callers.
     pub async fn authorize(&self, action: &str, resource: &Resource) -> Result<(), Error> {
         self.describe(action, resource.audit_name());
+        self.lock().resource_tenant = resource.tenant().map(str::to_string);
         let principal = self.principal.as_ref().ok_or(Error::Unauthorized {
             code: "signature_missing",
             message: "request is not signed".into(),
@@ -191,7 +196,19 @@ impl RequestCtx {
                 return Ok(());
             }
             let principal = self.principal.as_ref();
+            // A tenant's user acts in its own tenant; a platform role acting on a tenant's
+            // resource is a provider action, shown in that tenant's records.
+            let (tenant_id, provider) = match principal {
+                Some(p) if p.tenant_id.is_some() => (p.tenant_id.clone(), false),
+                Some(_) if state.resource_tenant.is_some() => {
+                    (state.resource_tenant.clone(), true)
+                }
+                _ => (state.tenant_id.clone(), false),
+            };
             Entry {
+                kind: state.kind,
+                role: principal.map(|p| p.role.clone()),
+                provider,
                 request_id: self.request_id.clone(),
                 source: self.source.clone(),
                 subject: state
@@ -202,10 +219,7 @@ impl RequestCtx {
                 key_id: principal
                     .map(|p| p.key_id.clone())
                     .or_else(|| state.claimed_key.clone()),
-                tenant_id: state
-                    .tenant_id
-                    .clone()
-                    .or_else(|| principal.and_then(|p| p.tenant_id.clone())),
+                tenant_id,
                 action: state
                     .action
                     .clone()
@@ -355,6 +369,13 @@ pub async fn guard(
         _ => "OTHER",
     };
     ctx.describe(&format!("http.{method}"), path.as_str());
+    ctx.lock().kind = if parts.uri.path().starts_with("/v1/auth/") {
+        palisade_common::audit::TYPE_AUTHENTICATION
+    } else if matches!(method, "GET" | "HEAD") {
+        palisade_common::audit::TYPE_READ
+    } else {
+        palisade_common::audit::TYPE_MUTATION
+    };
     let span = tracing::info_span!("request", request_id = %ctx.request_id,
         method = %method, path = %path, peer = %ctx.source);
     guarded(controller, ctx, parts, body, next, peer.ip())
@@ -375,7 +396,14 @@ async fn guarded(
         controller.limits.check_source(peer_ip)?;
         let body = read_body(&parts.headers, body).await?;
         if !is_password_route(&parts.method, parts.uri.path()) {
-            let principal = authenticate(&controller, &ctx, &parts, &body).await?;
+            let principal = match authenticate(&controller, &ctx, &parts, &body).await {
+                Ok(principal) => principal,
+                Err(e) => {
+                    // A request whose signature fails is a failed authentication.
+                    ctx.lock().kind = palisade_common::audit::TYPE_AUTHENTICATION;
+                    return Err(e);
+                }
+            };
             controller.limits.check_key(&principal.0.key_id)?;
             note_source(
                 &controller,

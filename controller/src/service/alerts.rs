@@ -101,6 +101,7 @@ impl Alerts {
                     .unwrap_or_else(|| format!("source/{}", record.source)),
                 result: "alert".into(),
                 code: None,
+                ..Entry::default()
             })
             .await;
         if let Err(e) = appended {
@@ -266,7 +267,7 @@ mod tests {
     async fn spraying_alerts_once_per_burst_and_new_sources_after_the_first() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.db")).await.unwrap();
-        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
+        let audit = AuditLog::open_for_test(dir.path());
         let alerts = Alerts::new(
             db,
             audit,

@@ -1,150 +1,706 @@
-//! The audit log writer: an append-only, hash-chained file (`<data>/audit/audit.log`).
+//! The audit log writer: a transparency log (`<data>/audit/audit.log`, one record per line,
+//! each a leaf of an RFC 9162 Merkle tree) with signed tree heads.
 //!
-//! A record is durable (written and `fdatasync`ed) before the action it describes runs; when the
-//! append fails, the request fails (fails closed). Records are never rewritten or deleted.
+//! - A record is durable (written and `fdatasync`ed) before the action it describes runs; when
+//!   the append fails, the request fails (fails closed). Records are never rewritten.
+//! - One writer thread owns the file. Appends that arrive while it syncs are written and synced
+//!   together (group commit), so one `fdatasync` serves many requests.
+//! - Tree heads are signed with a key used for nothing else (sealed under the master key) at
+//!   start, at least every [`HEAD_INTERVAL_SECS`], on request, on key rotation and at a clean
+//!   stop. Each is appended to `heads.jsonl` beside the log *and* in the head store (a second
+//!   directory), so cutting records off the end means cutting both.
+//! - The writer's start and clean stop, and key rotations, are records themselves: a restart
+//!   without a stop record before it shows an unclean stop, never a silent gap.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use palisade_common::audit::{verify, AuditRecord, Verdict};
+use anyhow::{bail, Context};
+use ed25519_dalek::SigningKey;
+use palisade_common::audit::{
+    self as format, AuditRecord, ClockState, ConsistencyProof, InclusionProof, TreeHead,
+    HEAD_INTERVAL_SECS, HEAD_KEY_ROTATED, TYPE_SYSTEM, WRITER_STARTED, WRITER_STOPPED,
+};
+use palisade_common::merkle::Tree;
 
-/// The fields a caller supplies; sequence, time and chain are filled in by the log.
+use crate::service::secrets::MasterKey;
+
+/// The fields a caller supplies; sequence, time and hash are filled in by the log.
 #[derive(Debug, Clone, Default)]
 pub struct Entry {
+    /// A record type (`palisade_common::audit::TYPE_*`); empty = `system`.
+    pub kind: &'static str,
     pub request_id: String,
     pub source: String,
     pub subject: String,
+    pub role: Option<String>,
     pub key_id: Option<String>,
     pub tenant_id: Option<String>,
+    pub provider: bool,
     pub action: String,
     pub object: String,
     pub result: String,
     pub code: Option<String>,
 }
 
-#[derive(Clone)]
-pub struct AuditLog {
-    path: PathBuf,
-    state: Arc<Mutex<State>>,
+/// Where the log and its heads live.
+#[derive(Debug, Clone)]
+pub struct AuditPaths {
+    /// The log, its heads, and the sealed head key.
+    pub dir: PathBuf,
+    /// The second store of heads (another directory, ideally another volume or host mount).
+    pub head_store: PathBuf,
 }
 
-struct State {
-    file: File,
-    /// Length of the verified log: a failed append is cut back to it, so a torn write never
-    /// leaves half a record for the next one to chain onto.
-    len: u64,
-    seq: u64,
-    prev: String,
+const LOG_FILE: &str = "audit.log";
+const HEADS_FILE: &str = "heads.jsonl";
+const KEY_FILE: &str = "head.key";
+const NEXT_KEY_FILE: &str = "head.key.next";
+const KEY_PURPOSE: &str = "audit-head-key";
+/// Most records written with one sync.
+const MAX_BATCH: usize = 4096;
+
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    heads_path: PathBuf,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    view: Arc<RwLock<View>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What readers see: only durable records and written heads.
+#[derive(Default)]
+struct View {
+    tree: Tree,
+    /// Byte offset of each record's line.
+    offsets: Vec<u64>,
+    latest: Option<TreeHead>,
+}
+
+type Reply<T> = tokio::sync::oneshot::Sender<Result<T, AppendError>>;
+
+enum Job {
+    Append(Box<Entry>, Reply<AuditRecord>),
+    Head(&'static str, Reply<TreeHead>),
+    Rotate(Reply<TreeHead>),
+    Stop(Reply<TreeHead>),
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("audit log append failed")]
 pub struct AppendError(#[source] std::io::Error);
 
+fn other(e: impl std::fmt::Display) -> AppendError {
+    AppendError(std::io::Error::other(e.to_string()))
+}
+
 impl AuditLog {
-    /// Opens the log, verifying the existing chain first: a controller does not start on top of
-    /// a log that was tampered with.
-    pub fn open(dir: &Path) -> anyhow::Result<AuditLog> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join("audit.log");
-        let existing = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).context(format!("reading {}", path.display())),
-        };
-        let existing = cut_torn_tail(&path, existing)?;
-        let (seq, prev) = match verify(&existing) {
-            Verdict::Intact { records, head } => (records, head),
-            Verdict::Broken { line, reason } => anyhow::bail!(
-                "audit log {} fails verification at record {line}: {reason}; refusing to start",
+    /// Opens the log, verifying the records and every head in both stores first: a controller
+    /// does not start on top of a log that was tampered with or cut. Then the writer starts,
+    /// with a start record and a signed head.
+    pub fn open(paths: &AuditPaths, master: &MasterKey) -> anyhow::Result<AuditLog> {
+        for dir in [&paths.dir, &paths.head_store] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let path = paths.dir.join(LOG_FILE);
+        let heads_path = paths.dir.join(HEADS_FILE);
+        let store_path = paths.head_store.join(HEADS_FILE);
+        let log = read_or_empty(&path)?;
+        let log = cut_torn_tail(&path, log, |bytes| format::verify_records(bytes).2.is_none())?;
+        let mut head_bytes = Vec::new();
+        for p in [&heads_path, &store_path] {
+            let bytes = read_or_empty(p)?;
+            let bytes = cut_torn_tail(p, bytes, |b| format::read_heads(&[("", b)]).is_ok())?;
+            head_bytes.push((p.display().to_string(), bytes));
+        }
+        let stores: Vec<(&str, &[u8])> = head_bytes
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        let heads = format::read_heads(&stores).map_err(|e| anyhow::anyhow!(e))?;
+        let key = load_head_key(&paths.dir, master, heads.last())?;
+        let pinned = heads.first().map(|h| h.key.clone());
+        let report = format::verify(&log, &heads, pinned.as_deref());
+        if let Some((line, reason)) = &report.fault {
+            bail!(
+                "audit log {} fails verification at record {line}: {reason}; refusing to start \
+                 (keep the files for investigation, and move them aside to start a new log)",
                 path.display()
-            ),
+            );
+        }
+        let (tree, _, _) = format::verify_records(&log);
+        let mut offsets = Vec::with_capacity(tree.size());
+        let mut at = 0u64;
+        for line in log.split_inclusive(|b| *b == b'\n') {
+            offsets.push(at);
+            at += line.len() as u64;
+        }
+        let open_append = |p: &Path| {
+            OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))
         };
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(AuditLog {
-            path,
-            state: Arc::new(Mutex::new(State {
-                file,
-                len: existing.len() as u64,
-                seq,
-                prev,
-            })),
-        })
+        let writer = Writer {
+            file: open_append(&path)?,
+            head_files: vec![
+                (heads_path.clone(), open_append(&heads_path)?),
+                (store_path.clone(), open_append(&store_path)?),
+            ],
+            len: log.len() as u64,
+            seq: tree.size() as u64,
+            key,
+            dir: paths.dir.clone(),
+            master: master.clone(),
+            last_head: Instant::now(),
+            pending: Vec::new(),
+            pending_lines: Vec::new(),
+        };
+        let (tx, rx) = mpsc::channel();
+        let audit = AuditLog {
+            inner: Arc::new(Inner {
+                path,
+                heads_path,
+                jobs: Mutex::new(Some(tx)),
+                view: Arc::new(RwLock::new(View {
+                    tree,
+                    offsets,
+                    latest: heads.last().cloned(),
+                })),
+                writer: Mutex::new(None),
+            }),
+        };
+        let view = audit.inner.view.clone();
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx, &view))?;
+        *audit
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        let previous = heads
+            .last()
+            .map_or("none".to_string(), |h| format!("{}@{}", h.tree_size, h.time));
+        audit
+            .append_blocking(Entry {
+                action: WRITER_STARTED.into(),
+                object: format!("audit-log/last-head/{previous}"),
+                subject: "controller".into(),
+                result: "succeeded".into(),
+                ..Entry::default()
+            })
+            .context("writing the start record")?;
+        audit
+            .request(|reply| Job::Head("start", reply))
+            .context("signing the start head")?;
+        Ok(audit)
+    }
+
+    /// A log in `dir/audit` with heads in `dir/heads` and a master key in `dir`.
+    #[cfg(test)]
+    pub(crate) fn open_for_test(dir: &Path) -> AuditLog {
+        let paths = AuditPaths {
+            dir: dir.join("audit"),
+            head_store: dir.join("heads"),
+        };
+        let master = MasterKey::load_or_create(&dir.join("master.key")).unwrap();
+        AuditLog::open(&paths, &master).unwrap()
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
+    }
+
+    pub fn heads_path(&self) -> &Path {
+        &self.inner.heads_path
+    }
+
+    fn send(&self, job: Job) -> Result<(), AppendError> {
+        let jobs = self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        match jobs.as_ref() {
+            Some(tx) => tx.send(job).map_err(|_| other("the audit writer has stopped")),
+            None => Err(other("the audit writer has stopped")),
+        }
+    }
+
+    fn request<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, AppendError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(job(reply))?;
+        rx.blocking_recv()
+            .map_err(|_| other("the audit writer has stopped"))?
+    }
+
+    async fn request_async<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, AppendError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(job(reply))?;
+        rx.await.map_err(|_| other("the audit writer has stopped"))?
     }
 
     /// Appends one record and makes it durable. Blocking: call from a blocking context.
     pub fn append_blocking(&self, entry: Entry) -> Result<AuditRecord, AppendError> {
-        let mut state = self
-            .state
+        self.request(|reply| Job::Append(Box::new(entry), reply))
+    }
+
+    pub async fn append(&self, entry: Entry) -> Result<AuditRecord, AppendError> {
+        self.request_async(|reply| Job::Append(Box::new(entry), reply))
+            .await
+    }
+
+    /// Signs a head over everything durable now.
+    pub async fn sign_head(&self) -> Result<TreeHead, AppendError> {
+        self.request_async(|reply| Job::Head("request", reply)).await
+    }
+
+    /// Replaces the head key: a rotation record, a head the old key signs announcing the new
+    /// one, then a head the new key signs.
+    pub async fn rotate_key(&self) -> Result<TreeHead, AppendError> {
+        self.request_async(Job::Rotate).await
+    }
+
+    /// Ends the writer cleanly: a stop record and a last head. Appends after it fail.
+    pub fn stop(&self) -> Result<TreeHead, AppendError> {
+        let head = self.request(Job::Stop);
+        self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = self
+            .inner
+            .writer
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = handle.join();
+        }
+        head
+    }
+
+    pub fn latest_head(&self) -> Option<TreeHead> {
+        self.view().latest.clone()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.view().tree.size() as u64
+    }
+
+    fn view(&self) -> std::sync::RwLockReadGuard<'_, View> {
+        self.inner.view.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stored line of record `seq` (1-based), without its newline.
+    pub fn record_line(&self, seq: u64) -> anyhow::Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let (start, end) = {
+            let view = self.view();
+            let Some(index) = seq.checked_sub(1).map(|i| i as usize) else {
+                return Ok(None);
+            };
+            let Some(start) = view.offsets.get(index).copied() else {
+                return Ok(None);
+            };
+            let end = match view.offsets.get(index + 1) {
+                Some(next) => *next,
+                None => std::fs::metadata(&self.inner.path)?.len(),
+            };
+            (start, end)
+        };
+        let file = File::open(&self.inner.path)?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.read_exact_at(&mut buf, start)?;
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        }
+        Ok(Some(buf))
+    }
+
+    /// The audit path of record `seq` in the tree of `tree_size` records.
+    pub fn inclusion_proof(&self, seq: u64, tree_size: u64) -> Option<InclusionProof> {
+        let path = self
+            .view()
+            .tree
+            .inclusion_proof(seq.checked_sub(1)? as usize, tree_size as usize)?;
+        Some(InclusionProof {
+            seq,
+            tree_size,
+            path: path.iter().map(hex::encode).collect(),
+        })
+    }
+
+    pub fn consistency_proof(&self, first: u64, second: u64) -> Option<ConsistencyProof> {
+        let path = self
+            .view()
+            .tree
+            .consistency_proof(first as usize, second as usize)?;
+        Some(ConsistencyProof {
+            first,
+            second,
+            path: path.iter().map(hex::encode).collect(),
+        })
+    }
+}
+
+fn read_or_empty(path: &Path) -> anyhow::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).context(format!("reading {}", path.display())),
+    }
+}
+
+/// The head key: sealed under the master key in `<dir>/head.key`, made on first start. A log
+/// with heads but no key refuses to start: a new key nobody announced would look like forgery.
+/// A rotation cut short leaves `head.key.next`: kept if the newest head announced it.
+fn load_head_key(
+    dir: &Path,
+    master: &MasterKey,
+    newest: Option<&TreeHead>,
+) -> anyhow::Result<SigningKey> {
+    let path = dir.join(KEY_FILE);
+    let next = dir.join(NEXT_KEY_FILE);
+    if next.exists() {
+        let key = open_key(&next, master)?;
+        let announced = newest.and_then(|h| h.next_key.as_deref())
+            == Some(format::public_key_text(&key.verifying_key()).as_str());
+        if announced {
+            std::fs::rename(&next, &path)?;
+        } else {
+            std::fs::remove_file(&next)?;
+        }
+    }
+    if path.exists() {
+        return open_key(&path, master);
+    }
+    if newest.is_some() {
+        bail!(
+            "the audit log has signed heads but its head key {} is missing; restore it",
+            path.display()
+        );
+    }
+    let key = SigningKey::from_bytes(&random_seed()?);
+    save_key(&path, &key, master)?;
+    Ok(key)
+}
+
+fn random_seed() -> anyhow::Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(seed)
+}
+
+fn open_key(path: &Path, master: &MasterKey) -> anyhow::Result<SigningKey> {
+    let sealed = std::fs::read_to_string(path)?;
+    let seed = master
+        .open(KEY_PURPOSE, sealed.trim())
+        .with_context(|| format!("opening the head key {}", path.display()))?;
+    let seed: [u8; 32] = seed
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{} does not hold a key", path.display()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+fn save_key(path: &Path, key: &SigningKey, master: &MasterKey) -> anyhow::Result<()> {
+    let sealed = master.seal(KEY_PURPOSE, key.as_bytes());
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(sealed.as_bytes())?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The host clock's synchronization as the kernel reports it (`adjtimex`, read only). The one
+/// `unsafe` of the controller: no safe wrapper of adjtimex exists in the crates we use.
+#[allow(unsafe_code)]
+pub fn clock_state() -> ClockState {
+    // SAFETY: `timex` is plain data; with `modes == 0` adjtimex only reads into it.
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    let state = unsafe { libc::adjtimex(&mut tx) };
+    // In nanosecond mode the offset is in ns, otherwise in µs.
+    let offset_us = if tx.status & libc::STA_NANO != 0 {
+        tx.offset / 1000
+    } else {
+        tx.offset
+    };
+    ClockState {
+        synchronized: state >= 0 && state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0,
+        offset_us,
+        max_error_us: tx.maxerror,
+    }
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn now_millis() -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&format)
+        .unwrap_or_default()
+}
+
+struct Writer {
+    file: File,
+    head_files: Vec<(PathBuf, File)>,
+    /// Length of the durable log: a failed append is cut back to it, so a torn write never
+    /// leaves half a record for the next one to follow.
+    len: u64,
+    seq: u64,
+    key: SigningKey,
+    dir: PathBuf,
+    master: MasterKey,
+    last_head: Instant,
+    pending: Vec<(AuditRecord, Reply<AuditRecord>)>,
+    pending_lines: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>, view: &RwLock<View>) {
+        let interval = Duration::from_secs(HEAD_INTERVAL_SECS);
+        loop {
+            let wait = interval.saturating_sub(self.last_head.elapsed());
+            let first = match rx.recv_timeout(wait) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = self.head("periodic", None, view) {
+                        tracing::error!(error = %e, "signing the periodic audit head");
+                        // Try again soon, not in a tight loop.
+                        self.last_head = Instant::now() - interval / 2;
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut job = Some(first);
+            let mut taken = 0;
+            while let Some(next) = job.take() {
+                taken += 1;
+                match next {
+                    Job::Append(entry, reply) => self.stage(*entry, reply),
+                    other => {
+                        self.flush(view);
+                        if self.control(other, view) {
+                            return;
+                        }
+                    }
+                }
+                if taken < MAX_BATCH {
+                    job = rx.try_recv().ok();
+                }
+            }
+            self.flush(view);
+            if self.last_head.elapsed() >= interval {
+                if let Err(e) = self.head("periodic", None, view) {
+                    tracing::error!(error = %e, "signing the periodic audit head");
+                }
+            }
+        }
+    }
+
+    fn stage(&mut self, entry: Entry, reply: Reply<AuditRecord>) {
         let mut record = AuditRecord {
-            seq: state.seq + 1,
-            time: crate::db::now(),
+            seq: self.seq + self.pending.len() as u64 + 1,
+            time: now_millis(),
+            kind: if entry.kind.is_empty() {
+                TYPE_SYSTEM.into()
+            } else {
+                entry.kind.into()
+            },
             request_id: entry.request_id,
             source: entry.source,
             subject: entry.subject,
+            role: entry.role,
             key_id: entry.key_id,
             tenant_id: entry.tenant_id,
+            provider: entry.provider,
             action: entry.action,
             object: entry.object,
             result: entry.result,
             code: entry.code,
-            prev: state.prev.clone(),
             hash: String::new(),
         };
-        record.hash = record.compute_hash();
-        let mut line =
-            serde_json::to_vec(&record).map_err(|e| AppendError(std::io::Error::other(e)))?;
-        line.push(b'\n');
-        let written = state
-            .file
-            .write_all(&line)
-            .and_then(|()| state.file.sync_data());
-        if let Err(e) = written {
-            let _ = state.file.set_len(state.len);
-            return Err(AppendError(e));
-        }
-        state.len += line.len() as u64;
-        state.seq = record.seq;
-        state.prev = record.hash.clone();
-        Ok(record)
+        let line = record.seal();
+        self.pending_lines.extend_from_slice(&line);
+        self.pending.push((record, reply));
     }
 
-    pub async fn append(&self, entry: Entry) -> Result<AuditRecord, AppendError> {
-        let log = self.clone();
-        tokio::task::spawn_blocking(move || log.append_blocking(entry))
-            .await
-            .map_err(|e| AppendError(std::io::Error::other(e)))?
+    /// Writes and syncs the staged records, then answers their callers.
+    fn flush(&mut self, view: &RwLock<View>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let written = self
+            .file
+            .write_all(&self.pending_lines)
+            .and_then(|()| self.file.sync_data());
+        let pending = std::mem::take(&mut self.pending);
+        let lines = std::mem::take(&mut self.pending_lines);
+        if let Err(e) = written {
+            let _ = self.file.set_len(self.len);
+            let kind = e.kind();
+            let text = e.to_string();
+            for (_, reply) in pending {
+                let _ = reply.send(Err(AppendError(std::io::Error::new(kind, text.clone()))));
+            }
+            return;
+        }
+        {
+            let mut view = view.write().unwrap_or_else(|p| p.into_inner());
+            let mut at = self.len;
+            for (line, (record, _)) in lines.split_inclusive(|b| *b == b'\n').zip(&pending) {
+                view.offsets.push(at);
+                at += line.len() as u64;
+                let leaf = hex::decode(&record.hash)
+                    .ok()
+                    .and_then(|h| h.try_into().ok())
+                    .unwrap_or([0; 32]);
+                view.tree.push(leaf);
+            }
+        }
+        self.len += lines.len() as u64;
+        self.seq += pending.len() as u64;
+        for (record, reply) in pending {
+            let _ = reply.send(Ok(record));
+        }
+    }
+
+    /// Runs a control job; true when the writer must end.
+    fn control(&mut self, job: Job, view: &RwLock<View>) -> bool {
+        match job {
+            Job::Append(..) => false,
+            Job::Head(reason, reply) => {
+                let _ = reply.send(self.head(reason, None, view).map_err(other));
+                false
+            }
+            Job::Rotate(reply) => {
+                let _ = reply.send(self.rotate(view).map_err(other));
+                false
+            }
+            Job::Stop(reply) => {
+                let (tx, _) = tokio::sync::oneshot::channel();
+                self.stage(
+                    Entry {
+                        action: WRITER_STOPPED.into(),
+                        object: "audit-log".into(),
+                        subject: "controller".into(),
+                        result: "succeeded".into(),
+                        ..Entry::default()
+                    },
+                    tx,
+                );
+                self.flush(view);
+                let _ = reply.send(self.head("stop", None, view).map_err(other));
+                true
+            }
+        }
+    }
+
+    fn rotate(&mut self, view: &RwLock<View>) -> anyhow::Result<TreeHead> {
+        let new = SigningKey::from_bytes(&random_seed()?);
+        let new_text = format::public_key_text(&new.verifying_key());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.stage(
+            Entry {
+                action: HEAD_KEY_ROTATED.into(),
+                object: format!("head-key/{new_text}"),
+                subject: "controller".into(),
+                result: "succeeded".into(),
+                ..Entry::default()
+            },
+            tx,
+        );
+        self.flush(view);
+        rx.blocking_recv()
+            .map_err(|_| anyhow::anyhow!("rotation record lost"))?
+            .context("writing the rotation record")?;
+        let next_path = self.dir.join(NEXT_KEY_FILE);
+        let _ = std::fs::remove_file(&next_path);
+        save_key(&next_path, &new, &self.master)?;
+        self.head("rotation", Some(new_text), view)?;
+        std::fs::rename(&next_path, self.dir.join(KEY_FILE))?;
+        File::open(&self.dir)?.sync_all()?;
+        self.key = new;
+        self.head("rotation", None, view)
+    }
+
+    /// Signs a head over the durable log and writes it to both stores.
+    fn head(
+        &mut self,
+        reason: &str,
+        next_key: Option<String>,
+        view: &RwLock<View>,
+    ) -> anyhow::Result<TreeHead> {
+        self.last_head = Instant::now();
+        let root = {
+            let view = view.read().unwrap_or_else(|p| p.into_inner());
+            view.tree
+                .root_at(self.seq as usize)
+                .context("tree shorter than the log")?
+        };
+        let mut head = TreeHead {
+            tree_size: self.seq,
+            root_hash: hex::encode(root),
+            time: now_millis(),
+            clock: clock_state(),
+            reason: reason.into(),
+            key: String::new(),
+            next_key,
+            signature: String::new(),
+        };
+        head.sign(&self.key);
+        let mut line = serde_json::to_vec(&head)?;
+        line.push(b'\n');
+        let mut failures = Vec::new();
+        for (path, file) in &mut self.head_files {
+            if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
+                failures.push(format!("{}: {e}", path.display()));
+            }
+        }
+        if !failures.is_empty() {
+            bail!("writing a signed head failed: {}", failures.join("; "));
+        }
+        view
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .latest = Some(head.clone());
+        Ok(head)
     }
 }
 
-/// A crash in the middle of an append leaves a last line without its newline. That record was
-/// never made durable, so its request failed and its action never ran: it is cut off (and the
-/// cut is logged). Only an unterminated tail is cut, and only when all before it verifies.
-fn cut_torn_tail(path: &Path, log: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+/// A crash in the middle of an append leaves a last line without its newline. That record
+/// was never made durable, so its request failed and its action never ran: it is cut off (and
+/// the cut is logged). Only an unterminated tail is cut, and only when all before it is sound.
+fn cut_torn_tail(
+    path: &Path,
+    log: Vec<u8>,
+    sound: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<Vec<u8>> {
     if log.is_empty() || log.ends_with(b"\n") {
         return Ok(log);
     }
     let keep = log.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    if !matches!(verify(&log[..keep]), Verdict::Intact { .. }) {
+    if !sound(&log[..keep]) {
         return Ok(log); // not a torn append: let verification report it
     }
     tracing::warn!(path = %path.display(), bytes = log.len() - keep,
-        "cutting a torn, never-acknowledged record off the end of the audit log");
+        "cutting a torn, never-acknowledged line off the end");
     let file = OpenOptions::new().write(true).open(path)?;
     file.set_len(keep as u64)?;
     file.sync_all()?;
@@ -157,10 +713,30 @@ fn cut_torn_tail(path: &Path, log: Vec<u8>) -> anyhow::Result<Vec<u8>> {
 mod tests {
     use super::*;
 
+    fn paths(dir: &Path) -> AuditPaths {
+        AuditPaths {
+            dir: dir.join("audit"),
+            head_store: dir.join("heads"),
+        }
+    }
+
+    fn master(dir: &Path) -> MasterKey {
+        MasterKey::load_or_create(&dir.join("master.key")).unwrap()
+    }
+
+    fn verify_all(dir: &Path) -> format::Report {
+        let log = std::fs::read(dir.join("audit").join(LOG_FILE)).unwrap();
+        let a = std::fs::read(dir.join("audit").join(HEADS_FILE)).unwrap();
+        let b = std::fs::read(dir.join("heads").join(HEADS_FILE)).unwrap();
+        let heads = format::read_heads(&[("a", &a), ("b", &b)]).unwrap();
+        format::verify(&log, &heads, None)
+    }
+
     #[test]
-    fn appends_chain_and_survive_reopen() {
+    fn appends_verify_and_survive_a_clean_and_an_unclean_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path()).unwrap();
+        let (paths, master) = (paths(dir.path()), master(dir.path()));
+        let log = AuditLog::open(&paths, &master).unwrap();
         for i in 0..3 {
             log.append_blocking(Entry {
                 action: format!("test.{i}"),
@@ -168,40 +744,102 @@ mod tests {
             })
             .unwrap();
         }
-        drop(log);
-        let log = AuditLog::open(dir.path()).unwrap();
+        log.stop().unwrap();
+        assert!(log.append_blocking(Entry::default()).is_err());
+        // Reopened after a clean stop, then dropped without one (as a crash would).
+        let log = AuditLog::open(&paths, &master).unwrap();
         let record = log.append_blocking(Entry::default()).unwrap();
-        assert_eq!(record.seq, 4);
-        let bytes = std::fs::read(dir.path().join("audit.log")).unwrap();
-        assert!(matches!(verify(&bytes), Verdict::Intact { records: 4, .. }));
+        assert_eq!(record.seq, 7, "start, 3, stop, start, this one");
+        drop(log);
+        let log = AuditLog::open(&paths, &master).unwrap();
+        log.stop().unwrap();
+        let report = verify_all(dir.path());
+        assert_eq!(report.fault, None, "{report:?}");
+        let events = report.events.join("\n");
+        assert!(events.contains("after a clean stop"), "{events}");
+        assert!(events.contains("after an unclean stop"), "{events}");
     }
 
     #[test]
     fn a_torn_last_append_is_cut_and_the_log_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path()).unwrap();
-        log.append_blocking(Entry::default()).unwrap();
-        drop(log);
-        let path = dir.path().join("audit.log");
+        let (paths, master) = (paths(dir.path()), master(dir.path()));
+        let log = AuditLog::open(&paths, &master).unwrap();
+        log.stop().unwrap();
+        let path = paths.dir.join(LOG_FILE);
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(br#"{"seq":2,"time":"20"#).unwrap();
+        file.write_all(br#"{"seq":3,"time":"20"#).unwrap();
         drop(file);
-        let log = AuditLog::open(dir.path()).unwrap();
-        assert_eq!(log.append_blocking(Entry::default()).unwrap().seq, 2);
-        let bytes = std::fs::read(&path).unwrap();
-        assert!(matches!(verify(&bytes), Verdict::Intact { records: 2, .. }));
+        let log = AuditLog::open(&paths, &master).unwrap();
+        assert_eq!(log.append_blocking(Entry::default()).unwrap().seq, 4);
+        log.stop().unwrap();
+        assert_eq!(verify_all(dir.path()).fault, None);
     }
 
     #[test]
-    fn refuses_to_start_on_a_tampered_log() {
+    fn refuses_to_start_on_a_tampered_or_cut_log_or_without_its_key() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path()).unwrap();
+        let (paths, master) = (paths(dir.path()), master(dir.path()));
+        let log = AuditLog::open(&paths, &master).unwrap();
         log.append_blocking(Entry::default()).unwrap();
-        drop(log);
-        let path = dir.path().join("audit.log");
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[10] ^= 1;
-        std::fs::write(&path, bytes).unwrap();
-        assert!(AuditLog::open(dir.path()).is_err());
+        log.stop().unwrap();
+        let path = paths.dir.join(LOG_FILE);
+        let good = std::fs::read(&path).unwrap();
+        let mut bad = good.clone();
+        bad[10] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(AuditLog::open(&paths, &master).is_err());
+        // The last record cut off (both the log and the heads beside it): the head store
+        // still remembers.
+        let cut = good.len() - 1 - good[..good.len() - 1].iter().rev().position(|b| *b == b'\n').unwrap();
+        std::fs::write(&path, &good[..cut]).unwrap();
+        std::fs::write(paths.dir.join(HEADS_FILE), b"").unwrap();
+        let e = AuditLog::open(&paths, &master).err().unwrap().to_string();
+        assert!(e.contains("cut off"), "{e}");
+        std::fs::write(&path, &good).unwrap();
+        std::fs::rename(paths.dir.join(KEY_FILE), dir.path().join("elsewhere")).unwrap();
+        assert!(AuditLog::open(&paths, &master).is_err());
+    }
+
+    #[test]
+    fn a_rotated_key_is_announced_and_the_log_verifies_across_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, master) = (paths(dir.path()), master(dir.path()));
+        let log = AuditLog::open(&paths, &master).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let before = log.latest_head().unwrap().key;
+        let after = rt.block_on(log.rotate_key()).unwrap();
+        assert_ne!(before, after.key);
+        log.stop().unwrap();
+        let log = AuditLog::open(&paths, &master).unwrap();
+        assert_eq!(log.latest_head().unwrap().key, after.key);
+        log.stop().unwrap();
+        let report = verify_all(dir.path());
+        assert_eq!(report.fault, None, "{report:?}");
+        assert_eq!(report.keys, vec![before, after.key]);
+    }
+
+    #[test]
+    fn proofs_from_the_writer_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, master) = (paths(dir.path()), master(dir.path()));
+        let log = AuditLog::open(&paths, &master).unwrap();
+        for _ in 0..10 {
+            log.append_blocking(Entry::default()).unwrap();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let head = rt.block_on(log.sign_head()).unwrap();
+        let line = log.record_line(5).unwrap().unwrap();
+        let proof = log.inclusion_proof(5, head.tree_size).unwrap();
+        assert_eq!(
+            format::verify_inclusion(&line, &proof, &head, &head.key),
+            Ok(())
+        );
+        assert!(log.record_line(99).unwrap().is_none());
+        log.stop().unwrap();
     }
 }

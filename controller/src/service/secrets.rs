@@ -45,6 +45,7 @@ type HmacSha256 = Hmac<Sha256>;
 type Key = Zeroizing<[u8; KEY_LEN]>;
 
 /// The platform master key. Its bytes are wiped on drop and never printed.
+#[derive(Clone)]
 pub struct MasterKey {
     master: Key,
     /// Wraps the per-value data keys; derived from `master` with [`WRAP_KEY_LABEL`].
