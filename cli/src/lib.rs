@@ -7,13 +7,13 @@ pub mod up;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{ArgGroup, Args, Subcommand};
 use ed25519_dalek::SigningKey;
-use palisade_common::api;
+use palisade_common::{api, audit};
 use reqwest::Method;
 
 use client::Client;
@@ -411,11 +411,39 @@ pub enum InstanceCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
-    /// Verify the hash chain of the audit log: an exported file, or the live one (admin).
+    /// Verify the audit log against its signed tree heads: exported files (offline), or the
+    /// live log (auditor). Names the first bad record; reports writer restarts and key
+    /// rotations.
     Verify {
+        /// An exported log (`audit export`); without it, the live log is fetched.
         #[arg(long)]
-        file: Option<PathBuf>,
+        log: Option<PathBuf>,
+        /// Head files (JSON lines): the export's, the head store's, heads you kept. Without
+        /// them (and without --log), the live heads are fetched.
+        #[arg(long = "heads")]
+        heads: Vec<PathBuf>,
+        /// The head key the operator published (base64); without it, the first head's key is
+        /// trusted and shown.
+        #[arg(long)]
+        key: Option<String>,
     },
+    /// Write the live log and its heads to a directory (auditor), for offline verification.
+    Export {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Prove that record SEQ is in the log: fetches it, its inclusion proof and a fresh signed
+    /// head, and checks them here.
+    Prove {
+        seq: u64,
+        /// The head key to hold the head to (base64); without it, the server's is shown.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Sign a tree head now and print it (anyone may keep heads to check later).
+    Head,
+    /// Replace the head key (security administrator); the old key announces the new one.
+    RotateKey,
 }
 
 /// Runs one client command.
@@ -504,7 +532,25 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Instance(cmd) => ctx.instance(cmd).await,
-        Command::Audit(AuditCmd::Verify { file }) => ctx.audit_verify(file).await,
+        Command::Audit(AuditCmd::Verify { log, heads, key }) => {
+            ctx.audit_verify(log, heads, key).await
+        }
+        Command::Audit(AuditCmd::Export { dir }) => ctx.audit_export(&dir).await,
+        Command::Audit(AuditCmd::Prove { seq, key }) => ctx.audit_prove(seq, key).await,
+        Command::Audit(AuditCmd::Head) => {
+            let head: audit::TreeHead = ctx
+                .signed()?
+                .json(Method::POST, "/v1/audit/heads", None::<&()>)
+                .await?;
+            ctx.print_head(&head)
+        }
+        Command::Audit(AuditCmd::RotateKey) => {
+            let head: audit::TreeHead = ctx
+                .signed()?
+                .json(Method::POST, "/v1/audit/head-key/rotate", None::<&()>)
+                .await?;
+            ctx.print_head(&head)
+        }
         Command::Up(args) => up::run(ctx.global.clone(), args).await,
     }
 }
@@ -1351,32 +1397,163 @@ impl Ctx {
         })
     }
 
-    async fn audit_verify(&self, file: Option<PathBuf>) -> anyhow::Result<()> {
-        let bytes = match &file {
-            Some(path) => {
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
-            }
+    async fn audit_verify(
+        &self,
+        log: Option<PathBuf>,
+        head_files: Vec<PathBuf>,
+        key: Option<String>,
+    ) -> anyhow::Result<()> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let bytes = match &log {
+            Some(path) => read(path)?,
             None => {
                 self.signed()?
                     .send(Method::GET, "/v1/audit/log", Vec::new())
                     .await?
             }
         };
-        match palisade_common::audit::verify(&bytes) {
-            palisade_common::audit::Verdict::Intact { records, head } => {
-                if self.global.json {
-                    let verdict =
-                        serde_json::json!({"intact": true, "records": records, "head": head});
-                    println!("{verdict}");
-                } else {
-                    println!("audit log intact: {records} records, head {head}");
-                }
-                Ok(())
-            }
-            palisade_common::audit::Verdict::Broken { line, reason } => {
-                anyhow::bail!("audit log broken at record {line}: {reason}")
+        let mut stores: Vec<(String, Vec<u8>)> = Vec::new();
+        for path in &head_files {
+            stores.push((path.display().to_string(), read(path)?));
+        }
+        if head_files.is_empty() && log.is_none() {
+            let live = self
+                .signed()?
+                .send(Method::GET, "/v1/audit/heads", Vec::new())
+                .await?;
+            stores.push(("the server's heads".into(), live));
+        }
+        let stores: Vec<(&str, &[u8])> = stores
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        let heads = audit::read_heads(&stores).map_err(|e| anyhow::anyhow!(e))?;
+        let report = audit::verify(&bytes, &heads, key.as_deref());
+        if self.global.json {
+            let verdict = serde_json::json!({
+                "intact": report.fault.is_none(),
+                "records": report.records,
+                "heads": report.heads,
+                "covered": report.covered,
+                "keys": report.keys,
+                "events": report.events,
+                "fault": report.fault.as_ref().map(|(line, why)| {
+                    serde_json::json!({"record": line, "reason": why})
+                }),
+            });
+            println!("{verdict}");
+        } else {
+            for event in &report.events {
+                println!("  {}", output::printable(event));
             }
         }
+        if let Some((line, reason)) = &report.fault {
+            anyhow::bail!(
+                "audit log broken at record {line}: {}",
+                output::printable(reason)
+            );
+        }
+        if heads.is_empty() {
+            anyhow::bail!(
+                "no signed heads given: the records are each sound, but without heads a cut \
+                 or rewritten log cannot be told apart (pass --heads)"
+            );
+        }
+        if !self.global.json {
+            println!(
+                "audit log intact: {} records, {} signed heads, the newest covering {} \
+                 ({} newer records not yet under a head); head keys: {}",
+                report.records,
+                report.heads,
+                report.covered,
+                report.records - report.covered,
+                report.keys.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    async fn audit_export(&self, dir: &Path) -> anyhow::Result<()> {
+        let client = self.signed()?;
+        // Heads first: every head then covers records the log fetched after it holds.
+        let heads = client
+            .send(Method::GET, "/v1/audit/heads", Vec::new())
+            .await?;
+        let log = client
+            .send(Method::GET, "/v1/audit/log", Vec::new())
+            .await?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("audit.log"), &log)?;
+        std::fs::write(dir.join("heads.jsonl"), &heads)?;
+        let records = log.iter().filter(|b| **b == b'\n').count();
+        println!(
+            "exported {records} records and their heads to {}; check with: palisade audit \
+             verify --log {0}/audit.log --heads {0}/heads.jsonl --key <published head key>",
+            dir.display()
+        );
+        Ok(())
+    }
+
+    async fn audit_prove(&self, seq: u64, key: Option<String>) -> anyhow::Result<()> {
+        let client = self.signed()?;
+        let head: audit::TreeHead = client
+            .json(Method::POST, "/v1/audit/heads", None::<&()>)
+            .await?;
+        let answer: api::AuditInclusion = client
+            .get(&format!(
+                "/v1/audit/proof/inclusion?seq={seq}&tree_size={}",
+                head.tree_size
+            ))
+            .await?;
+        let trusted = key.clone().unwrap_or_else(|| head.key.clone());
+        audit::verify_inclusion(answer.record.as_bytes(), &answer.proof, &head, &trusted)
+            .map_err(|e| anyhow::anyhow!("record {seq} is NOT proved: {e}"))?;
+        if self.global.json {
+            println!(
+                "{}",
+                serde_json::json!({"proved": true, "record": answer.record, "head": head})
+            );
+        } else {
+            println!("{}", output::printable(&answer.record));
+            println!(
+                "proved: record {seq} is in the log of {} records whose head {} signed at {}{}",
+                head.tree_size,
+                head.key,
+                head.time,
+                if key.is_none() {
+                    " (the server's key; pass --key to hold it to the published one)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(())
+    }
+
+    fn print_head(&self, head: &audit::TreeHead) -> anyhow::Result<()> {
+        if self.global.json {
+            println!("{}", serde_json::to_string(head)?);
+        } else {
+            println!(
+                "tree head: {} records, root {}, signed {} by {} (clock {}, offset {} µs)",
+                head.tree_size,
+                head.root_hash,
+                head.time,
+                head.key,
+                if head.clock.synchronized {
+                    "synchronized"
+                } else {
+                    "NOT synchronized"
+                },
+                head.clock.offset_us
+            );
+            if let Some(next) = &head.next_key {
+                println!("next head key: {next}");
+            }
+        }
+        Ok(())
     }
 }
 

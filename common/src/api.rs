@@ -557,3 +557,11 @@ mod tests {
         assert!(!is_valid_tag_value(&"a".repeat(129)));
     }
 }
+
+/// One audit record (its stored line) and the proof that it is in the log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditInclusion {
+    pub record: String,
+    pub proof: crate::audit::InclusionProof,
+}

@@ -264,42 +264,55 @@ pub struct Report {
     pub fault: Option<(u64, String)>,
 }
 
-/// Verifies the records alone (each numbered and carrying its own hash), giving the tree, the
-/// records' markers, and the first bad record if any.
-pub fn verify_records(log: &[u8]) -> (Tree, Vec<(u64, AuditRecord)>, Option<(u64, String)>) {
-    let mut tree = Tree::new();
-    let mut markers = Vec::new();
+/// What checking the records alone found.
+#[derive(Debug, Default)]
+pub struct RecordsCheck {
+    /// The tree over the records before the first bad one.
+    pub tree: Tree,
+    /// The log's records about itself (writer starts and stops, rotations), with their `seq`.
+    pub markers: Vec<(u64, AuditRecord)>,
+    /// The first bad record (1-based line) and why.
+    pub fault: Option<(u64, String)>,
+}
+
+/// Verifies the records alone: each numbered in order and carrying its own hash.
+pub fn verify_records(log: &[u8]) -> RecordsCheck {
+    let mut check = RecordsCheck::default();
     if !log.is_empty() && !log.ends_with(b"\n") {
         let line = log.split(|b| *b == b'\n').count() as u64;
-        return (
-            tree,
-            markers,
-            Some((line, "last record is not terminated by a newline".into())),
-        );
+        check.fault = Some((line, "last record is not terminated by a newline".into()));
+        return check;
     }
     let body = log.strip_suffix(b"\n").unwrap_or(log);
     if body.is_empty() {
-        return (tree, markers, None);
+        return check;
     }
     for (index, line) in body.split(|b| *b == b'\n').enumerate() {
         let seq = index as u64 + 1;
         match check_line(line, seq) {
             Ok((record, leaf)) => {
-                tree.push(leaf);
+                check.tree.push(leaf);
                 if record.kind == TYPE_SYSTEM && record.action.starts_with("audit.") {
-                    markers.push((seq, record));
+                    check.markers.push((seq, record));
                 }
             }
-            Err(reason) => return (tree, markers, Some((seq, reason))),
+            Err(reason) => {
+                check.fault = Some((seq, reason));
+                return check;
+            }
         }
     }
-    (tree, markers, None)
+    check
 }
 
 /// Verifies an exported log against heads from its stores. `pinned`: the head key the
 /// operator published; without it, the first head's key is trusted (and reported).
 pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
-    let (tree, markers, fault) = verify_records(log);
+    let RecordsCheck {
+        tree,
+        markers,
+        fault,
+    } = verify_records(log);
     let mut report = Report {
         records: tree.size() as u64,
         fault,
@@ -313,7 +326,10 @@ pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
             trusted.insert(head.key.clone());
             head_events.push((
                 0,
-                format!("trusting head key {} (first head; pin it with --key)", head.key),
+                format!(
+                    "trusting head key {} (first head; pin it with --key)",
+                    head.key
+                ),
             ));
         }
         let fail = |report: &mut Report, line: u64, why: String| {
@@ -322,17 +338,25 @@ pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
             }
         };
         if !head.signature_valid() {
-            fail(&mut report, head.tree_size.max(1), format!(
-                "the head of {} records signed at {} has no valid signature",
-                head.tree_size, head.time
-            ));
+            fail(
+                &mut report,
+                head.tree_size.max(1),
+                format!(
+                    "the head of {} records signed at {} has no valid signature",
+                    head.tree_size, head.time
+                ),
+            );
             break;
         }
         if !trusted.contains(&head.key) {
-            fail(&mut report, head.tree_size.max(1), format!(
-                "the head of {} records at {} is signed by an untrusted key {}",
-                head.tree_size, head.time, head.key
-            ));
+            fail(
+                &mut report,
+                head.tree_size.max(1),
+                format!(
+                    "the head of {} records at {} is signed by an untrusted key {}",
+                    head.tree_size, head.time, head.key
+                ),
+            );
             break;
         }
         if !report.keys.contains(&head.key) {
@@ -341,31 +365,47 @@ pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
         let from = last_good.map_or(0, |h| h.tree_size);
         if head.tree_size > report.records {
             let have = report.records;
-            fail(&mut report, have + 1, format!(
-                "the log ends after {have} records, but a head signed at {} covers {}: \
+            fail(
+                &mut report,
+                have + 1,
+                format!(
+                    "the log ends after {have} records, but a head signed at {} covers {}: \
                  records {}..{} were cut off",
-                head.time, head.tree_size, have + 1, head.tree_size
-            ));
+                    head.time,
+                    head.tree_size,
+                    have + 1,
+                    head.tree_size
+                ),
+            );
             break;
         }
         let root = tree.root_at(head.tree_size as usize);
         if root.is_none() || root != head.root() {
-            fail(&mut report, from + 1, format!(
-                "records {}..{} do not match the head signed at {}: one was changed, removed, \
+            fail(
+                &mut report,
+                from + 1,
+                format!(
+                    "records {}..{} do not match the head signed at {}: one was changed, removed, \
                  reordered or re-hashed",
-                from + 1, head.tree_size, head.time
-            ));
+                    from + 1,
+                    head.tree_size,
+                    head.time
+                ),
+            );
             break;
         }
         if let Some(prev) = last_good {
             if let Some(gap) = seconds_between(&prev.time, &head.time) {
-                let restarted = markers
-                    .iter()
-                    .any(|(seq, r)| r.action == WRITER_STARTED && *seq > prev.tree_size && *seq <= head.tree_size);
+                let restarted = markers.iter().any(|(seq, r)| {
+                    r.action == WRITER_STARTED && *seq > prev.tree_size && *seq <= head.tree_size
+                });
                 if gap > 3 * HEAD_INTERVAL_SECS as i64 && !restarted && prev.reason != "stop" {
                     head_events.push((
                         head.tree_size,
-                        format!("no head for {gap} s before {} while the writer ran", head.time),
+                        format!(
+                            "no head for {gap} s before {} while the writer ran",
+                            head.time
+                        ),
                     ));
                 }
             }
@@ -397,7 +437,10 @@ pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
                 stopped_cleanly = false;
             }
             WRITER_STOPPED => {
-                events.push((*seq, format!("record {seq}: writer stopped at {}", record.time)));
+                events.push((
+                    *seq,
+                    format!("record {seq}: writer stopped at {}", record.time),
+                ));
                 stopped_cleanly = true;
             }
             HEAD_KEY_ROTATED => events.push((
@@ -592,12 +635,15 @@ mod tests {
         forged.result = "allowed".into();
         let forged = forged.seal();
         let rewritten = join(&[lines[0], lines[1], &forged, lines[3], lines[4], lines[5]]);
-        assert!(verify_records(&rewritten).2.is_none());
+        assert!(verify_records(&rewritten).fault.is_none());
         assert!(verify(&rewritten, &heads, Some(&pinned)).fault.is_some());
         // Cut tail.
         let cut = join(&lines[..4]);
         let report = verify(&cut, &heads, Some(&pinned));
-        assert!(report.fault.as_ref().unwrap().1.contains("cut off"), "{report:?}");
+        assert!(
+            report.fault.as_ref().unwrap().1.contains("cut off"),
+            "{report:?}"
+        );
         // Removed, swapped, duplicated: the sequence breaks.
         for bad in [
             join(&[lines[0], lines[2]]),
@@ -655,7 +701,10 @@ mod tests {
         let mut other = line.to_vec();
         other[10] ^= 1;
         assert!(verify_inclusion(&other, &proof, &h, &pinned).is_err());
-        let wrong = InclusionProof { seq: 6, ..proof.clone() };
+        let wrong = InclusionProof {
+            seq: 6,
+            ..proof.clone()
+        };
         assert!(verify_inclusion(line, &wrong, &h, &pinned).is_err());
         let older = head(&tree, 6, &k, "2026-01-01T00:00:06.000Z");
         let consistency = ConsistencyProof {

@@ -57,7 +57,6 @@ fn root_of_slice(leaves: &[Hash]) -> Hash {
 /// (and may know more).
 type Sub<'a> = &'a dyn Fn(usize, usize) -> Hash;
 
-
 /// PATH(index): the audit path of leaf `index` in the tree over `leaves`, or `None` when
 /// there is no such leaf.
 pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
@@ -65,7 +64,13 @@ pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
         return None;
     }
     let mut proof = Vec::new();
-    path(&|a, b| root_of_slice(&leaves[a..b]), 0, leaves.len(), index, &mut proof);
+    path(
+        &|a, b| root_of_slice(&leaves[a..b]),
+        0,
+        leaves.len(),
+        index,
+        &mut proof,
+    );
     Some(proof)
 }
 
@@ -91,7 +96,14 @@ pub fn consistency_proof(leaves: &[Hash], first: usize) -> Option<Vec<Hash>> {
         return None;
     }
     let mut proof = Vec::new();
-    subproof(&|a, b| root_of_slice(&leaves[a..b]), 0, leaves.len(), first, true, &mut proof);
+    subproof(
+        &|a, b| root_of_slice(&leaves[a..b]),
+        0,
+        leaves.len(),
+        first,
+        true,
+        &mut proof,
+    );
     Some(proof)
 }
 
@@ -141,7 +153,7 @@ impl Tree {
         self.levels[0].push(leaf);
         let mut h = 0;
         // A level whose length became even completed a subtree one level up.
-        while self.levels[h].len() % 2 == 0 {
+        while self.levels[h].len().is_multiple_of(2) {
             let n = self.levels[h].len();
             let parent = node_hash(&self.levels[h][n - 2], &self.levels[h][n - 1]);
             if self.levels.len() == h + 1 {
@@ -158,7 +170,7 @@ impl Tree {
         if n == 0 {
             return Sha256::digest(b"").into();
         }
-        if n.is_power_of_two() && a % n == 0 {
+        if n.is_power_of_two() && a.is_multiple_of(n) {
             let h = n.trailing_zeros() as usize;
             return self.levels[h][a / n];
         }

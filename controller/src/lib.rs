@@ -142,16 +142,19 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| args.data_dir.join("master.key"));
     let secrets = service::secrets::MasterKey::load_or_create(&master_key)?;
-    let audit = service::audit::AuditLog::open(
-        &service::audit::AuditPaths {
-            dir: args.data_dir.join("audit"),
-            head_store: args
-                .audit_head_store
-                .clone()
-                .unwrap_or_else(|| args.data_dir.join("audit-heads")),
-        },
-        &secrets,
-    )?;
+    let audit_paths = service::audit::AuditPaths {
+        dir: args.data_dir.join("audit"),
+        head_store: args
+            .audit_head_store
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join("audit-heads")),
+    };
+    let audit = {
+        // Reading and verifying the whole log, then waiting for the start record: blocking.
+        let secrets = secrets.clone();
+        tokio::task::spawn_blocking(move || service::audit::AuditLog::open(&audit_paths, &secrets))
+            .await??
+    };
     let authz = access::authz::Authz::new()?;
     // Bound now, so that the default WebAuthn origin names the real port (`--listen` may ask
     // for port 0).
@@ -209,7 +212,18 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         .compute
         .spawn_reconciler(std::time::Duration::from_secs(args.reconcile_interval_secs));
     spawn_housekeeping(controller.clone());
-    access::server::run(controller, listener, &pki).await
+    let audit = controller.audit.clone();
+    let served = access::server::run(controller, listener, &pki).await;
+    // A clean stop leaves a stop record and a last signed head; without them, the next start
+    // shows an unclean stop.
+    match tokio::task::spawn_blocking(move || audit.stop()).await {
+        Ok(Ok(head)) => tracing::info!(records = head.tree_size, "audit log closed"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "closing the audit log")
+        }
+        Err(e) => tracing::error!(error = %e, "closing the audit log"),
+    }
+    served
 }
 
 /// Once a minute: forgets nonces too old to matter (their requests fail the time window

@@ -200,9 +200,7 @@ impl RequestCtx {
             // resource is a provider action, shown in that tenant's records.
             let (tenant_id, provider) = match principal {
                 Some(p) if p.tenant_id.is_some() => (p.tenant_id.clone(), false),
-                Some(_) if state.resource_tenant.is_some() => {
-                    (state.resource_tenant.clone(), true)
-                }
+                Some(_) if state.resource_tenant.is_some() => (state.resource_tenant.clone(), true),
                 _ => (state.tenant_id.clone(), false),
             };
             Entry {

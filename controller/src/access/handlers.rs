@@ -1243,15 +1243,151 @@ pub async fn console(
     ))
 }
 
-/// The raw audit log, for offline verification (`palisade audit verify`).
+/// The raw audit log, for offline verification (`palisade audit verify`): every durable
+/// record, and nothing half-written.
 pub async fn audit_log(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {
     ctx.authorize("audit.read", &Resource::Platform).await?;
     ctx.describe("audit.read", "audit-log/platform");
     ctx.permit().await?;
-    let bytes = tokio::fs::read(c.audit.path())
+    let audit = c.audit.clone();
+    let bytes = tokio::task::spawn_blocking(move || audit.durable_log())
+        .await
+        .map_err(|e| Error::Internal(e.into()))?
+        .map_err(Error::Internal)?;
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], bytes).into_response())
+}
+
+/// Every signed tree head, oldest first (JSON lines). Heads name no tenant: anyone signed in
+/// may keep them, to check later that the log was never cut or rewritten.
+pub async fn audit_heads(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {
+    ctx.authorize("audit_proof.heads", &Resource::Caller)
+        .await?;
+    ctx.describe("audit_proof.heads", "audit-log/heads");
+    ctx.permit().await?;
+    let bytes = tokio::fs::read(c.audit.heads_path())
         .await
         .map_err(|e| Error::Internal(e.into()))?;
+    // Only whole lines: a head being written is left for the next read.
+    let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let mut bytes = bytes;
+    bytes.truncate(whole);
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], bytes).into_response())
+}
+
+/// Signs a head over everything written so far, now.
+pub async fn audit_sign_head(
+    State(c): Ctl,
+    ctx: RequestCtx,
+) -> Result<Json<palisade_common::audit::TreeHead>> {
+    ctx.authorize("audit_proof.sign", &Resource::Caller).await?;
+    ctx.describe("audit_proof.sign", "audit-log/heads");
+    ctx.permit().await?;
+    c.audit.sign_head().await.map(Json).map_err(audit_failed)
+}
+
+fn audit_failed(e: crate::service::audit::AppendError) -> Error {
+    tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "audit log");
+    Error::Unavailable {
+        code: "audit_unavailable",
+        message: "the audit log cannot be written".into(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InclusionQuery {
+    seq: u64,
+    tree_size: u64,
+}
+
+/// One record and its inclusion proof in the tree of `tree_size` records. A tenant's users
+/// may prove their tenant's records, any other caller its own; the auditor any record. A
+/// record the caller may not see is 404, as one that does not exist.
+pub async fn audit_inclusion(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    RawQuery(query): RawQuery,
+) -> Result<Json<api::AuditInclusion>> {
+    ctx.authorize("audit_proof.inclusion", &Resource::Caller)
+        .await?;
+    let query: InclusionQuery = parse_query(query.as_deref())?;
+    ctx.describe(
+        "audit_proof.inclusion",
+        format!("audit-log/record/{}", query.seq),
+    );
+    let principal = principal(&ctx)?;
+    let audit = c.audit.clone();
+    let seq = query.seq;
+    let line = tokio::task::spawn_blocking(move || audit.record_line(seq))
+        .await
+        .map_err(|e| Error::Internal(e.into()))?
+        .map_err(Error::Internal)?;
+    let missing = Error::NotFound {
+        what: "audit record",
+    };
+    let line = line.ok_or(missing)?;
+    let record: palisade_common::audit::AuditRecord =
+        serde_json::from_slice(&line).map_err(|e| Error::Internal(e.into()))?;
+    let visible = match &principal.tenant_id {
+        Some(tenant) => record.tenant_id.as_deref() == Some(tenant.as_str()),
+        None => {
+            principal.role == "auditor" || record.subject == format!("user:{}", principal.user_id)
+        }
+    };
+    if !visible {
+        return Err(Error::NotFound {
+            what: "audit record",
+        });
+    }
+    let proof = c
+        .audit
+        .inclusion_proof(query.seq, query.tree_size)
+        .ok_or_else(|| {
+            Error::invalid("tree_size must cover the record and not pass the log's size")
+        })?;
+    ctx.permit().await?;
+    Ok(Json(api::AuditInclusion {
+        record: String::from_utf8_lossy(&line).into_owned(),
+        proof,
+    }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsistencyQuery {
+    first: u64,
+    second: u64,
+}
+
+/// That the tree of `second` records extends the tree of `first` records.
+pub async fn audit_consistency(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    RawQuery(query): RawQuery,
+) -> Result<Json<palisade_common::audit::ConsistencyProof>> {
+    ctx.authorize("audit_proof.consistency", &Resource::Caller)
+        .await?;
+    ctx.describe("audit_proof.consistency", "audit-log/heads");
+    let query: ConsistencyQuery = parse_query(query.as_deref())?;
+    let proof = c
+        .audit
+        .consistency_proof(query.first, query.second)
+        .ok_or_else(|| Error::invalid("need 0 < first <= second <= the log's size"))?;
+    ctx.permit().await?;
+    Ok(Json(proof))
+}
+
+/// Replaces the head key (security administrators): the old key signs a head announcing the
+/// new one, so verifiers follow the change; a record marks it in the log.
+pub async fn audit_rotate_key(
+    State(c): Ctl,
+    ctx: RequestCtx,
+) -> Result<Json<palisade_common::audit::TreeHead>> {
+    ctx.authorize("audit_key.rotate", &Resource::Platform)
+        .await?;
+    ctx.describe("audit_key.rotate", "audit-log/head-key");
+    ctx.permit().await?;
+    c.audit.rotate_key().await.map(Json).map_err(audit_failed)
 }
 
 pub async fn not_found() -> Error {

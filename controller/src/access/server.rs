@@ -26,6 +26,8 @@ pub const QUERY_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/instances"),
     ("GET", "/v1/policies"),
     ("GET", "/v1/instances/{id}/console"),
+    ("GET", "/v1/audit/proof/inclusion"),
+    ("GET", "/v1/audit/proof/consistency"),
 ];
 
 /// Routes that read a request body; every other route refuses a non-empty one (400), so a
@@ -315,6 +317,36 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             get(h::console),
         ),
         r("GET", "/v1/audit/log", "audit.read", get(h::audit_log)),
+        r(
+            "GET",
+            "/v1/audit/heads",
+            "audit_proof.heads",
+            get(h::audit_heads),
+        ),
+        r(
+            "POST",
+            "/v1/audit/heads",
+            "audit_proof.sign",
+            post(h::audit_sign_head),
+        ),
+        r(
+            "GET",
+            "/v1/audit/proof/inclusion",
+            "audit_proof.inclusion",
+            get(h::audit_inclusion),
+        ),
+        r(
+            "GET",
+            "/v1/audit/proof/consistency",
+            "audit_proof.consistency",
+            get(h::audit_consistency),
+        ),
+        r(
+            "POST",
+            "/v1/audit/head-key/rotate",
+            "audit_key.rotate",
+            post(h::audit_rotate_key),
+        ),
     ]
 }
 
@@ -421,7 +453,27 @@ pub async fn run(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    server.serve(app).await?;
+    // SIGTERM or SIGINT: stop taking connections, let requests in flight finish (10 s at
+    // most), then return, so the caller can close the audit log with a stop record.
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot watch for SIGTERM/SIGINT");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping: finishing requests in flight");
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+    });
+    server.handle(handle).serve(app).await?;
     Ok(())
 }
 

@@ -82,6 +82,8 @@ struct Inner {
 #[derive(Default)]
 struct View {
     tree: Tree,
+    /// Bytes of the log that are durable records.
+    len: u64,
     /// Byte offset of each record's line.
     offsets: Vec<u64>,
     latest: Option<TreeHead>,
@@ -116,7 +118,9 @@ impl AuditLog {
         let heads_path = paths.dir.join(HEADS_FILE);
         let store_path = paths.head_store.join(HEADS_FILE);
         let log = read_or_empty(&path)?;
-        let log = cut_torn_tail(&path, log, |bytes| format::verify_records(bytes).2.is_none())?;
+        let log = cut_torn_tail(&path, log, |bytes| {
+            format::verify_records(bytes).fault.is_none()
+        })?;
         let mut head_bytes = Vec::new();
         for p in [&heads_path, &store_path] {
             let bytes = read_or_empty(p)?;
@@ -138,7 +142,7 @@ impl AuditLog {
                 path.display()
             );
         }
-        let (tree, _, _) = format::verify_records(&log);
+        let tree = format::verify_records(&log).tree;
         let mut offsets = Vec::with_capacity(tree.size());
         let mut at = 0u64;
         for line in log.split_inclusive(|b| *b == b'\n') {
@@ -175,6 +179,7 @@ impl AuditLog {
                 heads_path,
                 jobs: Mutex::new(Some(tx)),
                 view: Arc::new(RwLock::new(View {
+                    len: log.len() as u64,
                     tree,
                     offsets,
                     latest: heads.last().cloned(),
@@ -186,14 +191,10 @@ impl AuditLog {
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx, &view))?;
-        *audit
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        let previous = heads
-            .last()
-            .map_or("none".to_string(), |h| format!("{}@{}", h.tree_size, h.time));
+        *audit.inner.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        let previous = heads.last().map_or("none".to_string(), |h| {
+            format!("{}@{}", h.tree_size, h.time)
+        });
         audit
             .append_blocking(Entry {
                 action: WRITER_STARTED.into(),
@@ -231,7 +232,9 @@ impl AuditLog {
     fn send(&self, job: Job) -> Result<(), AppendError> {
         let jobs = self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner());
         match jobs.as_ref() {
-            Some(tx) => tx.send(job).map_err(|_| other("the audit writer has stopped")),
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| other("the audit writer has stopped")),
             None => Err(other("the audit writer has stopped")),
         }
     }
@@ -246,7 +249,8 @@ impl AuditLog {
     async fn request_async<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, AppendError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.send(job(reply))?;
-        rx.await.map_err(|_| other("the audit writer has stopped"))?
+        rx.await
+            .map_err(|_| other("the audit writer has stopped"))?
     }
 
     /// Appends one record and makes it durable. Blocking: call from a blocking context.
@@ -261,7 +265,8 @@ impl AuditLog {
 
     /// Signs a head over everything durable now.
     pub async fn sign_head(&self) -> Result<TreeHead, AppendError> {
-        self.request_async(|reply| Job::Head("request", reply)).await
+        self.request_async(|reply| Job::Head("request", reply))
+            .await
     }
 
     /// Replaces the head key: a rotation record, a head the old key signs announcing the new
@@ -273,7 +278,11 @@ impl AuditLog {
     /// Ends the writer cleanly: a stop record and a last head. Appends after it fail.
     pub fn stop(&self) -> Result<TreeHead, AppendError> {
         let head = self.request(Job::Stop);
-        self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.inner
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(handle) = self
             .inner
             .writer
@@ -309,10 +318,7 @@ impl AuditLog {
             let Some(start) = view.offsets.get(index).copied() else {
                 return Ok(None);
             };
-            let end = match view.offsets.get(index + 1) {
-                Some(next) => *next,
-                None => std::fs::metadata(&self.inner.path)?.len(),
-            };
+            let end = view.offsets.get(index + 1).copied().unwrap_or(view.len);
             (start, end)
         };
         let file = File::open(&self.inner.path)?;
@@ -322,6 +328,17 @@ impl AuditLog {
             buf.pop();
         }
         Ok(Some(buf))
+    }
+
+    /// The log's durable records (a record being written is left out).
+    pub fn durable_log(&self) -> anyhow::Result<Vec<u8>> {
+        use std::io::Read;
+        let len = self.view().len;
+        let mut bytes = Vec::with_capacity(len as usize);
+        File::open(&self.inner.path)?
+            .take(len)
+            .read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 
     /// The audit path of record `seq` in the tree of `tree_size` records.
@@ -573,6 +590,7 @@ impl Writer {
                     .unwrap_or([0; 32]);
                 view.tree.push(leaf);
             }
+            view.len = at;
         }
         self.len += lines.len() as u64;
         self.seq += pending.len() as u64;
@@ -676,10 +694,7 @@ impl Writer {
         if !failures.is_empty() {
             bail!("writing a signed head failed: {}", failures.join("; "));
         }
-        view
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .latest = Some(head.clone());
+        view.write().unwrap_or_else(|p| p.into_inner()).latest = Some(head.clone());
         Ok(head)
     }
 }
@@ -791,7 +806,13 @@ mod tests {
         assert!(AuditLog::open(&paths, &master).is_err());
         // The last record cut off (both the log and the heads beside it): the head store
         // still remembers.
-        let cut = good.len() - 1 - good[..good.len() - 1].iter().rev().position(|b| *b == b'\n').unwrap();
+        let cut = good.len()
+            - 1
+            - good[..good.len() - 1]
+                .iter()
+                .rev()
+                .position(|b| *b == b'\n')
+                .unwrap();
         std::fs::write(&path, &good[..cut]).unwrap();
         std::fs::write(paths.dir.join(HEADS_FILE), b"").unwrap();
         let e = AuditLog::open(&paths, &master).err().unwrap().to_string();

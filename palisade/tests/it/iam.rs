@@ -295,6 +295,26 @@ impl World {
                 body(json!({"text": ""})),
             ),
             "audit.read" => ("GET", "/v1/audit/log".into(), vec![]),
+            "audit_proof.heads" => ("GET", "/v1/audit/heads".into(), vec![]),
+            "audit_proof.sign" => ("POST", "/v1/audit/heads".into(), vec![]),
+            "audit_proof.inclusion" => {
+                // The caller's own record: the one this request leaves.
+                let r = raw.signed(p, s, "GET", "/v1/whoami", b"");
+                assert_eq!(r.status, 200, "{role}: {:?}", r.body);
+                let log = std::fs::read_to_string(p.audit_log()).unwrap();
+                let seq = log.lines().count();
+                (
+                    "GET",
+                    format!("/v1/audit/proof/inclusion?seq={seq}&tree_size={seq}"),
+                    vec![],
+                )
+            }
+            "audit_proof.consistency" => (
+                "GET",
+                "/v1/audit/proof/consistency?first=1&second=2".into(),
+                vec![],
+            ),
+            "audit_key.rotate" => ("POST", "/v1/audit/head-key/rotate".into(), vec![]),
             "flavor.list" => ("GET", "/v1/flavors".into(), vec![]),
             "image.list" => ("GET", "/v1/images".into(), vec![]),
             "instance.create" => (

@@ -251,6 +251,45 @@ impl Platform {
         }
     }
 
+    /// SIGTERM, as an operator's stop would, and waits for the exit.
+    pub fn stop_controller(&mut self) {
+        if let Some(mut child) = self.controller.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// The audit log's head files: beside the log, and in the separate head store.
+    pub fn audit_heads(&self) -> [PathBuf; 2] {
+        [
+            self.data().join("audit/heads.jsonl"),
+            self.data().join("audit-heads/heads.jsonl"),
+        ]
+    }
+
+    /// The key of the audit log's first head: what an operator publishes.
+    pub fn audit_head_key(&self) -> String {
+        let text = std::fs::read_to_string(&self.audit_heads()[1]).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        first["key"].as_str().unwrap().to_string()
+    }
+
+    /// `palisade audit verify` of `log` against both head stores, the published key pinned.
+    pub fn verify_audit(&self, log: &Path) -> Output {
+        let [a, b] = self.audit_heads();
+        let key = self.audit_head_key();
+        let (log, a, b) = (
+            log.display().to_string(),
+            a.display().to_string(),
+            b.display().to_string(),
+        );
+        self.cli(&[
+            "audit", "verify", "--log", &log, "--heads", &a, "--heads", &b, "--key", &key,
+        ])
+    }
+
     pub fn kill_controller(&mut self) {
         if let Some(mut child) = self.controller.take() {
             let _ = child.kill();
