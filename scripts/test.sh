@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 scripts/host-packages.sh
 images/build-guest.sh build/guest
 cargo fmt --all -- --check
-# The benchmark is not a test, but it must keep building.
-cargo test --locked -p palisade --bench boot --no-run
+# The benchmarks are not tests, but they must keep building.
+cargo test --locked -p palisade --bench boot --bench audit --no-run
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Doc tests are skipped (there are none); the integration suite runs two tests at a time.

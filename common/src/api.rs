@@ -565,3 +565,11 @@ pub struct AuditInclusion {
     pub record: String,
     pub proof: crate::audit::InclusionProof,
 }
+
+/// A page of audit records, oldest first, and the cursor (`after`) for the next page.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecords {
+    pub records: Vec<crate::audit::AuditRecord>,
+    pub next: Option<u64>,
+}

@@ -1257,6 +1257,87 @@ pub async fn audit_log(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], bytes).into_response())
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordsQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+    since: Option<String>,
+    until: Option<String>,
+    action: Option<String>,
+    object: Option<String>,
+    result: Option<String>,
+    tenant: Option<String>,
+}
+
+/// Audit records, oldest first, a page at a time. A tenant administrator reads the tenant's
+/// records (its users' and the provider's actions on its resources); other tenant users and
+/// platform accounts read their own; the auditor reads all and may pick a tenant.
+pub async fn audit_records(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    RawQuery(query): RawQuery,
+) -> Result<Json<api::AuditRecords>> {
+    use crate::service::audit::{Filter, Scope};
+    ctx.authorize("audit_records.list", &Resource::Caller)
+        .await?;
+    let principal = principal(&ctx)?;
+    let query: RecordsQuery = parse_query(query.as_deref())?;
+    let scope = match (&principal.tenant_id, principal.role.as_str()) {
+        (Some(tenant), "tenant_admin") => Scope::Tenant(tenant.clone()),
+        (None, "auditor") => Scope::All,
+        _ => Scope::Subject(format!("user:{}", principal.user_id)),
+    };
+    ctx.describe(
+        "audit_records.list",
+        match &scope {
+            Scope::All => "audit-log/platform".to_string(),
+            Scope::Tenant(t) => format!("audit-log/tenant/{t}"),
+            Scope::Subject(_) => "audit-log/self".to_string(),
+        },
+    );
+    if query.tenant.is_some() && !matches!(scope, Scope::All) {
+        return Err(Error::invalid("only the auditor chooses a tenant"));
+    }
+    let time = |name: &str, text: &Option<String>| -> Result<Option<time::OffsetDateTime>> {
+        text.as_deref()
+            .map(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| Error::invalid(format!("{name} must be an RFC 3339 time")))
+            })
+            .transpose()
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::invalid("limit must be 1 to 1000"));
+    }
+    for text in [&query.action, &query.object, &query.result, &query.tenant]
+        .into_iter()
+        .flatten()
+    {
+        if text.len() > 256 {
+            return Err(Error::invalid("filters are at most 256 bytes"));
+        }
+    }
+    let filter = Filter {
+        since: time("since", &query.since)?,
+        until: time("until", &query.until)?,
+        action: query.action,
+        object: query.object,
+        result: query.result,
+        tenant: query.tenant,
+    };
+    ctx.permit().await?;
+    let audit = c.audit.clone();
+    let (records, next) =
+        tokio::task::spawn_blocking(move || audit.records(&scope, &filter, query.after, limit))
+            .await
+            .map_err(|e| Error::Internal(e.into()))?
+            .map_err(Error::Internal)?;
+    Ok(Json(api::AuditRecords { records, next }))
+}
+
 /// Every signed tree head, oldest first (JSON lines). Heads name no tenant: anyone signed in
 /// may keep them, to check later that the log was never cut or rewritten.
 pub async fn audit_heads(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {

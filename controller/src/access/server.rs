@@ -26,6 +26,7 @@ pub const QUERY_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/instances"),
     ("GET", "/v1/policies"),
     ("GET", "/v1/instances/{id}/console"),
+    ("GET", "/v1/audit/records"),
     ("GET", "/v1/audit/proof/inclusion"),
     ("GET", "/v1/audit/proof/consistency"),
 ];
@@ -317,6 +318,12 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             get(h::console),
         ),
         r("GET", "/v1/audit/log", "audit.read", get(h::audit_log)),
+        r(
+            "GET",
+            "/v1/audit/records",
+            "audit_records.list",
+            get(h::audit_records),
+        ),
         r(
             "GET",
             "/v1/audit/heads",

@@ -12,6 +12,7 @@
 //! - The writer's start and clean stop, and key rotations, are records themselves: a restart
 //!   without a stop record before it shows an unclean stop, never a silent gap.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -86,6 +87,9 @@ struct View {
     len: u64,
     /// Byte offset of each record's line.
     offsets: Vec<u64>,
+    /// The records (`seq`) of each tenant, and of each subject, in order.
+    by_tenant: HashMap<String, Vec<u64>>,
+    by_subject: HashMap<String, Vec<u64>>,
     latest: Option<TreeHead>,
 }
 
@@ -144,10 +148,13 @@ impl AuditLog {
         }
         let tree = format::verify_records(&log).tree;
         let mut offsets = Vec::with_capacity(tree.size());
+        let (mut by_tenant, mut by_subject) = (HashMap::new(), HashMap::new());
         let mut at = 0u64;
-        for line in log.split_inclusive(|b| *b == b'\n') {
+        for (index, line) in log.split_inclusive(|b| *b == b'\n').enumerate() {
             offsets.push(at);
             at += line.len() as u64;
+            let who: Who = serde_json::from_slice(line).context("indexing the audit log")?;
+            who.index(index as u64 + 1, &mut by_tenant, &mut by_subject);
         }
         let open_append = |p: &Path| {
             OpenOptions::new()
@@ -182,6 +189,8 @@ impl AuditLog {
                     len: log.len() as u64,
                     tree,
                     offsets,
+                    by_tenant,
+                    by_subject,
                     latest: heads.last().cloned(),
                 })),
                 writer: Mutex::new(None),
@@ -330,6 +339,62 @@ impl AuditLog {
         Ok(Some(buf))
     }
 
+    /// Records in `scope` after `after` that pass `filter`, at most `limit`, and the cursor
+    /// to go on from when more may follow.
+    pub fn records(
+        &self,
+        scope: &Scope,
+        filter: &Filter,
+        after: u64,
+        limit: usize,
+    ) -> anyhow::Result<(Vec<AuditRecord>, Option<u64>)> {
+        use std::os::unix::fs::FileExt;
+        let (candidates, spans): (Vec<u64>, Vec<(u64, u64)>) = {
+            let view = self.view();
+            let size = view.offsets.len() as u64;
+            let seqs: Vec<u64> = match scope {
+                Scope::All => (after + 1..=size).take(MAX_SCAN).collect(),
+                Scope::Tenant(key) | Scope::Subject(key) => {
+                    let index = match scope {
+                        Scope::Tenant(_) => &view.by_tenant,
+                        _ => &view.by_subject,
+                    };
+                    let seqs = index.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                    let from = seqs.partition_point(|s| *s <= after);
+                    seqs[from..].iter().copied().take(MAX_SCAN).collect()
+                }
+            };
+            let spans = seqs
+                .iter()
+                .map(|seq| {
+                    let i = (*seq - 1) as usize;
+                    let start = view.offsets[i];
+                    let end = view.offsets.get(i + 1).copied().unwrap_or(view.len);
+                    (start, end)
+                })
+                .collect();
+            (seqs, spans)
+        };
+        let file = File::open(&self.inner.path)?;
+        let mut found = Vec::new();
+        let mut last = after;
+        for (seq, (start, end)) in candidates.iter().zip(spans) {
+            if found.len() == limit {
+                return Ok((found, Some(last)));
+            }
+            let mut line = vec![0u8; (end - start) as usize];
+            file.read_exact_at(&mut line, start)?;
+            let record: AuditRecord =
+                serde_json::from_slice(&line).with_context(|| format!("audit record {seq}"))?;
+            last = *seq;
+            if filter.matches(&record) {
+                found.push(record);
+            }
+        }
+        let more = candidates.len() == MAX_SCAN;
+        Ok((found, more.then_some(last)))
+    }
+
     /// The log's durable records (a record being written is left out).
     pub fn durable_log(&self) -> anyhow::Result<Vec<u8>> {
         use std::io::Read;
@@ -366,6 +431,82 @@ impl AuditLog {
         })
     }
 }
+
+/// What the record indexes need of a record.
+#[derive(serde::Deserialize)]
+struct Who {
+    tenant_id: Option<String>,
+    subject: String,
+}
+
+impl Who {
+    fn index(
+        self,
+        seq: u64,
+        by_tenant: &mut HashMap<String, Vec<u64>>,
+        by_subject: &mut HashMap<String, Vec<u64>>,
+    ) {
+        if let Some(tenant) = self.tenant_id {
+            by_tenant.entry(tenant).or_default().push(seq);
+        }
+        by_subject.entry(self.subject).or_default().push(seq);
+    }
+}
+
+/// Whose records a reader may see.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    All,
+    Tenant(String),
+    Subject(String),
+}
+
+/// What a reader asks for; empty fields match everything. `action` and `object` match exactly,
+/// or as a prefix when they end with `*`.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub since: Option<time::OffsetDateTime>,
+    pub until: Option<time::OffsetDateTime>,
+    pub action: Option<String>,
+    pub object: Option<String>,
+    pub result: Option<String>,
+    pub tenant: Option<String>,
+}
+
+fn text_matches(pattern: &Option<String>, text: &str) -> bool {
+    match pattern {
+        None => true,
+        Some(p) => match p.strip_suffix('*') {
+            Some(prefix) => text.starts_with(prefix),
+            None => p == text,
+        },
+    }
+}
+
+impl Filter {
+    fn matches(&self, record: &AuditRecord) -> bool {
+        use time::format_description::well_known::Rfc3339;
+        if self.since.is_some() || self.until.is_some() {
+            let Ok(at) = time::OffsetDateTime::parse(&record.time, &Rfc3339) else {
+                return false;
+            };
+            if self.since.is_some_and(|s| at < s) || self.until.is_some_and(|u| at >= u) {
+                return false;
+            }
+        }
+        text_matches(&self.action, &record.action)
+            && text_matches(&self.object, &record.object)
+            && self.result.as_ref().is_none_or(|r| *r == record.result)
+            && self
+                .tenant
+                .as_ref()
+                .is_none_or(|t| record.tenant_id.as_deref() == Some(t.as_str()))
+    }
+}
+
+/// Most records one page looks at: a filter that matches little returns a short page and a
+/// cursor instead of scanning the whole log in one request.
+const MAX_SCAN: usize = 50_000;
 
 fn read_or_empty(path: &Path) -> anyhow::Result<Vec<u8>> {
     match std::fs::read(path) {
@@ -589,6 +730,16 @@ impl Writer {
                     .and_then(|h| h.try_into().ok())
                     .unwrap_or([0; 32]);
                 view.tree.push(leaf);
+                let who = Who {
+                    tenant_id: record.tenant_id.clone(),
+                    subject: record.subject.clone(),
+                };
+                let View {
+                    by_tenant,
+                    by_subject,
+                    ..
+                } = &mut *view;
+                who.index(record.seq, by_tenant, by_subject);
             }
             view.len = at;
         }

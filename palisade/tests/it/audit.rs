@@ -514,3 +514,122 @@ fn when_the_audit_log_cannot_be_written_the_request_fails_and_nothing_happens() 
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// C6 and X.1605 11.2-6: a tenant administrator reads its tenant's records (with the
+/// provider's actions on its resources marked), filtered and a page at a time; other users
+/// read their own; another tenant's records never show; nothing changes or deletes a record.
+#[test]
+fn tenants_read_their_own_records_filtered_and_paged_and_never_anothers() {
+    let p = Platform::start();
+    let admin = p.admin();
+    let (acme, alice) = p.tenant(&admin, "acme", None);
+    let (_, bob) = p.tenant(&admin, "bravo", None);
+    let member = p.tenant_user(&admin, &acme.id, "mia", "member");
+    let tad = p.tenant_user(&admin, &acme.id, "tad", "tenant_admin");
+    for _ in 0..3 {
+        let _: Vec<api::Instance> = p.block_on(alice.client.get("/v1/instances")).unwrap();
+        let _: Vec<api::Instance> = p.block_on(bob.client.get("/v1/instances")).unwrap();
+    }
+    let _: Vec<api::Instance> = p.block_on(member.client.get("/v1/instances")).unwrap();
+    // The provider looks at acme: a provider action in acme's records.
+    let _: api::Tenant = p
+        .block_on(admin.client.get(&format!("/v1/tenants/{}", acme.id)))
+        .unwrap();
+
+    let page = |s: &Signer, query: &str| -> api::AuditRecords {
+        p.block_on(s.client.get(&format!("/v1/audit/records{query}")))
+            .unwrap()
+    };
+    let all = page(&tad, "?limit=1000");
+    assert!(all.next.is_none());
+    assert!(!all.records.is_empty());
+    assert!(
+        all.records
+            .iter()
+            .all(|r| r.tenant_id.as_deref() == Some(acme.id.as_str())),
+        "only acme's records"
+    );
+    // The provider's actions: creating the tenant's three users, and the look at the tenant.
+    let provider: Vec<&str> = all
+        .records
+        .iter()
+        .filter(|r| r.provider)
+        .map(|r| r.action.as_str())
+        .collect();
+    assert_eq!(
+        provider,
+        ["user.create", "user.create", "user.create", "tenant.show"]
+    );
+    assert!(all
+        .records
+        .iter()
+        .filter(|r| r.provider)
+        .all(|r| r.role.as_deref() == Some("platform_admin")));
+    // Each record comes back byte for byte as logged: its hash still checks out.
+    for r in &all.records {
+        let mut copy = r.clone();
+        copy.seal();
+        assert_eq!(copy.hash, r.hash);
+    }
+    // A member sees only its own records.
+    let own = page(&member, "");
+    assert!(!own.records.is_empty());
+    let subjects: std::collections::BTreeSet<&str> =
+        own.records.iter().map(|r| r.subject.as_str()).collect();
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    assert!(own.records.len() < all.records.len());
+
+    // Filters and pages.
+    let lists = page(&tad, "?action=instance.list&result=allowed");
+    assert_eq!(lists.records.len(), 4, "three of alice's and one of mia's");
+    let prefix = page(&tad, "?action=instance.*");
+    assert_eq!(prefix.records.len(), 4);
+    let first = page(&tad, "?action=instance.list&limit=3");
+    assert_eq!(first.records.len(), 3);
+    let cursor = first.next.expect("a cursor when more may follow");
+    let rest = page(&tad, &format!("?action=instance.list&after={cursor}"));
+    assert_eq!(rest.records.len(), 1);
+    assert!(rest.records[0].seq > first.records[2].seq);
+    let later = page(&tad, "?since=2999-01-01T00:00:00Z");
+    assert!(later.records.is_empty());
+    for bad in [
+        "?limit=0",
+        "?limit=5000",
+        "?since=yesterday",
+        "?tenant=x",
+        "?verb=x",
+    ] {
+        let err = p
+            .block_on(
+                alice
+                    .client
+                    .get::<api::AuditRecords>(&format!("/v1/audit/records{bad}")),
+            )
+            .unwrap_err();
+        assert_eq!(api_error(err).status, 400, "{bad}");
+    }
+
+    // Bob never sees acme's records, whatever he asks.
+    let bobs = page(&bob, &format!("?limit=1000&object=tenant/{}*", acme.id));
+    assert!(bobs
+        .records
+        .iter()
+        .all(|r| r.tenant_id.as_deref() != Some(acme.id.as_str())));
+    // No route changes or deletes a record.
+    for method in ["PUT", "DELETE", "PATCH", "POST"] {
+        let r = p.raw().signed(&p, &alice, method, "/v1/audit/records", b"");
+        assert!(r.status == 405 || r.status == 404, "{method}: {}", r.status);
+    }
+
+    // The auditor reads everyone's, and may pick a tenant.
+    let auditor = p.platform_account(&admin, "audrey", "auditor");
+    let everything = page(&auditor, "?limit=1000");
+    assert!(everything.records.len() > all.records.len());
+    let tads = page(&tad, "?limit=1000");
+    let acmes = page(&auditor, &format!("?limit=1000&tenant={}", acme.id));
+    assert!(acmes
+        .records
+        .iter()
+        .all(|r| r.tenant_id.as_deref() == Some(acme.id.as_str())));
+    assert_eq!(acmes.records[..tads.records.len()], tads.records[..]);
+}

@@ -295,6 +295,7 @@ impl World {
                 body(json!({"text": ""})),
             ),
             "audit.read" => ("GET", "/v1/audit/log".into(), vec![]),
+            "audit_records.list" => ("GET", "/v1/audit/records".into(), vec![]),
             "audit_proof.heads" => ("GET", "/v1/audit/heads".into(), vec![]),
             "audit_proof.sign" => ("POST", "/v1/audit/heads".into(), vec![]),
             "audit_proof.inclusion" => {
