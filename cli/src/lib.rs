@@ -427,6 +427,33 @@ pub enum AuditCmd {
         #[arg(long)]
         key: Option<String>,
     },
+    /// Audit records you may read, oldest first: a tenant administrator its tenant's (provider
+    /// actions marked), others their own, the auditor all.
+    List {
+        /// From this RFC 3339 time on.
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        /// An action, or a prefix ending in `*` (`instance.*`).
+        #[arg(long)]
+        action: Option<String>,
+        /// An object, or a prefix ending in `*`.
+        #[arg(long)]
+        object: Option<String>,
+        /// `allowed`, `denied`, `rejected`, ...
+        #[arg(long)]
+        result: Option<String>,
+        /// Auditor only: one tenant's records.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Records after this sequence number (the `next` of the previous page).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Write the live log and its heads to a directory (auditor), for offline verification.
     Export {
         #[arg(long)]
@@ -534,6 +561,32 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
         Command::Instance(cmd) => ctx.instance(cmd).await,
         Command::Audit(AuditCmd::Verify { log, heads, key }) => {
             ctx.audit_verify(log, heads, key).await
+        }
+        Command::Audit(AuditCmd::List {
+            since,
+            until,
+            action,
+            object,
+            result,
+            tenant,
+            after,
+            limit,
+        }) => {
+            let query = serde_urlencoded::to_string([
+                ("since", since),
+                ("until", until),
+                ("action", action),
+                ("object", object),
+                ("result", result),
+                ("tenant", tenant),
+                ("after", Some(after.to_string())),
+                ("limit", Some(limit.to_string())),
+            ])?;
+            let page: api::AuditRecords = ctx
+                .signed()?
+                .get(&format!("/v1/audit/records?{query}"))
+                .await?;
+            ctx.show_audit_records(&page)
         }
         Command::Audit(AuditCmd::Export { dir }) => ctx.audit_export(&dir).await,
         Command::Audit(AuditCmd::Prove { seq, key }) => ctx.audit_prove(seq, key).await,
@@ -1528,6 +1581,36 @@ impl Ctx {
                     ""
                 }
             );
+        }
+        Ok(())
+    }
+
+    fn show_audit_records(&self, page: &api::AuditRecords) -> anyhow::Result<()> {
+        self.show(page, |t| {
+            t.row([
+                "SEQ", "TIME", "SUBJECT", "ROLE", "ACTION", "OBJECT", "RESULT", "CODE", "SOURCE",
+            ]);
+            for r in &page.records {
+                let subject = if r.provider {
+                    format!("{} (provider)", r.subject)
+                } else {
+                    r.subject.clone()
+                };
+                t.row([
+                    r.seq.to_string(),
+                    r.time.clone(),
+                    subject,
+                    r.role.clone().unwrap_or_else(|| "-".into()),
+                    r.action.clone(),
+                    r.object.clone(),
+                    r.result.clone(),
+                    r.code.clone().unwrap_or_else(|| "-".into()),
+                    r.source.clone(),
+                ]);
+            }
+        })?;
+        if let (Some(next), false) = (page.next, self.global.json) {
+            println!("more: --after {next}");
         }
         Ok(())
     }

@@ -287,12 +287,45 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         serde_json::from_str(&as_auditor(&["--json", "audit", "verify"])).unwrap();
     assert_eq!(verdict["intact"], true, "{verdict}");
     assert!(verdict["records"].as_u64().unwrap() > 10, "{verdict}");
-    p.cli_ok(&[
+    // Exported, then checked offline against the published head key.
+    let saved = p.data().join("saved");
+    as_auditor(&["audit", "export", "--dir", &saved.display().to_string()]);
+    let key = p.audit_head_key();
+    let offline = p.cli_ok(&[
         "audit",
         "verify",
-        "--file",
-        &p.audit_log().display().to_string(),
+        "--log",
+        &saved.join("audit.log").display().to_string(),
+        "--heads",
+        &saved.join("heads.jsonl").display().to_string(),
+        "--key",
+        &key,
     ]);
+    assert!(offline.contains("intact"), "{offline}");
+
+    // The tenant reads its own records, keeps a head, and proves one of its records.
+    let mine: serde_json::Value = serde_json::from_str(&p.cli_ok(&[
+        "--json",
+        "--profile",
+        "tenant",
+        "audit",
+        "list",
+        "--action",
+        "instance.*",
+    ]))
+    .unwrap();
+    let records = mine["records"].as_array().unwrap();
+    assert!(
+        records.iter().any(|r| r["action"] == "instance.delete"),
+        "{mine}"
+    );
+    let table = p.cli_ok(&["--profile", "tenant", "audit", "list", "--limit", "2"]);
+    assert!(table.contains("more: --after"), "{table}");
+    let head = p.cli_ok(&["--profile", "tenant", "audit", "head"]);
+    assert!(head.contains(&key), "{head}");
+    let seq = records[0]["seq"].as_u64().unwrap().to_string();
+    let proved = p.cli_ok(&["--profile", "tenant", "audit", "prove", &seq, "--key", &key]);
+    assert!(proved.contains("proved"), "{proved}");
 }
 
 #[test]
