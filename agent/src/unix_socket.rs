@@ -95,8 +95,7 @@ mod tests {
             .expect("own socket");
         let err = connect_to_process(&socket, 1)
             .await
-            .err()
-            .expect("pid 1 does not serve it");
+            .expect_err("pid 1 does not serve it");
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
         accept.abort();
     }

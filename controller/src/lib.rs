@@ -178,7 +178,7 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     }
 
     let agent = agent_client::AgentClient::new(&args.agent_url, &pki)?;
-    let compute = service::compute::Compute::new(db.clone(), agent);
+    let compute = service::compute::Compute::new(db.clone(), agent, audit.clone());
     let alerts = service::alerts::Alerts::new(
         db.clone(),
         audit.clone(),

@@ -96,8 +96,24 @@ impl RequestCtx {
     /// 404 (indistinguishable from a missing one); otherwise 403. Administrative actions also
     /// need a fresh second-factor proof from MFA-bound callers.
     pub async fn authorize(&self, action: &str, resource: &Resource) -> Result<(), Error> {
+        let described = {
+            let state = self.lock();
+            (state.action.clone(), state.object.clone())
+        };
         self.describe(action, resource.audit_name());
         self.lock().resource_tenant = resource.tenant().map(str::to_string);
+        let result = self.decide(action, resource).await;
+        if let Err(Error::NotFound { .. }) = &result {
+            // Something the caller may not see leaves the record a missing one would: the
+            // caller reads its own records, which must not tell the two apart either.
+            let mut state = self.lock();
+            (state.action, state.object) = described;
+            state.resource_tenant = None;
+        }
+        result
+    }
+
+    async fn decide(&self, action: &str, resource: &Resource) -> Result<(), Error> {
         let principal = self.principal.as_ref().ok_or(Error::Unauthorized {
             code: "signature_missing",
             message: "request is not signed".into(),

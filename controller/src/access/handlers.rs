@@ -1330,11 +1330,21 @@ pub async fn audit_records(
     };
     ctx.permit().await?;
     let audit = c.audit.clone();
-    let (records, next) =
+    let everyone = matches!(scope, Scope::All);
+    let (mut records, next) =
         tokio::task::spawn_blocking(move || audit.records(&scope, &filter, query.after, limit))
             .await
             .map_err(|e| Error::Internal(e.into()))?
             .map_err(Error::Internal)?;
+    if !everyone {
+        // A tenant sees what the provider did to its resources and with which role, not which
+        // of the provider's people did it (that stays in the auditor's view). Such a record's
+        // hash is the logged one's, which the tenant cannot recompute.
+        for record in records.iter_mut().filter(|r| r.provider) {
+            record.subject = "provider".into();
+            record.key_id = None;
+        }
+    }
     Ok(Json(api::AuditRecords { records, next }))
 }
 
@@ -1410,7 +1420,8 @@ pub async fn audit_inclusion(
     let record: palisade_common::audit::AuditRecord =
         serde_json::from_slice(&line).map_err(|e| Error::Internal(e.into()))?;
     let visible = match &principal.tenant_id {
-        Some(tenant) => record.tenant_id.as_deref() == Some(tenant.as_str()),
+        // The tenant's own users' records (the provider's name the provider's people).
+        Some(tenant) => record.tenant_id.as_deref() == Some(tenant.as_str()) && !record.provider,
         None => {
             principal.role == "auditor" || record.subject == format!("user:{}", principal.user_id)
         }

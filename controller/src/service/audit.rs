@@ -227,7 +227,10 @@ impl AuditLog {
             head_store: dir.join("heads"),
         };
         let master = MasterKey::load_or_create(&dir.join("master.key")).unwrap();
-        AuditLog::open(&paths, &master).unwrap()
+        // Opening waits for the writer; from a thread of its own, so async tests may call it.
+        std::thread::spawn(move || AuditLog::open(&paths, &master).unwrap())
+            .join()
+            .unwrap()
     }
 
     pub fn path(&self) -> &Path {

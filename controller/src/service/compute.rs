@@ -22,6 +22,7 @@ use tokio::sync::{Mutex, Notify};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::db::{new_id, now, Db};
 use crate::error::{Error, Result};
+use crate::service::audit::{AuditLog, Entry};
 
 /// The host every instance is placed on until there is more than one (issue: multi-host).
 const LOCAL_HOST: &str = "local";
@@ -30,8 +31,12 @@ const LOCAL_HOST: &str = "local";
 pub struct Compute {
     db: Db,
     agent: AgentClient,
+    audit: AuditLog,
     wake: Arc<Notify>,
     pass: Arc<Mutex<()>>,
+    /// Whether the agent answered the last pass (`None` before the first): a change is a host
+    /// event in the audit log.
+    agent_up: Arc<std::sync::Mutex<Option<bool>>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -176,12 +181,96 @@ fn check_tags(tags: &std::collections::BTreeMap<String, String>) -> Result<()> {
 }
 
 impl Compute {
-    pub fn new(db: Db, agent: AgentClient) -> Compute {
+    pub fn new(db: Db, agent: AgentClient, audit: AuditLog) -> Compute {
         Compute {
             db,
             agent,
+            audit,
             wake: Arc::new(Notify::new()),
             pass: Arc::new(Mutex::new(())),
+            agent_up: Arc::default(),
+        }
+    }
+
+    /// A host event or operation's record: subject `controller`, type `host`, in the tenant's
+    /// records when it concerns one of its instances.
+    fn host_entry(
+        request_id: &str,
+        action: &str,
+        object: String,
+        tenant_id: Option<&str>,
+        result: &str,
+        code: Option<String>,
+    ) -> Entry {
+        Entry {
+            kind: palisade_common::audit::TYPE_HOST,
+            request_id: request_id.to_string(),
+            source: format!("host:{LOCAL_HOST}"),
+            subject: "controller".into(),
+            tenant_id: tenant_id.map(str::to_string),
+            action: action.into(),
+            object,
+            result: result.into(),
+            code,
+            ..Entry::default()
+        }
+    }
+
+    /// Runs one host-agent operation on an instance: recorded before it runs (not run when the
+    /// record cannot be written) and its outcome after.
+    async fn host_op<T>(
+        &self,
+        action: &str,
+        instance_id: &str,
+        tenant_id: Option<&str>,
+        op: impl std::future::Future<Output = std::result::Result<T, AgentError>>,
+    ) -> anyhow::Result<std::result::Result<T, AgentError>> {
+        let request_id = new_id();
+        let object = format!("instance/{instance_id}");
+        let entry = |result: &str, code: Option<String>| {
+            Self::host_entry(&request_id, action, object.clone(), tenant_id, result, code)
+        };
+        self.audit
+            .append(entry("requested", None))
+            .await
+            .context("auditing a host operation")?;
+        let outcome = op.await;
+        let (result, code) = match &outcome {
+            Ok(_) => ("succeeded", None),
+            Err(AgentError::Refused { code, .. }) => ("failed", Some(code.clone())),
+            Err(_) => ("failed", Some("host_unavailable".to_string())),
+        };
+        if let Err(e) = self.audit.append(entry(result, code)).await {
+            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "auditing a host outcome");
+        }
+        Ok(outcome)
+    }
+
+    /// Records a change in whether the host agent answers.
+    async fn note_agent(&self, up: bool) {
+        let changed = {
+            let mut last = self.agent_up.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = *last != Some(up);
+            *last = Some(up);
+            changed
+        };
+        if changed {
+            let action = if up {
+                "host.agent_reachable"
+            } else {
+                "host.agent_unreachable"
+            };
+            let entry = Self::host_entry(
+                &new_id(),
+                action,
+                format!("host/{LOCAL_HOST}"),
+                None,
+                "observed",
+                None,
+            );
+            if let Err(e) = self.audit.append(entry).await {
+                tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "auditing a host event");
+            }
         }
     }
 
@@ -379,13 +468,10 @@ impl Compute {
     /// One pass: bring every host instance in line with its record, and remove what has none.
     pub async fn reconcile_once(&self) -> anyhow::Result<()> {
         let _single = self.pass.lock().await;
-        let on_host: HashMap<String, PowerState> = self
-            .agent
-            .list()
-            .await?
-            .into_iter()
-            .map(|s| (s.id, s.state))
-            .collect();
+        let listed = self.agent.list().await;
+        self.note_agent(listed.is_ok()).await;
+        let on_host: HashMap<String, PowerState> =
+            listed?.into_iter().map(|s| (s.id, s.state)).collect();
         let sql = format!(
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE deleted_at IS NULL ORDER BY created_at"
         );
@@ -404,7 +490,8 @@ impl Compute {
         }
         for id in on_host.keys().filter(|id| !known.contains(*id)) {
             tracing::warn!(instance = %id, "removing an instance that has no live record");
-            self.agent.delete(id).await?;
+            self.host_op("host.orphan_erase", id, None, self.agent.delete(id))
+                .await??;
         }
         Ok(())
     }
@@ -422,6 +509,17 @@ impl Compute {
                 // It was running and is no more: it stopped or crashed on its own.
                 // Not started again behind the tenant's back; the record says why it stopped.
                 tracing::warn!(instance = %instance.id, "instance exited unexpectedly");
+                self.audit
+                    .append(Self::host_entry(
+                        &new_id(),
+                        "host.instance_exited",
+                        format!("instance/{}", instance.id),
+                        Some(&instance.tenant_id),
+                        "observed",
+                        Some("exited_unexpectedly".into()),
+                    ))
+                    .await
+                    .context("auditing a host event")?;
                 sqlx::query(
                     "UPDATE instances SET state = 'stopped', desired = 'stopped', \
                      last_error = 'exited_unexpectedly', updated_at = $1 \
@@ -433,7 +531,15 @@ impl Compute {
                 .await?;
                 Ok(())
             }
-            "running" => match self.agent.start(&self.spec(instance).await?).await {
+            "running" => match self
+                .host_op(
+                    "host.instance_start",
+                    &instance.id,
+                    Some(&instance.tenant_id),
+                    self.agent.start(&self.spec(instance).await?),
+                )
+                .await?
+            {
                 Ok(_) => self.set_state(&instance.id, "running", None).await,
                 Err(AgentError::Refused { code, message, .. }) => {
                     tracing::warn!(instance = %instance.id, %code, %message, "start refused");
@@ -453,7 +559,14 @@ impl Compute {
             },
             "stopped" => {
                 if running {
-                    self.agent.stop(&instance.id).await?;
+                    let tenant = Some(instance.tenant_id.as_str());
+                    self.host_op(
+                        "host.instance_stop",
+                        &instance.id,
+                        tenant,
+                        self.agent.stop(&instance.id),
+                    )
+                    .await??;
                 }
                 if instance.state == "error" {
                     return Ok(());
@@ -461,7 +574,15 @@ impl Compute {
                 self.set_state(&instance.id, "stopped", None).await
             }
             "deleted" => {
-                let report = self.agent.delete(&instance.id).await?;
+                let tenant = Some(instance.tenant_id.as_str());
+                let report = self
+                    .host_op(
+                        "host.instance_erase",
+                        &instance.id,
+                        tenant,
+                        self.agent.delete(&instance.id),
+                    )
+                    .await??;
                 sqlx::query(
                     "UPDATE instances SET state = 'deleted', deleted_at = $1, \
                      disk_erased_at = $2, updated_at = $1 WHERE id = $3",
