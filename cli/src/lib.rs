@@ -454,6 +454,17 @@ pub enum AuditCmd {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// The pull stream for third-party audit systems: the records you may read after
+    /// `--cursor`, as OCSF 1.1 JSON events, one per line; the next cursor goes to stderr.
+    Ocsf {
+        #[arg(long, default_value_t = 0)]
+        cursor: u64,
+        #[arg(long, default_value_t = 500)]
+        limit: usize,
+        /// Keep polling (every 2 s) for new events.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Write the live log and its heads to a directory (auditor), for offline verification.
     Export {
         #[arg(long)]
@@ -587,6 +598,29 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
                 .get(&format!("/v1/audit/records?{query}"))
                 .await?;
             ctx.show_audit_records(&page)
+        }
+        Command::Audit(AuditCmd::Ocsf {
+            mut cursor,
+            limit,
+            follow,
+        }) => {
+            let client = ctx.signed()?;
+            loop {
+                let page: api::OcsfPage = client
+                    .get(&format!("/v1/audit/ocsf?cursor={cursor}&limit={limit}"))
+                    .await?;
+                for event in &page.events {
+                    println!("{}", serde_json::to_string(event)?);
+                }
+                cursor = page.cursor;
+                eprintln!("cursor {cursor}");
+                if page.events.len() < limit {
+                    if !follow {
+                        break Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
         }
         Command::Audit(AuditCmd::Export { dir }) => ctx.audit_export(&dir).await,
         Command::Audit(AuditCmd::Prove { seq, key }) => ctx.audit_prove(seq, key).await,

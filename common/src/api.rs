@@ -573,3 +573,11 @@ pub struct AuditRecords {
     pub records: Vec<crate::audit::AuditRecord>,
     pub next: Option<u64>,
 }
+
+/// A page of the OCSF pull stream: events after the cursor given, and the cursor to give next.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OcsfPage {
+    pub events: Vec<serde_json::Value>,
+    pub cursor: u64,
+}

@@ -5,5 +5,6 @@ pub mod api;
 pub mod audit;
 pub mod error;
 pub mod merkle;
+pub mod ocsf;
 pub mod signing;
 pub mod tls;

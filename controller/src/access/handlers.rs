@@ -1271,6 +1271,53 @@ struct RecordsQuery {
     tenant: Option<String>,
 }
 
+/// Whose records a caller reads: a tenant administrator its tenant's, the auditor all, anyone
+/// else its own.
+fn audit_scope(principal: &Principal) -> crate::service::audit::Scope {
+    use crate::service::audit::Scope;
+    match (&principal.tenant_id, principal.role.as_str()) {
+        (Some(tenant), "tenant_admin") => Scope::Tenant(tenant.clone()),
+        (None, "auditor") => Scope::All,
+        _ => Scope::Subject(format!("user:{}", principal.user_id)),
+    }
+}
+
+fn audit_scope_object(scope: &crate::service::audit::Scope) -> String {
+    use crate::service::audit::Scope;
+    match scope {
+        Scope::All => "audit-log/platform".to_string(),
+        Scope::Tenant(t) => format!("audit-log/tenant/{t}"),
+        Scope::Subject(_) => "audit-log/self".to_string(),
+    }
+}
+
+/// Reads a page of records in `scope`. A tenant sees what the provider did to its resources
+/// and with which role, not which of the provider's people did it (that stays in the
+/// auditor's view); such a record's hash is the logged one's, which the tenant cannot
+/// recompute.
+async fn read_audit(
+    c: &Controller,
+    scope: crate::service::audit::Scope,
+    filter: crate::service::audit::Filter,
+    after: u64,
+    limit: usize,
+) -> Result<(Vec<palisade_common::audit::AuditRecord>, Option<u64>)> {
+    let audit = c.audit.clone();
+    let everyone = matches!(scope, crate::service::audit::Scope::All);
+    let (mut records, next) =
+        tokio::task::spawn_blocking(move || audit.records(&scope, &filter, after, limit))
+            .await
+            .map_err(|e| Error::Internal(e.into()))?
+            .map_err(Error::Internal)?;
+    if !everyone {
+        for record in records.iter_mut().filter(|r| r.provider) {
+            record.subject = "provider".into();
+            record.key_id = None;
+        }
+    }
+    Ok((records, next))
+}
+
 /// Audit records, oldest first, a page at a time. A tenant administrator reads the tenant's
 /// records (its users' and the provider's actions on its resources); other tenant users and
 /// platform accounts read their own; the auditor reads all and may pick a tenant.
@@ -1279,25 +1326,14 @@ pub async fn audit_records(
     ctx: RequestCtx,
     RawQuery(query): RawQuery,
 ) -> Result<Json<api::AuditRecords>> {
-    use crate::service::audit::{Filter, Scope};
+    use crate::service::audit::Filter;
     ctx.authorize("audit_records.list", &Resource::Caller)
         .await?;
     let principal = principal(&ctx)?;
     let query: RecordsQuery = parse_query(query.as_deref())?;
-    let scope = match (&principal.tenant_id, principal.role.as_str()) {
-        (Some(tenant), "tenant_admin") => Scope::Tenant(tenant.clone()),
-        (None, "auditor") => Scope::All,
-        _ => Scope::Subject(format!("user:{}", principal.user_id)),
-    };
-    ctx.describe(
-        "audit_records.list",
-        match &scope {
-            Scope::All => "audit-log/platform".to_string(),
-            Scope::Tenant(t) => format!("audit-log/tenant/{t}"),
-            Scope::Subject(_) => "audit-log/self".to_string(),
-        },
-    );
-    if query.tenant.is_some() && !matches!(scope, Scope::All) {
+    let scope = audit_scope(principal);
+    ctx.describe("audit_records.list", audit_scope_object(&scope));
+    if query.tenant.is_some() && !matches!(scope, crate::service::audit::Scope::All) {
         return Err(Error::invalid("only the auditor chooses a tenant"));
     }
     let time = |name: &str, text: &Option<String>| -> Result<Option<time::OffsetDateTime>> {
@@ -1329,23 +1365,47 @@ pub async fn audit_records(
         tenant: query.tenant,
     };
     ctx.permit().await?;
-    let audit = c.audit.clone();
-    let everyone = matches!(scope, Scope::All);
-    let (mut records, next) =
-        tokio::task::spawn_blocking(move || audit.records(&scope, &filter, query.after, limit))
-            .await
-            .map_err(|e| Error::Internal(e.into()))?
-            .map_err(Error::Internal)?;
-    if !everyone {
-        // A tenant sees what the provider did to its resources and with which role, not which
-        // of the provider's people did it (that stays in the auditor's view). Such a record's
-        // hash is the logged one's, which the tenant cannot recompute.
-        for record in records.iter_mut().filter(|r| r.provider) {
-            record.subject = "provider".into();
-            record.key_id = None;
-        }
-    }
+    let (records, next) = read_audit(&c, scope, filter, query.after, limit).await?;
     Ok(Json(api::AuditRecords { records, next }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OcsfQuery {
+    #[serde(default)]
+    cursor: u64,
+    limit: Option<usize>,
+}
+
+/// The pull stream for third-party audit systems: the records a caller may read (as
+/// `GET /v1/audit/records`) after `cursor`, as OCSF events, and the cursor to pass next time.
+pub async fn audit_ocsf(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    RawQuery(query): RawQuery,
+) -> Result<Json<api::OcsfPage>> {
+    ctx.authorize("audit_records.export", &Resource::Caller)
+        .await?;
+    let principal = principal(&ctx)?;
+    let query: OcsfQuery = parse_query(query.as_deref())?;
+    let scope = audit_scope(principal);
+    ctx.describe("audit_records.export", audit_scope_object(&scope));
+    let limit = query.limit.unwrap_or(500);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::invalid("limit must be 1 to 1000"));
+    }
+    ctx.permit().await?;
+    let filter = crate::service::audit::Filter::default();
+    let (records, next) = read_audit(&c, scope, filter, query.cursor, limit).await?;
+    let cursor = records
+        .last()
+        .map(|r| r.seq)
+        .max(next)
+        .unwrap_or(query.cursor);
+    Ok(Json(api::OcsfPage {
+        events: records.iter().map(palisade_common::ocsf::event).collect(),
+        cursor,
+    }))
 }
 
 /// Every signed tree head, oldest first (JSON lines). Heads name no tenant: anyone signed in

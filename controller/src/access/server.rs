@@ -27,6 +27,7 @@ pub const QUERY_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/policies"),
     ("GET", "/v1/instances/{id}/console"),
     ("GET", "/v1/audit/records"),
+    ("GET", "/v1/audit/ocsf"),
     ("GET", "/v1/audit/proof/inclusion"),
     ("GET", "/v1/audit/proof/consistency"),
 ];
@@ -323,6 +324,12 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             "/v1/audit/records",
             "audit_records.list",
             get(h::audit_records),
+        ),
+        r(
+            "GET",
+            "/v1/audit/ocsf",
+            "audit_records.export",
+            get(h::audit_ocsf),
         ),
         r(
             "GET",

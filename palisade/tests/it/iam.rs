@@ -296,6 +296,7 @@ impl World {
             ),
             "audit.read" => ("GET", "/v1/audit/log".into(), vec![]),
             "audit_records.list" => ("GET", "/v1/audit/records".into(), vec![]),
+            "audit_records.export" => ("GET", "/v1/audit/ocsf".into(), vec![]),
             "audit_proof.heads" => ("GET", "/v1/audit/heads".into(), vec![]),
             "audit_proof.sign" => ("POST", "/v1/audit/heads".into(), vec![]),
             "audit_proof.inclusion" => {
