@@ -11,6 +11,8 @@ packages=(
   cpio              # guest image initramfs
   kmod              # modinfo during the guest image build
   sqlite3           # inspecting the controller database in tests
+  rsyslog           # the syslog collector of the audit export test (not run as a service)
+  rsyslog-gnutls    # its TLS driver (RFC 5425)
   ca-certificates
 )
 

@@ -26,6 +26,16 @@ pub struct ControllerArgs {
     /// detectable even by someone who can rewrite the data directory.
     #[arg(long)]
     pub audit_head_store: Option<PathBuf>,
+    /// Send every audit record to this syslog collector (`host:port`): RFC 5424 over TLS
+    /// (RFC 5425), at least once, resuming after restarts from `<data-dir>/audit/syslog.cursor`.
+    #[arg(long, requires = "audit_syslog_ca")]
+    pub audit_syslog: Option<String>,
+    /// The CA the syslog collector's certificate must chain to.
+    #[arg(long)]
+    pub audit_syslog_ca: Option<PathBuf>,
+    /// The name the collector's certificate must carry (default: the host of --audit-syslog).
+    #[arg(long)]
+    pub audit_syslog_name: Option<String>,
     /// Address of the HTTPS API.
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
@@ -212,6 +222,16 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         .compute
         .spawn_reconciler(std::time::Duration::from_secs(args.reconcile_interval_secs));
     spawn_housekeeping(controller.clone());
+    if let (Some(address), Some(ca)) = (&args.audit_syslog, &args.audit_syslog_ca) {
+        service::syslog::spawn(
+            controller.audit.clone(),
+            service::syslog::SyslogTarget {
+                address: address.clone(),
+                ca: ca.clone(),
+                server_name: args.audit_syslog_name.clone(),
+            },
+        )?;
+    }
     let audit = controller.audit.clone();
     let served = access::server::run(controller, listener, &pki).await;
     // A clean stop leaves a stop record and a last signed head; without them, the next start

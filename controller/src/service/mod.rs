@@ -25,4 +25,5 @@ pub mod identity;
 pub mod mfa;
 pub mod outbound;
 pub mod secrets;
+pub mod syslog;
 pub mod webauthn;
