@@ -60,6 +60,10 @@ pub struct UpArgs {
     /// Skip the demo tenant, user and VM.
     #[arg(long)]
     pub no_quickstart: bool,
+    /// More options for the controller, after `--` (see `palisade controller --help`), e.g.
+    /// `-- --audit-head-store /mnt/other/heads --audit-syslog collector:6514 --audit-syslog-ca ca.pem`.
+    #[arg(last = true)]
+    pub controller_args: Vec<String>,
 }
 
 /// Set by `palisade up` on the controller and agent it starts: its own pid.
@@ -309,6 +313,7 @@ impl Launcher {
                     // The server certificate must name the address clients use.
                     .arg("--server-name")
                     .arg(self.args.listen.ip().to_string())
+                    .args(&self.args.controller_args)
                     // The password and address lines are read from stdout.
                     .stdout(Stdio::piped())
                     .stderr(log);
@@ -835,6 +840,28 @@ async fn quickstart(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_follows_two_dashes_goes_to_the_controller() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "up",
+            "--accelerator",
+            "tcg",
+            "--",
+            "--audit-syslog",
+            "127.0.0.1:6514",
+        ])
+        .expect("parses");
+        assert_eq!(cli.up.accelerator, "tcg");
+        assert_eq!(cli.up.controller_args, ["--audit-syslog", "127.0.0.1:6514"]);
+        assert!(Cli::try_parse_from(["up", "--audit-syslog", "x"]).is_err());
+    }
 
     #[test]
     fn backoff_doubles_from_one_second_up_to_thirty() {
