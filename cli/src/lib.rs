@@ -426,6 +426,10 @@ pub enum AuditCmd {
         /// trusted and shown.
         #[arg(long)]
         key: Option<String>,
+        /// The log is a copy taken before some of the heads given (an export checked against
+        /// the live head store): heads past its end are listed, not taken for a cut.
+        #[arg(long)]
+        copy: bool,
     },
     /// Audit records you may read, oldest first: a tenant administrator its tenant's (provider
     /// actions marked), others their own, the auditor all.
@@ -570,9 +574,12 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Instance(cmd) => ctx.instance(cmd).await,
-        Command::Audit(AuditCmd::Verify { log, heads, key }) => {
-            ctx.audit_verify(log, heads, key).await
-        }
+        Command::Audit(AuditCmd::Verify {
+            log,
+            heads,
+            key,
+            copy,
+        }) => ctx.audit_verify(log, heads, key, copy).await,
         Command::Audit(AuditCmd::List {
             since,
             until,
@@ -604,17 +611,38 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
             limit,
             follow,
         }) => {
+            use std::io::Write;
             let client = ctx.signed()?;
+            // Without --follow: what the log held at the first read (each read is a record
+            // too, which would otherwise keep the stream going).
+            let mut end = None;
+            let mut out = std::io::stdout().lock();
             loop {
                 let page: api::OcsfPage = client
                     .get(&format!("/v1/audit/ocsf?cursor={cursor}&limit={limit}"))
                     .await?;
+                let end = *end.get_or_insert(page.end);
+                let mut stopped = false;
+                let mut printed = cursor;
                 for event in &page.events {
-                    println!("{}", serde_json::to_string(event)?);
+                    let seq = event["metadata"]["sequence"].as_u64().unwrap_or(printed);
+                    if seq > end && !follow {
+                        stopped = true;
+                        break;
+                    }
+                    // A closed pipe (`| head`) ends the stream quietly.
+                    if writeln!(out, "{}", serde_json::to_string(event)?).is_err() {
+                        return Ok(());
+                    }
+                    printed = seq;
                 }
-                cursor = page.cursor;
+                cursor = if stopped { printed } else { page.cursor };
+                if out.flush().is_err() {
+                    return Ok(());
+                }
                 eprintln!("cursor {cursor}");
-                if page.events.len() < limit {
+                let caught_up = page.events.len() < limit || cursor >= end;
+                if caught_up {
                     if !follow {
                         break Ok(());
                     }
@@ -1489,7 +1517,9 @@ impl Ctx {
         log: Option<PathBuf>,
         head_files: Vec<PathBuf>,
         key: Option<String>,
+        copy: bool,
     ) -> anyhow::Result<()> {
+        check_head_key(key.as_deref())?;
         let read = |path: &PathBuf| {
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))
         };
@@ -1517,7 +1547,7 @@ impl Ctx {
             .map(|(n, b)| (n.as_str(), b.as_slice()))
             .collect();
         let heads = audit::read_heads(&stores).map_err(|e| anyhow::anyhow!(e))?;
-        let report = audit::verify(&bytes, &heads, key.as_deref());
+        let report = audit::verify_with(&bytes, &heads, key.as_deref(), copy && log.is_some());
         if self.global.json {
             let verdict = serde_json::json!({
                 "intact": report.fault.is_none(),
@@ -1594,8 +1624,23 @@ impl Ctx {
                 head.tree_size
             ))
             .await?;
-        let trusted = key.clone().unwrap_or_else(|| head.key.clone());
-        audit::verify_inclusion(answer.record.as_bytes(), &answer.proof, &head, &trusted)
+        check_head_key(key.as_deref())?;
+        // A pinned key vouches for the head's key itself or through the rotations it announced.
+        if let Some(pinned) = &key {
+            let heads = client
+                .send(Method::GET, "/v1/audit/heads", Vec::new())
+                .await?;
+            let heads = audit::read_heads(&[("the server's heads", &heads)])
+                .map_err(|e| anyhow::anyhow!(e))?;
+            if !audit::trusted_keys(&heads, pinned).contains(&head.key) {
+                anyhow::bail!(
+                    "record {seq} is NOT proved: the head is signed by {}, which the given key \
+                     never announced",
+                    head.key
+                );
+            }
+        }
+        audit::verify_inclusion(answer.record.as_bytes(), &answer.proof, &head, &head.key)
             .map_err(|e| anyhow::anyhow!("record {seq} is NOT proved: {e}"))?;
         if self.global.json {
             println!(
@@ -1625,7 +1670,7 @@ impl Ctx {
                 "SEQ", "TIME", "SUBJECT", "ROLE", "ACTION", "OBJECT", "RESULT", "CODE", "SOURCE",
             ]);
             for r in &page.records {
-                let subject = if r.provider {
+                let subject = if r.provider && r.subject != "provider" {
                     format!("{} (provider)", r.subject)
                 } else {
                     r.subject.clone()
@@ -1671,6 +1716,17 @@ impl Ctx {
             }
         }
         Ok(())
+    }
+}
+
+/// A head key given on the command line must be an Ed25519 public key (base64).
+fn check_head_key(key: Option<&str>) -> anyhow::Result<()> {
+    match key {
+        Some(k) if audit::parse_key(k).is_none() => anyhow::bail!(
+            "--key is not an Ed25519 public key (base64 of 32 bytes): {}",
+            output::printable(k)
+        ),
+        _ => Ok(()),
     }
 }
 

@@ -580,4 +580,7 @@ pub struct AuditRecords {
 pub struct OcsfPage {
     pub events: Vec<serde_json::Value>,
     pub cursor: u64,
+    /// How many records the log held when this page was read: a reader that wants what is
+    /// there now (not what its own reads add) stops once its cursor reaches it.
+    pub end: u64,
 }

@@ -308,6 +308,13 @@ pub fn verify_records(log: &[u8]) -> RecordsCheck {
 /// Verifies an exported log against heads from its stores. `pinned`: the head key the
 /// operator published; without it, the first head's key is trusted (and reported).
 pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
+    verify_with(log, heads, pinned, false)
+}
+
+/// As [`verify`]; with `copy`, the log is a copy taken earlier than some heads: heads that
+/// cover records past its end are reported (they cannot be checked against it), not taken
+/// for a cut. Use it for an export checked against a live head store, never for the live log.
+pub fn verify_with(log: &[u8], heads: &[TreeHead], pinned: Option<&str>, copy: bool) -> Report {
     let RecordsCheck {
         tree,
         markers,
@@ -363,6 +370,21 @@ pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
             report.keys.push(head.key.clone());
         }
         let from = last_good.map_or(0, |h| h.tree_size);
+        if head.tree_size > report.records && copy && head.signature_valid() {
+            let later = heads
+                .iter()
+                .filter(|h| h.tree_size > report.records)
+                .count();
+            head_events.push((
+                report.records,
+                format!(
+                    "this copy ends after {} records; {later} later heads cover records it does \
+                     not hold (from {})",
+                    report.records, head.time
+                ),
+            ));
+            break;
+        }
         if head.tree_size > report.records {
             let have = report.records;
             fail(
@@ -453,6 +475,20 @@ pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
     events.sort_by_key(|(seq, _)| *seq);
     report.events = events.into_iter().map(|(_, e)| e).collect();
     report
+}
+
+/// The keys a verifier holding `pinned` may trust: `pinned`, and every key a validly signed
+/// head of a trusted key announced as its successor, in order.
+pub fn trusted_keys(heads: &[TreeHead], pinned: &str) -> BTreeSet<String> {
+    let mut trusted = BTreeSet::from([pinned.to_string()]);
+    for head in heads {
+        if let Some(next) = &head.next_key {
+            if trusted.contains(&head.key) && head.signature_valid() {
+                trusted.insert(next.clone());
+            }
+        }
+    }
+    trusted
 }
 
 fn seconds_between(a: &str, b: &str) -> Option<i64> {
@@ -662,6 +698,20 @@ mod tests {
     }
 
     #[test]
+    fn an_older_copy_is_not_a_cut_when_said_so() {
+        let (bytes, tree) = log(6);
+        let k = key(7);
+        let heads = [head(&tree, 6, &k, "2026-01-01T00:00:06.000Z")];
+        let pinned = public_key_text(&k.verifying_key());
+        let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+        let older = lines[..4].concat();
+        assert!(verify(&older, &heads, Some(&pinned)).fault.is_some());
+        let report = verify_with(&older, &heads, Some(&pinned), true);
+        assert_eq!(report.fault, None, "{report:?}");
+        assert!(report.events.iter().any(|e| e.contains("later heads")));
+    }
+
+    #[test]
     fn a_rotation_is_followed_and_reported() {
         let (bytes, tree) = log(4);
         let (old, new) = (key(4), key(5));
@@ -672,10 +722,13 @@ mod tests {
         rotation.sign(&old);
         let after = head(&tree, 4, &new, "2026-01-01T00:00:04.000Z");
         let pinned = public_key_text(&old.verifying_key());
-        let report = verify(&bytes, &[rotation, after.clone()], Some(&pinned));
+        let report = verify(&bytes, &[rotation.clone(), after.clone()], Some(&pinned));
         assert_eq!(report.fault, None, "{report:?}");
         assert_eq!(report.keys.len(), 2);
         assert!(report.events.iter().any(|e| e.contains("rotated")));
+        let trusted = trusted_keys(&[rotation.clone(), after.clone()], &pinned);
+        assert!(trusted.contains(&after.key));
+        assert_eq!(trusted_keys(&[after.clone()], &pinned).len(), 1);
         // Without the announcing head, the new key is not trusted.
         assert!(verify(&bytes, &[after], Some(&pinned)).fault.is_some());
     }

@@ -1313,6 +1313,7 @@ async fn read_audit(
         for record in records.iter_mut().filter(|r| r.provider) {
             record.subject = "provider".into();
             record.key_id = None;
+            record.source = "provider".into();
         }
     }
     Ok((records, next))
@@ -1336,6 +1337,11 @@ pub async fn audit_records(
     if query.tenant.is_some() && !matches!(scope, crate::service::audit::Scope::All) {
         return Err(Error::invalid("only the auditor chooses a tenant"));
     }
+    let tenant = query
+        .tenant
+        .as_deref()
+        .map(|t| canonical_id(t, "tenant"))
+        .transpose()?;
     let time = |name: &str, text: &Option<String>| -> Result<Option<time::OffsetDateTime>> {
         text.as_deref()
             .map(|t| {
@@ -1362,7 +1368,7 @@ pub async fn audit_records(
         action: query.action,
         object: query.object,
         result: query.result,
-        tenant: query.tenant,
+        tenant,
     };
     ctx.permit().await?;
     let (records, next) = read_audit(&c, scope, filter, query.after, limit).await?;
@@ -1405,6 +1411,7 @@ pub async fn audit_ocsf(
     Ok(Json(api::OcsfPage {
         events: records.iter().map(palisade_common::ocsf::event).collect(),
         cursor,
+        end: c.audit.size(),
     }))
 }
 
@@ -1479,12 +1486,13 @@ pub async fn audit_inclusion(
     let line = line.ok_or(missing)?;
     let record: palisade_common::audit::AuditRecord =
         serde_json::from_slice(&line).map_err(|e| Error::Internal(e.into()))?;
-    let visible = match &principal.tenant_id {
-        // The tenant's own users' records (the provider's name the provider's people).
-        Some(tenant) => record.tenant_id.as_deref() == Some(tenant.as_str()) && !record.provider,
-        None => {
-            principal.role == "auditor" || record.subject == format!("user:{}", principal.user_id)
+    // The records the caller may list, less the provider's (they name the provider's people).
+    let visible = match audit_scope(principal) {
+        crate::service::audit::Scope::All => true,
+        crate::service::audit::Scope::Tenant(tenant) => {
+            record.tenant_id.as_deref() == Some(tenant.as_str()) && !record.provider
         }
+        crate::service::audit::Scope::Subject(subject) => record.subject == subject,
     };
     if !visible {
         return Err(Error::NotFound {

@@ -321,6 +321,44 @@ fn deleted_swapped_duplicated_rehashed_and_cut_records_are_detected() {
     );
     let stderr = refused(&p, &cut, "a cut tail");
     assert!(stderr.contains("were cut off"), "{stderr}");
+    // Said to be an older copy, the same bytes verify, and the later heads are named.
+    let [_, store_path] = p.audit_heads();
+    let copy = p.cli(&[
+        "audit",
+        "verify",
+        "--log",
+        &p.audit_log().display().to_string(),
+        "--heads",
+        &store_path.display().to_string(),
+        "--key",
+        &key,
+        "--copy",
+    ]);
+    assert!(
+        copy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    assert!(String::from_utf8_lossy(&copy.stdout).contains("later heads"));
+    // A key that signed nothing here, or that is no key at all, is said to be the problem.
+    let other = audit::public_key_text(&forger.verifying_key());
+    for wrong in [other.as_str(), "garbage"] {
+        let out = p.cli(&[
+            "audit",
+            "verify",
+            "--log",
+            &p.audit_log().display().to_string(),
+            "--heads",
+            &store_path.display().to_string(),
+            "--key",
+            wrong,
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("key"),
+            "{wrong}"
+        );
+    }
     assert!(store.exists());
     let out = p.run_second_controller();
     assert!(!out.status.success());
@@ -571,7 +609,26 @@ fn tenants_read_their_own_records_filtered_and_paged_and_never_anothers() {
         .filter(|r| r.provider)
         .all(|r| r.role.as_deref() == Some("platform_admin")
             && r.subject == "provider"
+            && r.source == "provider"
             && r.key_id.is_none()));
+    // A member proves its own records only, not the tenant administrator's.
+    let head: audit::TreeHead = p
+        .block_on(member.client.post("/v1/audit/heads", &()))
+        .unwrap();
+    let tads_record = all
+        .records
+        .iter()
+        .find(|r| !r.provider && r.role.as_deref() == Some("tenant_admin"))
+        .expect("a record of tad's");
+    let path = format!(
+        "/v1/audit/proof/inclusion?seq={}&tree_size={}",
+        tads_record.seq, head.tree_size
+    );
+    let err = p
+        .block_on(member.client.get::<api::AuditInclusion>(&path))
+        .unwrap_err();
+    assert_eq!(api_error(err).status, 404);
+    let _: api::AuditInclusion = p.block_on(tad.client.get(&path)).unwrap();
     // Each record comes back byte for byte as logged: its hash still checks out. The
     // provider's are the exception: they name the role, not the person.
     for r in all.records.iter().filter(|r| !r.provider) {
