@@ -16,6 +16,9 @@ pub enum Error {
     LoginRefused {
         locked: bool,
         new_lock: Option<NewLock>,
+        /// The existing account the attempt named (wrong password or locked): its tenant's
+        /// records show the failed attempt. Never told to the caller.
+        account: Option<NewLock>,
     },
     /// A second factor refused (wrong, malformed or reused); `locked` when it was one failure
     /// too many and locked the account (the audit record says so, the caller is not told).

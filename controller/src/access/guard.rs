@@ -275,6 +275,10 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestCtx {
 #[derive(Clone)]
 struct ErrorCode(&'static str);
 
+/// The existing account a refused login named: the record goes to its tenant.
+#[derive(Clone)]
+struct RefusedAccount(crate::error::NewLock);
+
 /// A failed login (password or second factor), for the anomaly detector.
 #[derive(Clone)]
 struct FailedLogin(Option<crate::error::NewLock>);
@@ -289,6 +293,15 @@ impl IntoResponse for Error {
         response
             .extensions_mut()
             .insert(ErrorCode(self.audit_code()));
+        if let Error::LoginRefused {
+            account: Some(account),
+            ..
+        } = &self
+        {
+            response
+                .extensions_mut()
+                .insert(RefusedAccount(account.clone()));
+        }
         if let Error::LoginRefused { new_lock, .. } | Error::MfaRefused { new_lock, .. } = &self {
             response
                 .extensions_mut()
@@ -460,6 +473,11 @@ async fn guarded(
     let failed = response.extensions().get::<FailedLogin>().cloned();
     if let Some(FailedLogin(new_lock)) = failed {
         login_failed(&controller, &ctx, new_lock).await;
+    }
+    if let Some(RefusedAccount(account)) = response.extensions().get::<RefusedAccount>() {
+        if let Some(tenant) = &account.tenant_id {
+            ctx.set_tenant(tenant);
+        }
     }
     let mut response = finish_record(&ctx, response).await;
     add_headers(response.headers_mut(), &ctx.request_id);

@@ -347,6 +347,7 @@ pub async fn oidc_finish(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Result<
         return Err(Error::LoginRefused {
             locked: false,
             new_lock: None,
+            account: None,
         });
     }
     let session = identity::prepare_key(

@@ -476,6 +476,7 @@ async fn provision(
                 return Err(Error::LoginRefused {
                     locked: false,
                     new_lock: None,
+                    account: None,
                 });
             }
             let id: String = row.get("id");

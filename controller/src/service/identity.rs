@@ -227,6 +227,7 @@ pub async fn verify_password(
     let refused = |locked| Error::LoginRefused {
         locked,
         new_lock: None,
+        account: None,
     };
     if password.len() > MAX_PASSWORD_LEN {
         return Err(refused(false));
@@ -246,21 +247,27 @@ pub async fn verify_password(
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let id: String = row.get("id");
+    let account = NewLock {
+        user_id: id.clone(),
+        tenant_id: row.get("tenant_id"),
+    };
     if row
         .get::<Option<i64>, _>("locked_until")
         .is_some_and(|until| until > now)
     {
         password_matches(password.to_string(), unknown_user_hash().await).await;
-        return Err(refused(true));
+        return Err(Error::LoginRefused {
+            locked: true,
+            new_lock: None,
+            account: Some(account),
+        });
     }
     if !password_matches(password.to_string(), row.get("password_hash")).await {
         let locked = record_failure(db, lockout, &id, now).await?;
         return Err(Error::LoginRefused {
             locked,
-            new_lock: locked.then(|| NewLock {
-                user_id: id,
-                tenant_id: row.get("tenant_id"),
-            }),
+            new_lock: locked.then(|| account.clone()),
+            account: Some(account),
         });
     }
     // The failure count is cleared only once the whole login succeeds (see `clear_failures`):

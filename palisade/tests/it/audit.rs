@@ -574,6 +574,20 @@ fn tenants_read_their_own_records_filtered_and_paged_and_never_anothers() {
         let _: Vec<api::Instance> = p.block_on(bob.client.get("/v1/instances")).unwrap();
     }
     let _: Vec<api::Instance> = p.block_on(member.client.get("/v1/instances")).unwrap();
+    // Someone tries mia's account with a wrong password: acme's administrator sees it.
+    let key = ed25519_dalek::SigningKey::from_bytes(&rand_bytes());
+    let attempt = serde_json::to_vec(&serde_json::json!({
+        "user": "mia@acme",
+        "password": "not-her-password",
+        "public_key": palisade_common::signing::encode_public_key(&key.verifying_key()),
+    }))
+    .unwrap();
+    assert_eq!(
+        p.raw()
+            .send(&p, "POST", "/v1/auth/login", &attempt, &[])
+            .status,
+        401
+    );
     // The provider looks at acme: a provider action in acme's records.
     let _: api::Tenant = p
         .block_on(admin.client.get(&format!("/v1/tenants/{}", acme.id)))
@@ -636,6 +650,16 @@ fn tenants_read_their_own_records_filtered_and_paged_and_never_anothers() {
         copy.seal();
         assert_eq!(copy.hash, r.hash);
     }
+    let failed: Vec<_> = all
+        .records
+        .iter()
+        .filter(|r| r.action == "auth.login" && r.result == "denied")
+        .collect();
+    assert_eq!(failed.len(), 1, "the failed login on mia's account");
+    assert_eq!(
+        (failed[0].subject.as_str(), failed[0].kind.as_str()),
+        ("anonymous", "authentication")
+    );
     // A member sees only its own records.
     let own = page(&member, "");
     assert!(!own.records.is_empty());
