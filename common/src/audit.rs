@@ -728,7 +728,7 @@ mod tests {
         assert!(report.events.iter().any(|e| e.contains("rotated")));
         let trusted = trusted_keys(&[rotation.clone(), after.clone()], &pinned);
         assert!(trusted.contains(&after.key));
-        assert_eq!(trusted_keys(&[after.clone()], &pinned).len(), 1);
+        assert_eq!(trusted_keys(std::slice::from_ref(&after), &pinned).len(), 1);
         // Without the announcing head, the new key is not trusted.
         assert!(verify(&bytes, &[after], Some(&pinned)).fault.is_some());
     }
