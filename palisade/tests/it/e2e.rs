@@ -326,6 +326,22 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
     let seq = records[0]["seq"].as_u64().unwrap().to_string();
     let proved = p.cli_ok(&["--profile", "tenant", "audit", "prove", &seq, "--key", &key]);
     assert!(proved.contains("proved"), "{proved}");
+
+    // The OCSF stream ends at what the log held when it began, one small page at a time
+    // (each read is a record too), and ends quietly when its reader goes away.
+    let events = p.cli_ok(&["--profile", "tenant", "audit", "ocsf", "--limit", "1"]);
+    assert!(events.lines().count() > 3, "{events}");
+    let mut reader = std::process::Command::new(palisade_bin())
+        .env("PALISADE_CONFIG", p.data().join("cli/config.json"))
+        .args(["--profile", "tenant", "audit", "ocsf", "--limit", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(reader.stdout.take());
+    let out = reader.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
