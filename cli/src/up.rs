@@ -61,7 +61,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub no_quickstart: bool,
     /// More options for the controller, after `--` (see `palisade controller --help`), e.g.
-    /// `-- --audit-head-store /mnt/other/heads --audit-syslog collector:6514 --audit-syslog-ca ca.pem`.
+    /// `-- --audit-head-store /mnt/heads --audit-syslog host:6514 --audit-syslog-ca ca.pem`.
     #[arg(last = true)]
     pub controller_args: Vec<String>,
 }

@@ -80,7 +80,7 @@ impl AuditRecord {
     }
 }
 
-/// JSON with every character outside printable ASCII escaped (`\uXXXX`): a record is one line
+/// JSON with every character outside printable ASCII written as a `\u` escape: a record is one line
 /// of plain text whatever its fields hold (no line or paragraph separators, terminal escapes,
 /// NULs or bidirectional controls reach a reader raw).
 pub fn ascii_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -315,14 +315,24 @@ pub fn verify(log: &[u8], heads: &[TreeHead], pinned: Option<&str>) -> Report {
 /// cover records past its end are reported (they cannot be checked against it), not taken
 /// for a cut. Use it for an export checked against a live head store, never for the live log.
 pub fn verify_with(log: &[u8], heads: &[TreeHead], pinned: Option<&str>, copy: bool) -> Report {
+    verify_checked(&verify_records(log), heads, pinned, copy)
+}
+
+/// As [`verify_with`], over records already checked (the writer keeps their tree).
+pub fn verify_checked(
+    check: &RecordsCheck,
+    heads: &[TreeHead],
+    pinned: Option<&str>,
+    copy: bool,
+) -> Report {
     let RecordsCheck {
         tree,
         markers,
         fault,
-    } = verify_records(log);
+    } = check;
     let mut report = Report {
         records: tree.size() as u64,
-        fault,
+        fault: fault.clone(),
         ..Report::default()
     };
     let mut trusted: BTreeSet<String> = pinned.map(str::to_string).into_iter().collect();
@@ -445,7 +455,7 @@ pub fn verify_with(log: &[u8], heads: &[TreeHead], pinned: Option<&str>, copy: b
     }
     let mut events: Vec<(u64, String)> = head_events;
     let mut stopped_cleanly = true;
-    for (seq, record) in &markers {
+    for (seq, record) in markers {
         match record.action.as_str() {
             WRITER_STARTED => {
                 let how = if *seq == 1 {

@@ -239,7 +239,8 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
     match tokio::task::spawn_blocking(move || audit.stop()).await {
         Ok(Ok(head)) => tracing::info!(records = head.tree_size, "audit log closed"),
         Ok(Err(e)) => {
-            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "closing the audit log")
+            let error = format!("{:#}", anyhow::Error::from(e));
+            tracing::error!(%error, "closing the audit log")
         }
         Err(e) => tracing::error!(error = %e, "closing the audit log"),
     }

@@ -29,7 +29,7 @@ use palisade_common::audit::{
 };
 use palisade_common::merkle::Tree;
 
-use crate::service::secrets::MasterKey;
+use crate::service::secrets::{random_bytes, write_new_private_file, MasterKey};
 
 /// The fields a caller supplies; sequence, time and hash are filled in by the log.
 #[derive(Debug, Clone, Default)]
@@ -138,7 +138,8 @@ impl AuditLog {
         let heads = format::read_heads(&stores).map_err(|e| anyhow::anyhow!(e))?;
         let key = load_head_key(&paths.dir, master, heads.last())?;
         let pinned = heads.first().map(|h| h.key.clone());
-        let report = format::verify(&log, &heads, pinned.as_deref());
+        let check = format::verify_records(&log);
+        let report = format::verify_checked(&check, &heads, pinned.as_deref(), false);
         if let Some((line, reason)) = &report.fault {
             bail!(
                 "audit log {} fails verification at record {line}: {reason}; refusing to start \
@@ -146,7 +147,7 @@ impl AuditLog {
                 path.display()
             );
         }
-        let tree = format::verify_records(&log).tree;
+        let tree = check.tree;
         let mut offsets = Vec::with_capacity(tree.size());
         let (mut by_tenant, mut by_subject) = (HashMap::new(), HashMap::new());
         let mut at = 0u64;
@@ -548,15 +549,9 @@ fn load_head_key(
             path.display()
         );
     }
-    let key = SigningKey::from_bytes(&random_seed()?);
+    let key = SigningKey::from_bytes(&random_bytes());
     save_key(&path, &key, master)?;
     Ok(key)
-}
-
-fn random_seed() -> anyhow::Result<[u8; 32]> {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    Ok(seed)
 }
 
 fn open_key(path: &Path, master: &MasterKey) -> anyhow::Result<SigningKey> {
@@ -573,14 +568,7 @@ fn open_key(path: &Path, master: &MasterKey) -> anyhow::Result<SigningKey> {
 
 fn save_key(path: &Path, key: &SigningKey, master: &MasterKey) -> anyhow::Result<()> {
     let sealed = master.seal(KEY_PURPOSE, key.as_bytes());
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(sealed.as_bytes())?;
-    file.sync_all()?;
+    write_new_private_file(path, sealed.as_bytes())?;
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }
@@ -785,7 +773,7 @@ impl Writer {
     }
 
     fn rotate(&mut self, view: &RwLock<View>) -> anyhow::Result<TreeHead> {
-        let new = SigningKey::from_bytes(&random_seed()?);
+        let new = SigningKey::from_bytes(&random_bytes());
         let new_text = format::public_key_text(&new.verifying_key());
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.stage(

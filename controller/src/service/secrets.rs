@@ -306,14 +306,14 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Key {
     Zeroizing::new(mac.finalize().into_bytes().into())
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).expect("the OS random source is available");
     bytes
 }
 
 /// Creates `path` with mode 0600, failing if it exists, and syncs `contents` to disk.
-fn write_new_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_new_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
