@@ -28,6 +28,8 @@ pub const TYPE_SYSTEM: &str = "system";
 pub const WRITER_STARTED: &str = "audit.writer_started";
 pub const WRITER_STOPPED: &str = "audit.writer_stopped";
 pub const HEAD_KEY_ROTATED: &str = "audit.head_key_rotated";
+/// Records past their retention were reduced to stubs ([`PurgedRecord`]).
+pub const RECORDS_PURGED: &str = "audit.records_purged";
 
 /// Longest a head may lag the log it covers while the writer runs; the verifier reports
 /// longer silences between heads that no writer restart explains.
@@ -78,6 +80,67 @@ impl AuditRecord {
         line.push(b'\n');
         line
     }
+}
+
+/// What is left of a record past its retention: its number and its leaf hash, so the tree and
+/// every head still verify, and the purge record (`purged_by`, an [`RECORDS_PURGED`] record
+/// later in the log) that names, by count and digest, exactly which records it reduced. A stub
+/// cannot be made without that record; the verifier checks each purge's set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PurgedRecord {
+    pub seq: u64,
+    pub purged_by: u64,
+    pub hash: String,
+}
+
+impl PurgedRecord {
+    /// The stub's line, with its newline.
+    pub fn line(&self) -> Vec<u8> {
+        let mut line = ascii_json(self);
+        line.push(b'\n');
+        line
+    }
+}
+
+/// A line of the log: a record, or the stub of a purged one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    Record(AuditRecord),
+    Purged(PurgedRecord),
+}
+
+/// A purge record's `object`: the records' cut-off time, how many, and a digest of their
+/// numbers (decimal, one per line, ascending).
+pub fn purge_object(before: &str, seqs: &[u64]) -> String {
+    format!(
+        "audit-log/purge?before={before}&count={}&sha256={}",
+        seqs.len(),
+        seqs_digest(seqs)
+    )
+}
+
+/// The count and digest a purge record's `object` commits to.
+pub fn parse_purge_object(object: &str) -> Option<(u64, String)> {
+    let query = object.strip_prefix("audit-log/purge?")?;
+    let (mut count, mut digest) = (None, None);
+    for pair in query.split('&') {
+        match pair.split_once('=')? {
+            ("count", n) => count = n.parse().ok(),
+            ("sha256", d) => digest = Some(d.to_string()),
+            _ => {}
+        }
+    }
+    Some((count?, digest?))
+}
+
+pub fn seqs_digest(seqs: &[u64]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for seq in seqs {
+        h.update(format!("{seq}\n"));
+    }
+    hex::encode(h.finalize())
 }
 
 /// JSON with every character outside printable ASCII written as a `\u` escape: a record is one line
@@ -147,6 +210,25 @@ pub fn check_line(line: &[u8], seq: u64) -> Result<(AuditRecord, Hash), String> 
         return Err("content does not match its hash".into());
     }
     Ok((record, leaf))
+}
+
+/// Checks one line as line `seq`: a record (as [`check_line`]) or a purged record's stub,
+/// whose hash cannot be recomputed (the tree and the purge record's digest vouch for it).
+pub fn check_any_line(line: &[u8], seq: u64) -> Result<(Line, Hash), String> {
+    if !line.starts_with(format!("{{\"seq\":{seq},\"purged_by\":").as_bytes()) {
+        return check_line(line, seq).map(|(record, leaf)| (Line::Record(record), leaf));
+    }
+    let stub: PurgedRecord =
+        serde_json::from_slice(line).map_err(|e| format!("not a valid purged record: {e}"))?;
+    if stub.purged_by <= seq {
+        return Err(format!("purged by record {}, not a later one", stub.purged_by));
+    }
+    let leaf = hex::decode(&stub.hash)
+        .ok()
+        .and_then(|h| h.try_into().ok())
+        .filter(|_| stub.hash.len() == 64 && stub.hash == stub.hash.to_lowercase())
+        .ok_or("a purged record without a valid hash")?;
+    Ok((Line::Purged(stub), leaf))
 }
 
 /// The host clock as the kernel's time discipline reports it when a head is signed.
@@ -252,6 +334,8 @@ pub fn read_heads(stores: &[(&str, &[u8])]) -> Result<Vec<TreeHead>, String> {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Report {
     pub records: u64,
+    /// Records purged after their retention (only their hashes are left).
+    pub purged: u64,
     /// Heads checked (signature, key, root).
     pub heads: u64,
     /// The size the newest valid head covers.
@@ -273,6 +357,8 @@ pub struct RecordsCheck {
     pub markers: Vec<(u64, AuditRecord)>,
     /// The first bad record (1-based line) and why.
     pub fault: Option<(u64, String)>,
+    /// The stubs each purge record (by `seq`) left.
+    pub purged: std::collections::BTreeMap<u64, u64>,
 }
 
 /// Verifies the records alone: each numbered in order and carrying its own hash.
@@ -287,19 +373,58 @@ pub fn verify_records(log: &[u8]) -> RecordsCheck {
     if body.is_empty() {
         return check;
     }
+    // The stubs each purge record left, to check against what it committed to.
+    let mut stubs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
     for (index, line) in body.split(|b| *b == b'\n').enumerate() {
         let seq = index as u64 + 1;
-        match check_line(line, seq) {
-            Ok((record, leaf)) => {
+        match check_any_line(line, seq) {
+            Ok((Line::Record(record), leaf)) => {
                 check.tree.push(leaf);
                 if record.kind == TYPE_SYSTEM && record.action.starts_with("audit.") {
                     check.markers.push((seq, record));
                 }
             }
+            Ok((Line::Purged(stub), leaf)) => {
+                check.tree.push(leaf);
+                *check.purged.entry(stub.purged_by).or_default() += 1;
+                stubs.entry(stub.purged_by).or_default().push(seq);
+            }
             Err(reason) => {
                 check.fault = Some((seq, reason));
-                return check;
+                break;
             }
+        }
+    }
+    // A stub stands only for a record its purge record names: the set of stubs pointing at
+    // each purge record must be exactly the set it committed to.
+    let size = check.tree.size() as u64;
+    let mut bad = None;
+    // Purge records at or past a bad line were never read: their stubs stay unjudged.
+    let read = check.fault.as_ref().map_or(u64::MAX, |(line, _)| *line);
+    for (by, seqs) in stubs.range(..read) {
+        let committed = check
+            .markers
+            .iter()
+            .find(|(seq, r)| seq == by && r.action == RECORDS_PURGED)
+            .and_then(|(_, r)| parse_purge_object(&r.object));
+        let fits = committed.as_ref().is_some_and(|(count, digest)| {
+            *count == seqs.len() as u64 && *digest == seqs_digest(seqs)
+        });
+        if !fits {
+            let why = match *by <= size && committed.is_some() {
+                true => format!("purged records do not match purge record {by}"),
+                false => format!("purged by record {by}, which is no purge record of this log"),
+            };
+            if bad.as_ref().is_none_or(|(first, _)| seqs[0] < *first) {
+                bad = Some((seqs[0], why));
+            }
+        }
+    }
+    if let Some((first, why)) = bad {
+        if check.fault.as_ref().is_none_or(|(line, _)| first < *line) {
+            check.tree.truncate(first as usize - 1);
+            check.markers.retain(|(seq, _)| *seq < first);
+            check.fault = Some((first, why));
         }
     }
     check
@@ -329,9 +454,11 @@ pub fn verify_checked(
         tree,
         markers,
         fault,
+        purged,
     } = check;
     let mut report = Report {
         records: tree.size() as u64,
+        purged: purged.values().sum(),
         fault: fault.clone(),
         ..Report::default()
     };
@@ -479,6 +606,24 @@ pub fn verify_checked(
                 *seq,
                 format!("record {seq}: head key rotation to {}", record.object),
             )),
+            RECORDS_PURGED => {
+                let whose = record
+                    .tenant_id
+                    .as_deref()
+                    .map_or("platform".to_string(), |t| format!("tenant {t}"));
+                let count = parse_purge_object(&record.object).map_or(0, |(n, _)| n);
+                let done = match purged.get(seq) {
+                    Some(_) => "(hashes kept)",
+                    None => "(announced, not carried out: still in full)",
+                };
+                events.push((
+                    *seq,
+                    format!(
+                        "record {seq}: {count} {whose} records past retention purged at {} {done}",
+                        record.time
+                    ),
+                ))
+            }
             _ => events.push((*seq, format!("record {seq}: {}", record.action))),
         }
     }
@@ -782,5 +927,88 @@ mod tests {
         };
         assert_eq!(verify_consistency(&older, &h, &consistency), Ok(()));
         assert!(verify_consistency(&h, &older, &consistency).is_err());
+    }
+
+    /// Records 2..=4 of a 5-record log purged by record 6, a purge record; heads over all.
+    fn purged_log() -> (Vec<u8>, Vec<TreeHead>) {
+        let mut lines = Vec::new();
+        let mut tree = Tree::new();
+        let purged = [2, 3, 4];
+        for seq in 1..=6 {
+            let mut r = record(seq, "http.GET");
+            if seq == 6 {
+                r.kind = TYPE_SYSTEM.into();
+                r.action = RECORDS_PURGED.into();
+                r.object = purge_object("2026-01-01T00:00:05.000Z", &purged);
+            }
+            lines.push(r.seal());
+            tree.push(hex::decode(&r.hash).unwrap().try_into().unwrap());
+        }
+        let heads = vec![head(&tree, 6, &key(1), "2026-01-01T00:00:06.000Z")];
+        for seq in purged {
+            let hash = hex::encode(tree.leaf(seq as usize - 1).unwrap());
+            let stub = PurgedRecord {
+                seq,
+                purged_by: 6,
+                hash,
+            };
+            lines[seq as usize - 1] = stub.line();
+        }
+        (lines.concat(), heads)
+    }
+
+    #[test]
+    fn purged_records_keep_the_tree_and_their_purge_is_reported() {
+        let (bytes, heads) = purged_log();
+        let report = verify(&bytes, &heads, None);
+        assert_eq!(report.fault, None);
+        assert_eq!((report.records, report.purged, report.covered), (6, 3, 6));
+        assert!(
+            report.events.iter().any(|e| e.contains("3 platform records past retention")),
+            "{:?}",
+            report.events
+        );
+    }
+
+    #[test]
+    fn a_stub_no_purge_record_names_is_a_fault() {
+        let (bytes, heads) = purged_log();
+        let text = String::from_utf8(bytes).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // Record 5 replaced by a stub carrying its true hash, pointing at the real purge.
+        let (r5, _) = check_line(lines[4].as_bytes(), 5).unwrap();
+        let forged = PurgedRecord {
+            seq: 5,
+            purged_by: 6,
+            hash: r5.hash.clone(),
+        };
+        let mut tampered = lines.clone();
+        let forged_line = String::from_utf8(forged.line()).unwrap();
+        tampered[4] = forged_line.trim_end();
+        let report = verify(format!("{}\n", tampered.join("\n")).as_bytes(), &heads, None);
+        let (line, why) = report.fault.expect("a fault");
+        assert_eq!(line, 2, "{why}");
+        assert!(why.contains("do not match purge record 6"), "{why}");
+        // A stub pointing at a record that is no purge, or at an earlier one.
+        for (by, expect) in [(7u64, "no purge record"), (1, "not a later one")] {
+            let stub = PurgedRecord {
+                seq: 5,
+                purged_by: by,
+                hash: r5.hash.clone(),
+            };
+            let mut tampered = lines.clone();
+            let line_text = String::from_utf8(stub.line()).unwrap();
+            tampered[4] = line_text.trim_end();
+            let report = verify(format!("{}\n", tampered.join("\n")).as_bytes(), &heads, None);
+            let (_, why) = report.fault.expect("a fault");
+            assert!(why.contains(expect), "{by}: {why}");
+        }
+        // A stub's hash changed: the tree no longer matches the head.
+        let mut tampered = lines.clone();
+        let changed = lines[2].replacen("\"hash\":\"", "\"hash\":\"0", 1);
+        let changed = changed.replacen(&changed[changed.len() - 3..changed.len() - 2], "", 1);
+        tampered[2] = &changed;
+        let report = verify(format!("{}\n", tampered.join("\n")).as_bytes(), &heads, None);
+        assert!(report.fault.is_some());
     }
 }

@@ -164,6 +164,16 @@ impl Tree {
         }
     }
 
+    /// Keeps the first `size` leaves (and the whole subtrees over them).
+    pub fn truncate(&mut self, size: usize) {
+        for (h, level) in self.levels.iter_mut().enumerate() {
+            level.truncate(size >> h);
+        }
+        while self.levels.len() > 1 && self.levels.last().is_some_and(Vec::is_empty) {
+            self.levels.pop();
+        }
+    }
+
     /// The root of leaves `a..b` (`a < b <= size`).
     fn range(&self, a: usize, b: usize) -> Hash {
         let n = b - a;
@@ -422,5 +432,20 @@ mod tests {
         assert_eq!(tree.root_at(71), None);
         assert_eq!(tree.inclusion_proof(3, 71), None);
         assert_eq!(tree.consistency_proof(0, 5), None);
+    }
+
+    #[test]
+    fn a_truncated_tree_is_the_tree_of_its_first_leaves() {
+        let all = leaves(40);
+        for size in [0, 1, 2, 3, 16, 17, 31, 39] {
+            let mut tree = Tree::new();
+            all.iter().for_each(|l| tree.push(*l));
+            tree.truncate(size);
+            assert_eq!(tree.size(), size);
+            assert_eq!(tree.root_at(size), Some(root(&all[..size])), "size {size}");
+            // And it grows on as a tree that never held the cut leaves.
+            tree.push(all[size]);
+            assert_eq!(tree.root_at(size + 1), Some(root(&all[..=size])), "size {size}");
+        }
     }
 }
