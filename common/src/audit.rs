@@ -221,7 +221,10 @@ pub fn check_any_line(line: &[u8], seq: u64) -> Result<(Line, Hash), String> {
     let stub: PurgedRecord =
         serde_json::from_slice(line).map_err(|e| format!("not a valid purged record: {e}"))?;
     if stub.purged_by <= seq {
-        return Err(format!("purged by record {}, not a later one", stub.purged_by));
+        return Err(format!(
+            "purged by record {}, not a later one",
+            stub.purged_by
+        ));
     }
     let leaf = hex::decode(&stub.hash)
         .ok()
@@ -964,7 +967,10 @@ mod tests {
         assert_eq!(report.fault, None);
         assert_eq!((report.records, report.purged, report.covered), (6, 3, 6));
         assert!(
-            report.events.iter().any(|e| e.contains("3 platform records past retention")),
+            report
+                .events
+                .iter()
+                .any(|e| e.contains("3 platform records past retention")),
             "{:?}",
             report.events
         );
@@ -985,7 +991,11 @@ mod tests {
         let mut tampered = lines.clone();
         let forged_line = String::from_utf8(forged.line()).unwrap();
         tampered[4] = forged_line.trim_end();
-        let report = verify(format!("{}\n", tampered.join("\n")).as_bytes(), &heads, None);
+        let report = verify(
+            format!("{}\n", tampered.join("\n")).as_bytes(),
+            &heads,
+            None,
+        );
         let (line, why) = report.fault.expect("a fault");
         assert_eq!(line, 2, "{why}");
         assert!(why.contains("do not match purge record 6"), "{why}");
@@ -999,7 +1009,11 @@ mod tests {
             let mut tampered = lines.clone();
             let line_text = String::from_utf8(stub.line()).unwrap();
             tampered[4] = line_text.trim_end();
-            let report = verify(format!("{}\n", tampered.join("\n")).as_bytes(), &heads, None);
+            let report = verify(
+                format!("{}\n", tampered.join("\n")).as_bytes(),
+                &heads,
+                None,
+            );
             let (_, why) = report.fault.expect("a fault");
             assert!(why.contains(expect), "{by}: {why}");
         }
@@ -1008,7 +1022,11 @@ mod tests {
         let changed = lines[2].replacen("\"hash\":\"", "\"hash\":\"0", 1);
         let changed = changed.replacen(&changed[changed.len() - 3..changed.len() - 2], "", 1);
         tampered[2] = &changed;
-        let report = verify(format!("{}\n", tampered.join("\n")).as_bytes(), &heads, None);
+        let report = verify(
+            format!("{}\n", tampered.join("\n")).as_bytes(),
+            &heads,
+            None,
+        );
         assert!(report.fault.is_some());
     }
 }

@@ -445,7 +445,11 @@ mod tests {
             assert_eq!(tree.root_at(size), Some(root(&all[..size])), "size {size}");
             // And it grows on as a tree that never held the cut leaves.
             tree.push(all[size]);
-            assert_eq!(tree.root_at(size + 1), Some(root(&all[..=size])), "size {size}");
+            assert_eq!(
+                tree.root_at(size + 1),
+                Some(root(&all[..=size])),
+                "size {size}"
+            );
         }
     }
 }

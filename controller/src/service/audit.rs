@@ -2,7 +2,9 @@
 //! each a leaf of an RFC 9162 Merkle tree) with signed tree heads.
 //!
 //! - A record is durable (written and `fdatasync`ed) before the action it describes runs; when
-//!   the append fails, the request fails (fails closed). Records are never rewritten.
+//!   the append fails, the request fails (fails closed). No record is ever changed; past its
+//!   retention it may only be reduced to a stub keeping its number and leaf hash, by a purge
+//!   that a purge record announces first (see [`AuditLog::purge`]).
 //! - One writer thread owns the file. Appends that arrive while it syncs are written and synced
 //!   together (group commit), so one `fdatasync` serves many requests.
 //! - Tree heads are signed with a key used for nothing else (sealed under the master key) at
@@ -12,7 +14,7 @@
 //! - The writer's start and clean stop, and key rotations, are records themselves: a restart
 //!   without a stop record before it shows an unclean stop, never a silent gap.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -24,8 +26,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ed25519_dalek::SigningKey;
 use palisade_common::audit::{
-    self as format, AuditRecord, ClockState, ConsistencyProof, InclusionProof, TreeHead,
-    HEAD_INTERVAL_SECS, HEAD_KEY_ROTATED, TYPE_SYSTEM, WRITER_STARTED, WRITER_STOPPED,
+    self as format, AuditRecord, ClockState, ConsistencyProof, InclusionProof, PurgedRecord,
+    TreeHead, HEAD_INTERVAL_SECS, HEAD_KEY_ROTATED, RECORDS_PURGED, TYPE_SYSTEM, WRITER_STARTED,
+    WRITER_STOPPED,
 };
 use palisade_common::merkle::Tree;
 
@@ -62,6 +65,8 @@ const LOG_FILE: &str = "audit.log";
 const HEADS_FILE: &str = "heads.jsonl";
 const KEY_FILE: &str = "head.key";
 const NEXT_KEY_FILE: &str = "head.key.next";
+/// A purge writes the reduced log here, then renames it over the log.
+const PURGING_FILE: &str = "audit.log.purging";
 const KEY_PURPOSE: &str = "audit-head-key";
 /// Most records written with one sync.
 const MAX_BATCH: usize = 4096;
@@ -80,8 +85,9 @@ struct Inner {
 }
 
 /// What readers see: only durable records and written heads.
-#[derive(Default)]
 struct View {
+    /// The log file the offsets are into (a purge swaps in a rewritten one).
+    file: Arc<File>,
     tree: Tree,
     /// Bytes of the log that are durable records.
     len: u64,
@@ -97,6 +103,7 @@ type Reply<T> = tokio::sync::oneshot::Sender<Result<T, AppendError>>;
 
 enum Job {
     Append(Box<Entry>, Reply<AuditRecord>),
+    Purge(Retention, Reply<Purged>),
     Head(&'static str, Reply<TreeHead>),
     Rotate(Reply<TreeHead>),
     Stop(Reply<TreeHead>),
@@ -119,6 +126,13 @@ impl AuditLog {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let path = paths.dir.join(LOG_FILE);
+        // A purge that stopped before its rename left the log whole: drop its half copy.
+        match std::fs::remove_file(paths.dir.join(PURGING_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).context("removing an interrupted purge's copy")
+            }
+            _ => {}
+        }
         let heads_path = paths.dir.join(HEADS_FILE);
         let store_path = paths.head_store.join(HEADS_FILE);
         let log = read_or_empty(&path)?;
@@ -154,6 +168,9 @@ impl AuditLog {
         for (index, line) in log.split_inclusive(|b| *b == b'\n').enumerate() {
             offsets.push(at);
             at += line.len() as u64;
+            if is_stub(line) {
+                continue;
+            }
             let who: Who = serde_json::from_slice(line).context("indexing the audit log")?;
             who.index(index as u64 + 1, &mut by_tenant, &mut by_subject);
         }
@@ -180,6 +197,7 @@ impl AuditLog {
             pending: Vec::new(),
             pending_lines: Vec::new(),
         };
+        let reader = Arc::new(File::open(&path)?);
         let (tx, rx) = mpsc::channel();
         let audit = AuditLog {
             inner: Arc::new(Inner {
@@ -187,6 +205,7 @@ impl AuditLog {
                 heads_path,
                 jobs: Mutex::new(Some(tx)),
                 view: Arc::new(RwLock::new(View {
+                    file: reader,
                     len: log.len() as u64,
                     tree,
                     offsets,
@@ -282,6 +301,16 @@ impl AuditLog {
             .await
     }
 
+    /// Reduces the records past their retention to stubs (`seq`, leaf hash, purge record), so
+    /// the tree and every head still verify. First one purge record per tenant (and one for
+    /// the platform's own records) names the set it purges; then the log is rewritten to a copy
+    /// and renamed over the original, so a crash leaves either the whole log or the purged one.
+    /// The log's records about itself are never purged.
+    pub async fn purge(&self, retention: Retention) -> Result<Purged, AppendError> {
+        self.request_async(|reply| Job::Purge(retention, reply))
+            .await
+    }
+
     /// Replaces the head key: a rotation record, a head the old key signs announcing the new
     /// one, then a head the new key signs.
     pub async fn rotate_key(&self) -> Result<TreeHead, AppendError> {
@@ -320,10 +349,11 @@ impl AuditLog {
         self.inner.view.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The stored line of record `seq` (1-based), without its newline.
+    /// The stored line of record `seq` (1-based), without its newline: the record, or the stub
+    /// left of it by a purge.
     pub fn record_line(&self, seq: u64) -> anyhow::Result<Option<Vec<u8>>> {
         use std::os::unix::fs::FileExt;
-        let (start, end) = {
+        let (file, start, end) = {
             let view = self.view();
             let Some(index) = seq.checked_sub(1).map(|i| i as usize) else {
                 return Ok(None);
@@ -332,9 +362,8 @@ impl AuditLog {
                 return Ok(None);
             };
             let end = view.offsets.get(index + 1).copied().unwrap_or(view.len);
-            (start, end)
+            (view.file.clone(), start, end)
         };
-        let file = File::open(&self.inner.path)?;
         let mut buf = vec![0u8; (end - start) as usize];
         file.read_exact_at(&mut buf, start)?;
         if buf.last() == Some(&b'\n') {
@@ -353,7 +382,7 @@ impl AuditLog {
         limit: usize,
     ) -> anyhow::Result<(Vec<AuditRecord>, Option<u64>)> {
         use std::os::unix::fs::FileExt;
-        let (candidates, spans): (Vec<u64>, Vec<(u64, u64)>) = {
+        let (file, candidates, spans): (Arc<File>, Vec<u64>, Vec<(u64, u64)>) = {
             let view = self.view();
             let size = view.offsets.len() as u64;
             let seqs: Vec<u64> = match scope {
@@ -377,9 +406,8 @@ impl AuditLog {
                     (start, end)
                 })
                 .collect();
-            (seqs, spans)
+            (view.file.clone(), seqs, spans)
         };
-        let file = File::open(&self.inner.path)?;
         let mut found = Vec::new();
         let mut last = after;
         for (seq, (start, end)) in candidates.iter().zip(spans) {
@@ -388,9 +416,12 @@ impl AuditLog {
             }
             let mut line = vec![0u8; (end - start) as usize];
             file.read_exact_at(&mut line, start)?;
+            last = *seq;
+            if is_stub(&line) {
+                continue; // purged: nothing left to show
+            }
             let record: AuditRecord =
                 serde_json::from_slice(&line).with_context(|| format!("audit record {seq}"))?;
-            last = *seq;
             if filter.matches(&record) {
                 found.push(record);
             }
@@ -401,12 +432,13 @@ impl AuditLog {
 
     /// The log's durable records (a record being written is left out).
     pub fn durable_log(&self) -> anyhow::Result<Vec<u8>> {
-        use std::io::Read;
-        let len = self.view().len;
-        let mut bytes = Vec::with_capacity(len as usize);
-        File::open(&self.inner.path)?
-            .take(len)
-            .read_to_end(&mut bytes)?;
+        let (file, len) = {
+            let view = self.view();
+            (view.file.clone(), view.len)
+        };
+        // Positioned reads: readers share the handle, never its file position.
+        let mut bytes = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, 0)?;
         Ok(bytes)
     }
 
@@ -436,6 +468,15 @@ impl AuditLog {
     }
 }
 
+/// Whether a stored line is the stub of a purged record.
+fn is_stub(line: &[u8]) -> bool {
+    let Some(rest) = line.strip_prefix(b"{\"seq\":") else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    rest[digits..].starts_with(b",\"purged_by\":")
+}
+
 /// What the record indexes need of a record.
 #[derive(serde::Deserialize)]
 struct Who {
@@ -455,6 +496,44 @@ impl Who {
         }
         by_subject.entry(self.subject).or_default().push(seq);
     }
+}
+
+/// Which records are past retention: those made before a cut-off time (RFC 3339 UTC with
+/// milliseconds, as records carry it). `None` keeps everything (a legal hold).
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    /// For records of no tenant, and of tenants without a rule of their own.
+    pub platform: Option<String>,
+    /// Per tenant.
+    pub tenants: HashMap<String, Option<String>>,
+}
+
+impl Retention {
+    fn before(&self, tenant: Option<&str>) -> Option<&str> {
+        match tenant.and_then(|t| self.tenants.get(t)) {
+            Some(own) => own.as_deref(),
+            None => self.platform.as_deref(),
+        }
+    }
+}
+
+/// What one purge did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Purged {
+    /// Records reduced to stubs.
+    pub records: u64,
+    /// The purge records written, one per tenant (and one for the platform's records).
+    pub purge_records: Vec<u64>,
+}
+
+/// What a purge needs of a record to judge its age.
+#[derive(serde::Deserialize)]
+struct Aging {
+    time: String,
+    tenant_id: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    action: String,
 }
 
 /// Whose records a reader may see.
@@ -753,6 +832,13 @@ impl Writer {
                 let _ = reply.send(self.rotate(view).map_err(other));
                 false
             }
+            Job::Purge(retention, reply) => {
+                let _ = reply.send(
+                    self.purge(&retention, view)
+                        .map_err(|e| other(format!("{e:#}"))),
+                );
+                false
+            }
             Job::Stop(reply) => {
                 let (tx, _) = tokio::sync::oneshot::channel();
                 self.stage(
@@ -770,6 +856,158 @@ impl Writer {
                 true
             }
         }
+    }
+
+    /// The lines of the durable log, in order, with their `seq`.
+    fn each_line(
+        &self,
+        path: &Path,
+        mut visit: impl FnMut(u64, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        use std::io::{BufRead, Read};
+        let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file.take(self.len));
+        let mut line = Vec::new();
+        let mut seq = 0;
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                return Ok(());
+            }
+            seq += 1;
+            visit(seq, &line)?;
+        }
+    }
+
+    fn purge(&mut self, retention: &Retention, view: &RwLock<View>) -> anyhow::Result<Purged> {
+        self.flush(view);
+        let path = self.dir.join(LOG_FILE);
+        // Which records are due, by tenant (`None`: the platform's own).
+        let mut due: BTreeMap<Option<String>, (String, Vec<u64>)> = BTreeMap::new();
+        self.each_line(&path, |seq, line| {
+            if is_stub(line) {
+                return Ok(());
+            }
+            let record: Aging =
+                serde_json::from_slice(line).with_context(|| format!("audit record {seq}"))?;
+            let about_the_log = record.kind == TYPE_SYSTEM && record.action.starts_with("audit.");
+            let Some(before) = retention.before(record.tenant_id.as_deref()) else {
+                return Ok(());
+            };
+            if !about_the_log && record.time.as_str() < before {
+                due.entry(record.tenant_id)
+                    .or_insert_with(|| (before.to_string(), Vec::new()))
+                    .1
+                    .push(seq);
+            }
+            Ok(())
+        })?;
+        if due.is_empty() {
+            return Ok(Purged::default());
+        }
+        // The purge records first, durable before any record is touched.
+        let mut replies = Vec::new();
+        for (tenant, (before, seqs)) in &due {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.stage(
+                Entry {
+                    action: RECORDS_PURGED.into(),
+                    object: format::purge_object(before, seqs),
+                    subject: "controller".into(),
+                    tenant_id: tenant.clone(),
+                    result: "succeeded".into(),
+                    ..Entry::default()
+                },
+                tx,
+            );
+            replies.push(rx);
+        }
+        self.flush(view);
+        let mut purged_by = HashMap::new();
+        let mut done = Purged::default();
+        for (rx, (_, seqs)) in replies.into_iter().zip(due.values()) {
+            let record = rx
+                .blocking_recv()
+                .map_err(|_| anyhow::anyhow!("purge record lost"))?
+                .context("writing a purge record")?;
+            done.purge_records.push(record.seq);
+            done.records += seqs.len() as u64;
+            purged_by.extend(seqs.iter().map(|seq| (*seq, record.seq)));
+        }
+        // Then the reduced copy, renamed over the log.
+        let copy = self.dir.join(PURGING_FILE);
+        let written = self.write_purged(&path, &copy, &purged_by, view);
+        let (offsets, len) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = std::fs::remove_file(&copy);
+                return Err(e.context("writing the purged copy of the log (the log is whole)"));
+            }
+        };
+        std::fs::rename(&copy, &path)?;
+        File::open(&self.dir)?.sync_all()?;
+        self.file = OpenOptions::new().append(true).open(&path)?;
+        {
+            let mut view = view.write().unwrap_or_else(|p| p.into_inner());
+            view.file = Arc::new(File::open(&path)?);
+            view.offsets = offsets;
+            view.len = len;
+            let view = &mut *view;
+            for index in [&mut view.by_tenant, &mut view.by_subject] {
+                index.retain(|_, seqs| {
+                    seqs.retain(|seq| !purged_by.contains_key(seq));
+                    !seqs.is_empty()
+                });
+            }
+        }
+        self.len = len;
+        self.head("purge", None, view)?;
+        Ok(done)
+    }
+
+    /// Writes the log to `copy` with the records in `purged_by` reduced to stubs, synced;
+    /// gives the new line offsets and length.
+    fn write_purged(
+        &self,
+        path: &Path,
+        copy: &Path,
+        purged_by: &HashMap<u64, u64>,
+        view: &RwLock<View>,
+    ) -> anyhow::Result<(Vec<u64>, u64)> {
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(copy)
+            .with_context(|| format!("creating {}", copy.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+        let mut offsets = Vec::with_capacity(self.seq as usize);
+        let mut at = 0u64;
+        let tree = view.read().unwrap_or_else(|p| p.into_inner());
+        self.each_line(path, |seq, line| {
+            offsets.push(at);
+            let stub;
+            let line = match purged_by.get(&seq) {
+                Some(by) => {
+                    let leaf = tree.tree.leaf(seq as usize - 1).context("leaf missing")?;
+                    stub = PurgedRecord {
+                        seq,
+                        purged_by: *by,
+                        hash: hex::encode(leaf),
+                    }
+                    .line();
+                    &stub[..]
+                }
+                None => line,
+            };
+            out.write_all(line)?;
+            at += line.len() as u64;
+            Ok(())
+        })?;
+        drop(tree);
+        let out = out.into_inner().map_err(|e| e.into_error())?;
+        out.sync_all()?;
+        Ok((offsets, at))
     }
 
     fn rotate(&mut self, view: &RwLock<View>) -> anyhow::Result<TreeHead> {
@@ -1004,5 +1242,73 @@ mod tests {
         );
         assert!(log.record_line(99).unwrap().is_none());
         log.stop().unwrap();
+    }
+
+    #[test]
+    fn a_purge_keeps_the_tree_markers_and_held_tenants_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, master) = (paths(dir.path()), master(dir.path()));
+        let log = AuditLog::open(&paths, &master).unwrap();
+        for tenant in ["a", "b", "a", "c"] {
+            log.append_blocking(Entry {
+                kind: format::TYPE_MUTATION,
+                action: "instance.create".into(),
+                subject: format!("user:{tenant}"),
+                tenant_id: Some(tenant.into()),
+                ..Entry::default()
+            })
+            .unwrap();
+        }
+        let platform = log.append_blocking(Entry::default()).unwrap();
+        let retention = Retention {
+            platform: Some(now_millis()),
+            // a: the platform's; b: held; c: kept longer (a cut-off before everything).
+            tenants: HashMap::from([
+                ("b".to_string(), None),
+                (
+                    "c".to_string(),
+                    Some("2000-01-01T00:00:00.000Z".to_string()),
+                ),
+            ]),
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let done = rt.block_on(log.purge(retention.clone())).unwrap();
+        assert_eq!(done.records, 3, "a's two and the platform's one");
+        assert_eq!(
+            done.purge_records.len(),
+            2,
+            "one for a, one for the platform"
+        );
+        // Nothing left of them to read; b, c and the start marker stay whole.
+        let (all, _) = log
+            .records(&Scope::All, &Filter::default(), 0, 100)
+            .unwrap();
+        let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();
+        assert!(!seqs.contains(&2) && !seqs.contains(&4) && !seqs.contains(&platform.seq));
+        assert!(
+            seqs.contains(&1) && seqs.contains(&3) && seqs.contains(&5),
+            "{seqs:?}"
+        );
+        let (a, _) = log
+            .records(&Scope::Tenant("a".into()), &Filter::default(), 0, 100)
+            .unwrap();
+        assert_eq!(a.len(), 1, "only a's purge record: {a:?}");
+        assert_eq!(a[0].action, RECORDS_PURGED);
+        assert!(is_stub(&log.record_line(2).unwrap().unwrap()));
+        // A second purge finds nothing new; appends go on after the rewrite.
+        assert_eq!(rt.block_on(log.purge(retention)).unwrap().records, 0);
+        log.append_blocking(Entry::default()).unwrap();
+        log.stop().unwrap();
+        let report = verify_all(dir.path());
+        assert_eq!(report.fault, None, "{report:?}");
+        assert_eq!(report.purged, 3);
+        // A restart verifies the purged log, indexes it, and goes on.
+        let log = AuditLog::open(&paths, &master).unwrap();
+        let (b, _) = log
+            .records(&Scope::Subject("user:b".into()), &Filter::default(), 0, 10)
+            .unwrap();
+        assert_eq!(b.len(), 1);
+        log.stop().unwrap();
+        assert_eq!(verify_all(dir.path()).fault, None);
     }
 }
