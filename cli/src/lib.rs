@@ -253,7 +253,12 @@ pub enum TenantCmd {
         ArgGroup::new("setting")
             .required(true)
             .multiple(true)
-            .args(["require_mfa", "password_min_length", "password_max_age_days"])
+            .args([
+                "require_mfa",
+                "password_min_length",
+                "password_max_age_days",
+                "audit_retention_days"
+            ])
     ))]
     Settings {
         id: String,
@@ -266,6 +271,10 @@ pub enum TenantCmd {
         /// 0 = the platform's maximum age.
         #[arg(long)]
         password_max_age_days: Option<u32>,
+        /// Keep the tenant's audit records this many days (at least the platform's minimum;
+        /// 0 = the minimum).
+        #[arg(long)]
+        audit_retention_days: Option<u32>,
     },
 }
 
@@ -486,6 +495,22 @@ pub enum AuditCmd {
     Head,
     /// Replace the head key (security administrator); the old key announces the new one.
     RotateKey,
+    /// How long records are kept (the platform's minimum, tenants' longer rules) and the legal
+    /// holds. A tenant administrator sees its own tenant's.
+    Retention,
+    /// Place a legal hold (security administrator): nothing it covers is purged until released.
+    Hold {
+        /// A tenant's id, or `platform` for the whole log.
+        scope: String,
+        /// Why (a case number, say); kept with the hold.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release a legal hold (security administrator).
+    Release { scope: String },
+    /// Purge the records past retention now (security administrator; it also runs hourly):
+    /// only their hashes stay, so the log still verifies.
+    Purge,
 }
 
 /// Runs one client command.
@@ -659,6 +684,64 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
                 .await?;
             ctx.print_head(&head)
         }
+        Command::Audit(AuditCmd::Retention) => {
+            let r: api::AuditRetention = ctx.signed()?.get("/v1/audit/retention").await?;
+            ctx.show_one(&r, |_| {
+                println!("platform minimum: {}", output::duration(r.minimum_secs));
+                let mut t = Table::default();
+                t.row(["TENANT", "RETENTION DAYS"]);
+                for x in &r.tenants {
+                    t.row([x.tenant_id.clone(), x.days.to_string()]);
+                }
+                print!("{t}");
+                let mut t = Table::default();
+                t.row(["LEGAL HOLD", "REASON", "SET BY", "SET AT"]);
+                for h in &r.holds {
+                    t.row([
+                        h.scope.clone(),
+                        output::printable(&h.reason),
+                        h.set_by.clone(),
+                        h.set_at.clone(),
+                    ]);
+                }
+                print!("{t}");
+                Ok(())
+            })
+        }
+        Command::Audit(AuditCmd::Hold { scope, reason }) => {
+            let hold: api::AuditHold = ctx
+                .signed()?
+                .json(
+                    Method::PUT,
+                    &format!("/v1/audit/holds/{}", segment(&scope)),
+                    Some(&api::AuditHoldSet { reason }),
+                )
+                .await?;
+            ctx.show_one(&hold, |_| {
+                println!("legal hold on {} set at {}", hold.scope, hold.set_at);
+                Ok(())
+            })
+        }
+        Command::Audit(AuditCmd::Release { scope }) => {
+            let client = ctx.signed()?;
+            let path = format!("/v1/audit/holds/{}", segment(&scope));
+            call(&client, Method::DELETE, &path, None::<&()>).await?;
+            println!("legal hold on {scope} released");
+            Ok(())
+        }
+        Command::Audit(AuditCmd::Purge) => {
+            let done: api::AuditPurge = ctx
+                .signed()?
+                .json(Method::POST, "/v1/audit/purge", None::<&()>)
+                .await?;
+            ctx.show_one(&done, |_| {
+                println!(
+                    "purged {} records past retention (purge records: {:?})",
+                    done.records, done.purge_records
+                );
+                Ok(())
+            })
+        }
         Command::Audit(AuditCmd::RotateKey) => {
             let head: audit::TreeHead = ctx
                 .signed()?
@@ -685,12 +768,10 @@ async fn call<B: serde::Serialize>(
     Ok(())
 }
 
-/// `path?name=value`, the value percent-encoded so that it cannot add parameters.
-fn with_query(path: &str, name: &str, value: Option<&str>) -> String {
-    let Some(value) = value else {
-        return path.to_string();
-    };
-    let encoded: String = value
+/// `value` percent-encoded but for unreserved characters: safe as a path segment or a query
+/// value (it cannot add segments or parameters).
+fn segment(value: &str) -> String {
+    value
         .bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -698,8 +779,15 @@ fn with_query(path: &str, name: &str, value: Option<&str>) -> String {
             }
             _ => format!("%{b:02X}"),
         })
-        .collect();
-    format!("{path}?{name}={encoded}")
+        .collect()
+}
+
+/// `path?name=value`, the value percent-encoded so that it cannot add parameters.
+fn with_query(path: &str, name: &str, value: Option<&str>) -> String {
+    match value {
+        Some(value) => format!("{path}?{name}={}", segment(value)),
+        None => path.to_string(),
+    }
 }
 
 /// `key=value`, for `--tag`.
@@ -1131,6 +1219,7 @@ impl Ctx {
                 require_mfa,
                 password_min_length,
                 password_max_age_days,
+                audit_retention_days,
             } => {
                 let mut settings = client.get::<api::Tenant>(&path(&id, "")).await?.settings;
                 settings.require_mfa = require_mfa.unwrap_or(settings.require_mfa);
@@ -1138,6 +1227,8 @@ impl Ctx {
                     password_min_length.unwrap_or(settings.password_min_length);
                 settings.password_max_age_days =
                     password_max_age_days.unwrap_or(settings.password_max_age_days);
+                settings.audit_retention_days =
+                    audit_retention_days.unwrap_or(settings.audit_retention_days);
                 let tenant: api::Tenant = client
                     .json(Method::PUT, &path(&id, "/settings"), Some(&settings))
                     .await?;
@@ -1210,10 +1301,16 @@ impl Ctx {
                 n => n.to_string(),
             };
             let mut t = Table::default();
-            t.row(["PASSWORD MIN LENGTH", "PASSWORD MAX AGE DAYS", "CREATED"]);
+            t.row([
+                "PASSWORD MIN LENGTH",
+                "PASSWORD MAX AGE DAYS",
+                "AUDIT RETENTION DAYS",
+                "CREATED",
+            ]);
             t.row([
                 rule(tenant.settings.password_min_length),
                 rule(tenant.settings.password_max_age_days),
+                rule(tenant.settings.audit_retention_days),
                 tenant.created_at.clone(),
             ]);
             print!("\n{t}");
@@ -1552,6 +1649,7 @@ impl Ctx {
             let verdict = serde_json::json!({
                 "intact": report.fault.is_none(),
                 "records": report.records,
+                "purged": report.purged,
                 "heads": report.heads,
                 "covered": report.covered,
                 "keys": report.keys,
@@ -1580,9 +1678,11 @@ impl Ctx {
         }
         if !self.global.json {
             println!(
-                "audit log intact: {} records, {} signed heads, the newest covering {} \
-                 ({} newer records not yet under a head); head keys: {}",
+                "audit log intact: {} records ({} purged past retention, hashes kept), {} signed \
+                 heads, the newest covering {} ({} newer records not yet under a head); head \
+                 keys: {}",
                 report.records,
+                report.purged,
                 report.heads,
                 report.covered,
                 report.records - report.covered,

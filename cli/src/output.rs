@@ -15,6 +15,16 @@ pub fn printable(text: &str) -> String {
         .collect()
 }
 
+/// Seconds as the largest whole unit: `365 days`, `12 h`, `90 s`.
+pub fn duration(secs: u64) -> String {
+    match secs {
+        s if s % 86400 == 0 => format!("{} days", s / 86400),
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
 #[derive(Default)]
 pub struct Table {
     rows: Vec<Vec<String>>,

@@ -231,6 +231,10 @@ pub struct TenantSettings {
     /// 0 = the platform's maximum age.
     #[serde(default)]
     pub password_max_age_days: u32,
+    /// Days the tenant's audit records are kept before only their hashes remain; at least the
+    /// platform's minimum. 0 = the platform's minimum.
+    #[serde(default)]
+    pub audit_retention_days: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -572,6 +576,52 @@ pub struct AuditInclusion {
 pub struct AuditRecords {
     pub records: Vec<crate::audit::AuditRecord>,
     pub next: Option<u64>,
+}
+
+/// `GET /v1/audit/retention`: how long records are kept, and the legal holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRetention {
+    /// The platform's minimum, for records of no tenant and tenants without a longer rule.
+    pub minimum_secs: u64,
+    /// Tenants with a longer retention (a tenant administrator sees its own tenant only).
+    pub tenants: Vec<TenantRetention>,
+    pub holds: Vec<AuditHold>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRetention {
+    pub tenant_id: String,
+    pub days: u32,
+}
+
+/// A legal hold: no record it covers is purged while it stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditHold {
+    /// A tenant's id, or `platform` for the whole log.
+    pub scope: String,
+    pub reason: String,
+    pub set_by: String,
+    pub set_at: String,
+}
+
+/// `PUT /v1/audit/holds/{scope}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditHoldSet {
+    pub reason: String,
+}
+
+/// What `POST /v1/audit/purge` did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditPurge {
+    /// Records reduced to their hashes.
+    pub records: u64,
+    /// The purge records written (one per tenant, one for the platform's records).
+    pub purge_records: Vec<u64>,
 }
 
 /// A page of the OCSF pull stream: events after the cursor given, and the cursor to give next.

@@ -977,6 +977,29 @@ mod tests {
     }
 
     #[test]
+    fn a_purge_that_never_ran_leaves_its_records_whole_and_is_reported() {
+        let (bytes, heads) = purged_log();
+        // The log as it was before the rewrite: purge record 6 written, records all whole.
+        let mut whole = Vec::new();
+        for (i, line) in String::from_utf8(bytes).unwrap().lines().enumerate() {
+            let seq = i as u64 + 1;
+            if (2..=4).contains(&seq) {
+                whole.extend(record(seq, "http.GET").seal());
+            } else {
+                whole.extend(format!("{line}\n").into_bytes());
+            }
+        }
+        let report = verify(&whole, &heads, None);
+        assert_eq!(report.fault, None);
+        assert_eq!(report.purged, 0);
+        assert!(
+            report.events.iter().any(|e| e.contains("not carried out")),
+            "{:?}",
+            report.events
+        );
+    }
+
+    #[test]
     fn a_stub_no_purge_record_names_is_a_fault() {
         let (bytes, heads) = purged_log();
         let text = String::from_utf8(bytes).unwrap();

@@ -36,6 +36,14 @@ pub struct ControllerArgs {
     /// The name the collector's certificate must carry (default: the host of --audit-syslog).
     #[arg(long)]
     pub audit_syslog_name: Option<String>,
+    /// The platform's minimum audit retention (`365d`, `12h`, `90s`; days without a unit).
+    /// Older records are purged: only their hashes stay, so the log still verifies. Tenants may
+    /// keep theirs longer; a legal hold keeps them all.
+    #[arg(long, default_value = "365d", value_parser = service::retention::parse_duration)]
+    pub audit_retention: std::time::Duration,
+    /// Seconds between purges of records past retention (the first runs at start).
+    #[arg(long, default_value_t = 3600)]
+    pub audit_purge_interval_secs: u64,
     /// Address of the HTTPS API.
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
@@ -107,6 +115,7 @@ pub struct Controller {
     pub alerts: service::alerts::Alerts,
     pub limits: access::limits::Limits,
     pub audit: service::audit::AuditLog,
+    pub retention: service::retention::Rules,
     pub compute: service::compute::Compute,
     pub data_dir: PathBuf,
 }
@@ -215,6 +224,9 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         alerts,
         limits: access::limits::Limits::new(args.rate_limit_per_source, args.rate_limit_per_key),
         audit,
+        retention: service::retention::Rules {
+            minimum: args.audit_retention,
+        },
         compute,
         data_dir: args.data_dir.clone(),
     });
@@ -222,6 +234,12 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         .compute
         .spawn_reconciler(std::time::Duration::from_secs(args.reconcile_interval_secs));
     spawn_housekeeping(controller.clone());
+    service::retention::spawn(
+        controller.db.clone(),
+        controller.audit.clone(),
+        controller.retention,
+        std::time::Duration::from_secs(args.audit_purge_interval_secs.max(1)),
+    );
     if let (Some(address), Some(ca)) = (&args.audit_syslog, &args.audit_syslog_ca) {
         service::syslog::spawn(
             controller.audit.clone(),

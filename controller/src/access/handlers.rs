@@ -16,6 +16,7 @@ use crate::access::server::{loggable_id, text_digest};
 use crate::error::{Error, Result};
 use crate::service::accounts;
 use crate::service::identity::{self, Principal};
+use crate::service::retention;
 use crate::service::webauthn;
 use crate::Controller;
 
@@ -573,7 +574,7 @@ pub async fn tenant_settings(
 ) -> Result<Json<api::Tenant>> {
     let tenant = tenant_for(&c, &ctx, "tenant.settings", &id).await?;
     let settings: api::TenantSettings = parse(&body)?;
-    accounts::check_settings(&settings)?;
+    accounts::check_settings(&settings, c.retention.minimum.as_secs())?;
     ctx.permit().await?;
     accounts::set_settings(&c.db, &tenant.id, &settings).await?;
     Ok(Json(accounts::get_tenant(&c.db, &tenant.id).await?))
@@ -1481,12 +1482,16 @@ pub async fn audit_inclusion(
         .await
         .map_err(|e| Error::Internal(e.into()))?
         .map_err(Error::Internal)?;
-    let missing = Error::NotFound {
+    let missing = || Error::NotFound {
         what: "audit record",
     };
-    let line = line.ok_or(missing)?;
-    let record: palisade_common::audit::AuditRecord =
-        serde_json::from_slice(&line).map_err(|e| Error::Internal(e.into()))?;
+    let line = line.ok_or_else(missing)?;
+    // A purged record's stub names no one: as gone as a record that never was.
+    let record = match palisade_common::audit::check_any_line(&line, seq) {
+        Ok((palisade_common::audit::Line::Record(record), _)) => record,
+        Ok((palisade_common::audit::Line::Purged(_), _)) => return Err(missing()),
+        Err(e) => return Err(Error::Internal(anyhow::anyhow!("audit record {seq}: {e}"))),
+    };
     // The records the caller may list, less the provider's (they name the provider's people).
     let visible = match audit_scope(principal) {
         crate::service::audit::Scope::All => true,
@@ -1549,6 +1554,95 @@ pub async fn audit_rotate_key(
     ctx.describe("audit_key.rotate", "audit-log/head-key");
     ctx.permit().await?;
     c.audit.rotate_key().await.map(Json).map_err(audit_failed)
+}
+
+/// How long audit records are kept, and the legal holds. A tenant administrator sees its own
+/// tenant's rule and hold; the platform's security administrators and auditors see all.
+pub async fn audit_retention(State(c): Ctl, ctx: RequestCtx) -> Result<Json<api::AuditRetention>> {
+    ctx.describe("audit_retention.show", "audit-log/retention");
+    let scope = own_scope(&c, principal(&ctx)?).await?;
+    ctx.authorize("audit_retention.show", &scope).await?;
+    ctx.permit().await?;
+    let mut tenants = retention::tenant_rules(&c.db).await?;
+    let mut holds = retention::holds(&c.db).await?;
+    if let Resource::Tenant { id, .. } = &scope {
+        tenants.retain(|t| t.tenant_id == *id);
+        holds.retain(|h| h.scope == *id);
+        for hold in &mut holds {
+            hold.set_by = "provider".into(); // the provider's people stay unnamed
+        }
+    }
+    Ok(Json(api::AuditRetention {
+        minimum_secs: c.retention.minimum.as_secs(),
+        tenants,
+        holds,
+    }))
+}
+
+/// The resource a hold's scope names: the whole log, or a tenant (deleted ones too: their
+/// records outlive them).
+async fn hold_scope(
+    c: &Controller,
+    ctx: &RequestCtx,
+    action: &str,
+    scope: &str,
+) -> Result<(String, Resource)> {
+    if scope == retention::PLATFORM {
+        ctx.describe(action, "audit-hold/platform");
+        ctx.authorize(action, &Resource::Platform).await?;
+        return Ok((scope.to_string(), Resource::Platform));
+    }
+    ctx.describe(action, format!("audit-hold/tenant/{}", loggable_id(scope)));
+    let id = canonical_id(scope, "tenant")?;
+    let name = retention::tenant_name(&c.db, &id).await?;
+    let resource = Resource::Tenant {
+        id: id.clone(),
+        name,
+    };
+    ctx.authorize(action, &resource).await?;
+    Ok((id, resource))
+}
+
+/// Places a legal hold on a tenant's records (`{scope}` = its id) or the whole log
+/// (`platform`): nothing it covers is purged until it is released.
+pub async fn audit_hold_set(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(scope): Path<String>,
+    body: Bytes,
+) -> Result<Json<api::AuditHold>> {
+    let (scope, _) = hold_scope(&c, &ctx, "audit_hold.set", &scope).await?;
+    let req: api::AuditHoldSet = parse(&body)?;
+    retention::check_reason(&req.reason)?;
+    let by = format!("user:{}", principal(&ctx)?.user_id);
+    ctx.permit().await?;
+    Ok(Json(
+        retention::set_hold(&c.db, &scope, &req.reason, &by).await?,
+    ))
+}
+
+pub async fn audit_hold_release(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(scope): Path<String>,
+) -> Result<StatusCode> {
+    let (scope, _) = hold_scope(&c, &ctx, "audit_hold.release", &scope).await?;
+    ctx.permit().await?;
+    retention::release_hold(&c.db, &scope).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Purges the records past retention now (it also runs on its own, hourly by default).
+pub async fn audit_purge(State(c): Ctl, ctx: RequestCtx) -> Result<Json<api::AuditPurge>> {
+    ctx.describe("audit_log.purge", "audit-log/platform");
+    ctx.authorize("audit_log.purge", &Resource::Platform)
+        .await?;
+    ctx.permit().await?;
+    let done = retention::purge(&c.db, &c.audit, c.retention).await?;
+    Ok(Json(api::AuditPurge {
+        records: done.records,
+        purge_records: done.purge_records,
+    }))
 }
 
 pub async fn not_found() -> Error {

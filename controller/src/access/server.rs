@@ -55,6 +55,7 @@ pub const BODY_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/groups"),
     ("PUT", "/v1/policies"),
     ("PUT", "/v1/platform/policies"),
+    ("PUT", "/v1/audit/holds/{scope}"),
     ("POST", "/v1/instances"),
 ];
 
@@ -360,6 +361,30 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             "/v1/audit/head-key/rotate",
             "audit_key.rotate",
             post(h::audit_rotate_key),
+        ),
+        r(
+            "GET",
+            "/v1/audit/retention",
+            "audit_retention.show",
+            get(h::audit_retention),
+        ),
+        r(
+            "PUT",
+            "/v1/audit/holds/{scope}",
+            "audit_hold.set",
+            put(h::audit_hold_set),
+        ),
+        r(
+            "DELETE",
+            "/v1/audit/holds/{scope}",
+            "audit_hold.release",
+            delete(h::audit_hold_release),
+        ),
+        r(
+            "POST",
+            "/v1/audit/purge",
+            "audit_log.purge",
+            post(h::audit_purge),
         ),
     ]
 }

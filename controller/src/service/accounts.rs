@@ -59,7 +59,7 @@ pub async fn create_tenant(db: &Db, req: &api::TenantCreate) -> Result<Tenant> {
 macro_rules! tenant_columns {
     () => {
         "id, name, quota_instances, quota_vcpus, quota_memory_mib, created_at, disabled_at, \
-         require_mfa, password_min_length, password_max_age_days"
+         require_mfa, password_min_length, password_max_age_days, audit_retention_days"
     };
 }
 macro_rules! user_columns {
@@ -85,6 +85,7 @@ fn tenant_from_row(row: &sqlx::sqlite::SqliteRow) -> Tenant {
             require_mfa: row.get::<i64, _>("require_mfa") != 0,
             password_min_length: row.get::<i64, _>("password_min_length") as u32,
             password_max_age_days: row.get::<i64, _>("password_max_age_days") as u32,
+            audit_retention_days: row.get::<i64, _>("audit_retention_days") as u32,
         },
         disabled: row.get::<Option<String>, _>("disabled_at").is_some(),
         created_at: row.get("created_at"),
@@ -128,12 +129,24 @@ pub async fn tenant_by_name(db: &Db, name: &str) -> Result<Option<Tenant>> {
     .map(|row| tenant_from_row(&row)))
 }
 
-pub fn check_settings(settings: &TenantSettings) -> Result<()> {
+/// `minimum_secs`: the platform's audit retention, which a tenant may only lengthen.
+pub fn check_settings(settings: &TenantSettings, minimum_secs: u64) -> Result<()> {
     if settings.password_min_length > 1024 {
         return Err(Error::invalid("password_min_length must be at most 1024"));
     }
     if settings.password_max_age_days > 3650 {
         return Err(Error::invalid("password_max_age_days must be at most 3650"));
+    }
+    let days = settings.audit_retention_days;
+    if days > 36500 {
+        return Err(Error::invalid("audit_retention_days must be at most 36500"));
+    }
+    if days != 0 && u64::from(days) * 86400 < minimum_secs {
+        return Err(Error::invalid(format!(
+            "audit_retention_days must be 0 (the platform's minimum) or at least {} \
+             (the platform keeps audit records {minimum_secs} s)",
+            minimum_secs.div_ceil(86400)
+        )));
     }
     Ok(())
 }
@@ -141,12 +154,13 @@ pub fn check_settings(settings: &TenantSettings) -> Result<()> {
 pub async fn set_settings(db: &Db, tenant_id: &str, settings: &TenantSettings) -> Result<()> {
     sqlx::query(
         "UPDATE tenants SET require_mfa = $2, password_min_length = $3, \
-         password_max_age_days = $4 WHERE id = $1",
+         password_max_age_days = $4, audit_retention_days = $5 WHERE id = $1",
     )
     .bind(tenant_id)
     .bind(i64::from(settings.require_mfa))
     .bind(i64::from(settings.password_min_length))
     .bind(i64::from(settings.password_max_age_days))
+    .bind(i64::from(settings.audit_retention_days))
     .execute(&db.pool)
     .await?;
     Ok(())

@@ -1260,6 +1260,7 @@ mod tests {
             .unwrap();
         }
         let platform = log.append_blocking(Entry::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(5)); // past the last record's millisecond
         let retention = Retention {
             platform: Some(now_millis()),
             // a: the platform's; b: held; c: kept longer (a cut-off before everything).
@@ -1302,8 +1303,11 @@ mod tests {
         let report = verify_all(dir.path());
         assert_eq!(report.fault, None, "{report:?}");
         assert_eq!(report.purged, 3);
-        // A restart verifies the purged log, indexes it, and goes on.
+        // A restart verifies the purged log, indexes it, and goes on; the half copy of a
+        // purge that died before its rename is dropped (the log it would replace is whole).
+        std::fs::write(paths.dir.join(PURGING_FILE), b"half").unwrap();
         let log = AuditLog::open(&paths, &master).unwrap();
+        assert!(!paths.dir.join(PURGING_FILE).exists());
         let (b, _) = log
             .records(&Scope::Subject("user:b".into()), &Filter::default(), 0, 10)
             .unwrap();

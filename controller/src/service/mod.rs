@@ -24,6 +24,7 @@ pub mod federation;
 pub mod identity;
 pub mod mfa;
 pub mod outbound;
+pub mod retention;
 pub mod secrets;
 pub mod syslog;
 pub mod webauthn;

@@ -1216,3 +1216,192 @@ fn request_lines_all(p: &Platform) -> u64 {
         .lines()
         .count() as u64
 }
+
+/// Point 6: records past the platform's minimum are purged to their hashes; a tenant that keeps
+/// its records longer and a tenant under legal hold keep theirs; the log still verifies, each
+/// purge is a record in the tenant's view, and a restart accepts the purged log.
+#[test]
+fn retention_purges_to_hashes_keeps_longer_rules_and_holds_and_still_verifies() {
+    use reqwest::Method;
+    let mut p = Platform::start_with_args(&["--audit-retention", "3s"]);
+    let admin = p.admin();
+    let security = p.platform_account(&admin, "sam", "security_admin");
+    let auditor = p.platform_account(&admin, "audrey", "auditor");
+    let mut tenants = Vec::new();
+    for name in ["short", "long", "held"] {
+        let (tenant, _) = p.tenant(&admin, name, None);
+        let boss = p.tenant_user(&admin, &tenant.id, &format!("{name}-admin"), "tenant_admin");
+        tenants.push((tenant, boss));
+    }
+    let [(_, short_admin), (long, long_admin), (held, held_admin)] =
+        <[_; 3]>::try_from(tenants).ok().unwrap();
+
+    // The long tenant keeps its records a day; below the minimum or absurd values are refused.
+    let settings = |days: u32| api::TenantSettings {
+        audit_retention_days: days,
+        ..api::TenantSettings::default()
+    };
+    let path = format!("/v1/tenants/{}/settings", long.id);
+    let set = |days| {
+        p.block_on(long_admin.client.json::<_, api::Tenant>(
+            Method::PUT,
+            &path,
+            Some(&settings(days)),
+        ))
+    };
+    assert_eq!(set(1).unwrap().settings.audit_retention_days, 1);
+    assert_eq!(api_error(set(36501).unwrap_err()).status, 400);
+    // A legal hold on the held tenant, by the security administrator only.
+    let hold = format!("/v1/audit/holds/{}", held.id);
+    let reason = api::AuditHoldSet {
+        reason: "case 2026-117".into(),
+    };
+    let put_hold = |who: &Signer, path: &str, reason: &api::AuditHoldSet| {
+        p.block_on(
+            who.client
+                .json::<_, api::AuditHold>(Method::PUT, path, Some(reason)),
+        )
+    };
+    assert_eq!(
+        api_error(put_hold(&held_admin, &hold, &reason).unwrap_err()).status,
+        403
+    );
+    // Another tenant's hold is as missing as a tenant that does not exist.
+    assert_eq!(
+        api_error(put_hold(&short_admin, &hold, &reason).unwrap_err()).status,
+        404
+    );
+    for bad in ["", "two\nlines", &"x".repeat(1001)] {
+        let bad = api::AuditHoldSet { reason: bad.into() };
+        assert_eq!(
+            api_error(put_hold(&security, &hold, &bad).unwrap_err()).status,
+            400
+        );
+    }
+    let nobody = "/v1/audit/holds/00000000-0000-4000-8000-000000000000";
+    assert_eq!(
+        api_error(put_hold(&security, nobody, &reason).unwrap_err()).status,
+        404
+    );
+    let placed = put_hold(&security, &hold, &reason).unwrap();
+    assert_eq!(placed.scope, held.id);
+
+    // Each tenant leaves records, which then age past the platform's 3 s.
+    for who in [&short_admin, &long_admin, &held_admin] {
+        let _: Vec<api::Instance> = p.block_on(who.client.get("/v1/instances")).unwrap();
+    }
+    let seen = |who: &Signer| -> Vec<audit::AuditRecord> {
+        let page: api::AuditRecords = p
+            .block_on(who.client.get("/v1/audit/records?limit=1000"))
+            .unwrap();
+        page.records
+    };
+    let before = [seen(&short_admin), seen(&long_admin), seen(&held_admin)];
+    assert!(before.iter().all(|r| r.len() > 3));
+    std::thread::sleep(Duration::from_secs(4));
+    // Only the security administrator purges.
+    let err = p
+        .block_on(
+            short_admin
+                .client
+                .post::<_, api::AuditPurge>("/v1/audit/purge", &()),
+        )
+        .unwrap_err();
+    assert_eq!(api_error(err).status, 403);
+    let done: api::AuditPurge = p
+        .block_on(security.client.post("/v1/audit/purge", &()))
+        .unwrap();
+    assert!(
+        done.records > 0 && !done.purge_records.is_empty(),
+        "{done:?}"
+    );
+
+    // The short tenant sees only its purge record (and what came after); the others all.
+    let short_after = seen(&short_admin);
+    let purge = short_after
+        .iter()
+        .find(|r| r.action == audit::RECORDS_PURGED)
+        .expect("the short tenant's purge record");
+    let (count, _) = audit::parse_purge_object(&purge.object).unwrap();
+    assert!(
+        count as usize >= before[0].len(),
+        "{count} of {}",
+        before[0].len()
+    );
+    assert!(short_after
+        .iter()
+        .all(|r| r.seq > before[0].last().unwrap().seq));
+    for (i, who) in [(1, &long_admin), (2, &held_admin)] {
+        let after = seen(who);
+        assert_eq!(
+            &after[..before[i].len()],
+            &before[i][..],
+            "tenant {i} lost records"
+        );
+        assert!(after.iter().all(|r| r.action != audit::RECORDS_PURGED));
+    }
+    // The hold is in the held tenant's view, as the provider's.
+    let hold_record = seen(&held_admin)
+        .into_iter()
+        .find(|r| r.action == "audit_hold.set" && r.result == "allowed")
+        .expect("the hold in the tenant's records");
+    assert!(hold_record.provider && hold_record.subject == "provider");
+    let retention: api::AuditRetention = p
+        .block_on(held_admin.client.get("/v1/audit/retention"))
+        .unwrap();
+    assert_eq!(retention.minimum_secs, 3);
+    assert_eq!(retention.holds.len(), 1);
+    assert_eq!(retention.holds[0].set_by, "provider");
+    assert!(
+        retention.tenants.is_empty(),
+        "another tenant's rule shown: {retention:?}"
+    );
+    let all: api::AuditRetention = p
+        .block_on(auditor.client.get("/v1/audit/retention"))
+        .unwrap();
+    assert_eq!(all.tenants.len(), 1);
+    assert_eq!(all.tenants[0].tenant_id, long.id);
+    // A purged record is not proved; it is gone, as one that never was.
+    let purged_seq = before[0][0].seq;
+    let path = format!("/v1/audit/proof/inclusion?seq={purged_seq}&tree_size={purged_seq}");
+    let err = p
+        .block_on(auditor.client.get::<api::AuditInclusion>(&path))
+        .unwrap_err();
+    assert_eq!(api_error(err).status, 404);
+
+    // Released, the held tenant's old records go at the next purge.
+    let client = &security.client;
+    p.block_on(client.send(Method::DELETE, &hold, Vec::new()))
+        .unwrap();
+    let err = p
+        .block_on(client.send(Method::DELETE, &hold, Vec::new()))
+        .unwrap_err();
+    assert_eq!(api_error(err).status, 404);
+    std::thread::sleep(Duration::from_secs(4));
+    let again: api::AuditPurge = p
+        .block_on(security.client.post("/v1/audit/purge", &()))
+        .unwrap();
+    assert!(again.records > 0);
+    assert!(seen(&held_admin)
+        .iter()
+        .all(|r| r.seq > before[2].last().unwrap().seq));
+    assert_eq!(&seen(&long_admin)[..before[1].len()], &before[1][..]);
+
+    // The purged log verifies offline, reports its purges, and a restart accepts it.
+    p.stop_controller();
+    let out = p.verify_audit(&p.audit_log());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("past retention purged"), "{stdout}");
+    let purged = done.records + again.records;
+    assert!(
+        stdout.contains(&format!("({purged} purged past retention")),
+        "{stdout}"
+    );
+    p.start_controller();
+    let _: Vec<api::Instance> = p.block_on(long_admin.client.get("/v1/instances")).unwrap();
+}

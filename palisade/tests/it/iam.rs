@@ -322,6 +322,21 @@ impl World {
                 vec![],
             ),
             "audit_key.rotate" => ("POST", "/v1/audit/head-key/rotate".into(), vec![]),
+            "audit_retention.show" => ("GET", "/v1/audit/retention".into(), vec![]),
+            "audit_hold.set" => (
+                "PUT",
+                format!("/v1/audit/holds/{acme}"),
+                body(json!({"reason": "matrix"})),
+            ),
+            "audit_hold.release" => {
+                // A hold to release, placed by the security administrator.
+                let hold = format!("/v1/audit/holds/{acme}");
+                let admin = &self.signers["security_admin"];
+                let r = raw.signed(p, admin, "PUT", &hold, &body(json!({"reason": "matrix"})));
+                assert_eq!(r.status, 200, "{role}: {:?}", r.body);
+                ("DELETE", hold, vec![])
+            }
+            "audit_log.purge" => ("POST", "/v1/audit/purge".into(), vec![]),
             "flavor.list" => ("GET", "/v1/flavors".into(), vec![]),
             "image.list" => ("GET", "/v1/images".into(), vec![]),
             "instance.create" => (
