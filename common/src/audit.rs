@@ -106,7 +106,7 @@ impl PurgedRecord {
 /// A line of the log: a record, or the stub of a purged one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
-    Record(AuditRecord),
+    Record(Box<AuditRecord>),
     Purged(PurgedRecord),
 }
 
@@ -216,7 +216,7 @@ pub fn check_line(line: &[u8], seq: u64) -> Result<(AuditRecord, Hash), String> 
 /// whose hash cannot be recomputed (the tree and the purge record's digest vouch for it).
 pub fn check_any_line(line: &[u8], seq: u64) -> Result<(Line, Hash), String> {
     if !line.starts_with(format!("{{\"seq\":{seq},\"purged_by\":").as_bytes()) {
-        return check_line(line, seq).map(|(record, leaf)| (Line::Record(record), leaf));
+        return check_line(line, seq).map(|(record, leaf)| (Line::Record(Box::new(record)), leaf));
     }
     let stub: PurgedRecord =
         serde_json::from_slice(line).map_err(|e| format!("not a valid purged record: {e}"))?;
@@ -384,7 +384,7 @@ pub fn verify_records(log: &[u8]) -> RecordsCheck {
             Ok((Line::Record(record), leaf)) => {
                 check.tree.push(leaf);
                 if record.kind == TYPE_SYSTEM && record.action.starts_with("audit.") {
-                    check.markers.push((seq, record));
+                    check.markers.push((seq, *record));
                 }
             }
             Ok((Line::Purged(stub), leaf)) => {

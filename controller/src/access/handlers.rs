@@ -1488,7 +1488,7 @@ pub async fn audit_inclusion(
     let line = line.ok_or_else(missing)?;
     // A purged record's stub names no one: as gone as a record that never was.
     let record = match palisade_common::audit::check_any_line(&line, seq) {
-        Ok((palisade_common::audit::Line::Record(record), _)) => record,
+        Ok((palisade_common::audit::Line::Record(record), _)) => *record,
         Ok((palisade_common::audit::Line::Purged(_), _)) => return Err(missing()),
         Err(e) => return Err(Error::Internal(anyhow::anyhow!("audit record {seq}: {e}"))),
     };
