@@ -607,7 +607,7 @@ pub struct AuditHold {
     pub set_at: String,
 }
 
-/// `PUT /v1/audit/holds/{scope}`.
+/// `PUT /v1/audit/holds/{id}` (a tenant id, or `platform`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditHoldSet {

@@ -55,7 +55,7 @@ pub const BODY_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/groups"),
     ("PUT", "/v1/policies"),
     ("PUT", "/v1/platform/policies"),
-    ("PUT", "/v1/audit/holds/{scope}"),
+    ("PUT", "/v1/audit/holds/{id}"),
     ("POST", "/v1/instances"),
 ];
 
@@ -370,13 +370,13 @@ fn table() -> Vec<(RouteSpec, Handler)> {
         ),
         r(
             "PUT",
-            "/v1/audit/holds/{scope}",
+            "/v1/audit/holds/{id}",
             "audit_hold.set",
             put(h::audit_hold_set),
         ),
         r(
             "DELETE",
-            "/v1/audit/holds/{scope}",
+            "/v1/audit/holds/{id}",
             "audit_hold.release",
             delete(h::audit_hold_release),
         ),
