@@ -27,6 +27,7 @@ mod id;
 mod image;
 mod instance;
 mod jail;
+mod net;
 mod process;
 mod qemu;
 mod qmp;

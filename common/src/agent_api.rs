@@ -91,3 +91,85 @@ pub struct ConsoleQuery {
     #[serde(default)]
     pub offset: u64,
 }
+
+/// The whole tenant network one host must carry. `PUT /v1/network` replaces it at once: the
+/// agent renders every rule from it and applies them in one atomic nftables transaction, so a
+/// repeated call changes nothing and a partial state is never visible.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HostNetwork {
+    pub vpcs: Vec<VpcNet>,
+    pub ports: Vec<PortNet>,
+}
+
+/// One VPC: its own L2 domain (a bridge on each host, VXLAN VNI `vni` between hosts) and a
+/// router giving it north-south access.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VpcNet {
+    pub id: String,
+    /// 1-65535 today: on each host it also numbers the VPC's conntrack zone.
+    pub vni: u32,
+    pub subnets: Vec<SubnetNet>,
+    /// The router's address on the external network (source NAT), if it has one.
+    pub external_ip: Option<std::net::Ipv4Addr>,
+    pub floating: Vec<FloatingNet>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetNet {
+    pub id: String,
+    pub cidr: crate::net::Ipv4Net,
+    /// The network ACL, in order; first match wins. Empty: no ACL, everything passes it.
+    /// Non-empty: what no rule allows is denied.
+    pub acl: Vec<AclRuleNet>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AclRuleNet {
+    pub direction: crate::net::Direction,
+    pub action: crate::net::AclAction,
+    pub protocol: crate::net::Protocol,
+    pub ports: Option<crate::net::PortRange>,
+    /// The far end: the source of ingress traffic, the destination of egress traffic.
+    pub cidr: crate::net::Ipv4Net,
+}
+
+/// A floating address: traffic to `public` on the external network reaches `private`, and
+/// `private`'s outgoing traffic leaves from `public`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FloatingNet {
+    pub public: std::net::Ipv4Addr,
+    pub private: std::net::Ipv4Addr,
+}
+
+/// One instance's network port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortNet {
+    pub id: String,
+    pub instance_id: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub mac: crate::net::Mac,
+    pub ip: std::net::Ipv4Addr,
+    /// The union of the port's security groups, remote groups already resolved to their
+    /// members' addresses. What no rule allows is dropped (replies to allowed traffic pass).
+    pub rules: Vec<SgRuleNet>,
+    /// Bandwidth limits in kbit/s; 0 = none.
+    pub ingress_kbit: u32,
+    pub egress_kbit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SgRuleNet {
+    pub direction: crate::net::Direction,
+    pub protocol: crate::net::Protocol,
+    pub ports: Option<crate::net::PortRange>,
+    /// The far end: who may send (ingress) or be sent to (egress).
+    pub remote: crate::net::Ipv4Net,
+}

@@ -5,6 +5,7 @@ pub mod api;
 pub mod audit;
 pub mod error;
 pub mod merkle;
+pub mod net;
 pub mod ocsf;
 pub mod signing;
 pub mod tls;

@@ -1,0 +1,3 @@
+//! Tenant networks on this host: VPC bridges, ports, routers, and the rules that isolate them.
+
+pub mod nft;
