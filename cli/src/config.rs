@@ -105,7 +105,7 @@ pub fn new_key() -> SigningKey {
 }
 
 /// Writes a file readable by its owner only, through a rename so it is never half-written.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()

@@ -1702,8 +1702,9 @@ impl Ctx {
             .send(Method::GET, "/v1/audit/log", Vec::new())
             .await?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::write(dir.join("audit.log"), &log)?;
-        std::fs::write(dir.join("heads.jsonl"), &heads)?;
+        // The records name users, addresses and objects: readable by their owner only.
+        config::write_private(&dir.join("audit.log"), &log)?;
+        config::write_private(&dir.join("heads.jsonl"), &heads)?;
         let records = log.iter().filter(|b| **b == b'\n').count();
         println!(
             "exported {records} records and their heads to {}; check with: palisade audit \

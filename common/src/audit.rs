@@ -361,7 +361,15 @@ pub struct RecordsCheck {
     /// The first bad record (1-based line) and why.
     pub fault: Option<(u64, String)>,
     /// The stubs each purge record (by `seq`) left.
-    pub purged: std::collections::BTreeMap<u64, u64>,
+    pub purged: std::collections::BTreeMap<u64, PurgeGroup>,
+}
+
+/// The stubs one purge record left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeGroup {
+    pub count: u64,
+    /// The first stub's `seq`.
+    pub first: u64,
 }
 
 /// Verifies the records alone: each numbered in order and carrying its own hash.
@@ -389,7 +397,11 @@ pub fn verify_records(log: &[u8]) -> RecordsCheck {
             }
             Ok((Line::Purged(stub), leaf)) => {
                 check.tree.push(leaf);
-                *check.purged.entry(stub.purged_by).or_default() += 1;
+                let group = check.purged.entry(stub.purged_by).or_insert(PurgeGroup {
+                    count: 0,
+                    first: seq,
+                });
+                group.count += 1;
                 stubs.entry(stub.purged_by).or_default().push(seq);
             }
             Err(reason) => {
@@ -415,7 +427,13 @@ pub fn verify_records(log: &[u8]) -> RecordsCheck {
         });
         if !fits {
             let why = match *by <= size && committed.is_some() {
-                true => format!("purged records do not match purge record {by}"),
+                true => format!(
+                    "the {} records marked purged by record {by} ({}..{}) are not the ones it \
+                     purged",
+                    seqs.len(),
+                    seqs[0],
+                    seqs[seqs.len() - 1]
+                ),
                 false => format!("purged by record {by}, which is no purge record of this log"),
             };
             if bad.as_ref().is_none_or(|(first, _)| seqs[0] < *first) {
@@ -461,7 +479,7 @@ pub fn verify_checked(
     } = check;
     let mut report = Report {
         records: tree.size() as u64,
-        purged: purged.values().sum(),
+        purged: purged.values().map(|g| g.count).sum(),
         fault: fault.clone(),
         ..Report::default()
     };
@@ -582,6 +600,24 @@ pub fn verify_checked(
         report.heads += 1;
         report.covered = head.tree_size;
         last_good = Some(head);
+    }
+    // A purge signs a head over its purge record before it reduces any record, so stubs
+    // whose purge record no head covers were not made by the writer: whoever wrote them could
+    // have hidden any record that way.
+    // (Judged on an otherwise sound log only: a fault elsewhere already stops trust.)
+    let uncovered = purged
+        .iter()
+        .filter(|(by, _)| **by > report.covered)
+        .min_by_key(|(_, group)| group.first);
+    if let (Some((by, group)), None) = (uncovered, &report.fault) {
+        report.fault = Some((
+            group.first,
+            format!(
+                "records from {} on are marked purged by record {by}, which no signed head \
+                 covers: the writer signs a purge before it reduces any record",
+                group.first
+            ),
+        ));
     }
     let mut events: Vec<(u64, String)> = head_events;
     let mut stopped_cleanly = true;
@@ -977,6 +1013,26 @@ mod tests {
     }
 
     #[test]
+    fn stubs_of_a_purge_no_head_covers_are_a_fault() {
+        // Someone with write access but no key: records 2..=4 turned into stubs (true hashes,
+        // so every head still matches) of a purge record 6 appended after the last head.
+        let (bytes, heads) = purged_log();
+        let mut tree = Tree::new();
+        for line in String::from_utf8(bytes.clone()).unwrap().lines().take(5) {
+            let seq = tree.size() as u64 + 1;
+            let (_, leaf) = check_any_line(line.as_bytes(), seq).expect("a sound line");
+            tree.push(leaf);
+        }
+        let only_five = vec![head(&tree, 5, &key(1), "2026-01-01T00:00:05.500Z")];
+        let report = verify(&bytes, &only_five, None);
+        let (line, why) = report.fault.expect("a fault");
+        assert_eq!(line, 2, "{why}");
+        assert!(why.contains("no signed head covers"), "{why}");
+        // The same log with a head over the purge record verifies.
+        assert_eq!(verify(&bytes, &heads, None).fault, None);
+    }
+
+    #[test]
     fn a_purge_that_never_ran_leaves_its_records_whole_and_is_reported() {
         let (bytes, heads) = purged_log();
         // The log as it was before the rewrite: purge record 6 written, records all whole.
@@ -1021,7 +1077,7 @@ mod tests {
         );
         let (line, why) = report.fault.expect("a fault");
         assert_eq!(line, 2, "{why}");
-        assert!(why.contains("do not match purge record 6"), "{why}");
+        assert!(why.contains("marked purged by record 6 (2..5)"), "{why}");
         // A stub pointing at a record that is no purge, or at an earlier one.
         for (by, expect) in [(7u64, "no purge record"), (1, "not a later one")] {
             let stub = PurgedRecord {

@@ -42,7 +42,7 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "365d", value_parser = service::retention::parse_duration)]
     pub audit_retention: std::time::Duration,
     /// Seconds between purges of records past retention (the first runs at start).
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_purge_interval_secs: u64,
     /// Address of the HTTPS API.
     #[arg(long, default_value = "127.0.0.1:8443")]
@@ -238,7 +238,7 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         controller.db.clone(),
         controller.audit.clone(),
         controller.retention,
-        std::time::Duration::from_secs(args.audit_purge_interval_secs.max(1)),
+        std::time::Duration::from_secs(args.audit_purge_interval_secs),
     );
     if let (Some(address), Some(ca)) = (&args.audit_syslog, &args.audit_syslog_ca) {
         service::syslog::spawn(

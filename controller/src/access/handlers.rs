@@ -1615,6 +1615,14 @@ pub async fn audit_hold_set(
     let req: api::AuditHoldSet = parse(&body)?;
     retention::check_reason(&req.reason)?;
     let by = format!("user:{}", principal(&ctx)?.user_id);
+    // The reason goes into the record: the hold row is replaced or deleted later, the log
+    // keeps why each hold was set.
+    let reason: String = url::form_urlencoded::byte_serialize(req.reason.as_bytes()).collect();
+    let object = match scope.as_str() {
+        retention::PLATFORM => format!("audit-hold/platform?reason={reason}"),
+        id => format!("audit-hold/tenant/{id}?reason={reason}"),
+    };
+    ctx.describe("audit_hold.set", object);
     ctx.permit().await?;
     Ok(Json(
         retention::set_hold(&c.db, &scope, &req.reason, &by).await?,

@@ -138,8 +138,11 @@ pub fn check_settings(settings: &TenantSettings, minimum_secs: u64) -> Result<()
         return Err(Error::invalid("password_max_age_days must be at most 3650"));
     }
     let days = settings.audit_retention_days;
-    if days > 36500 {
-        return Err(Error::invalid("audit_retention_days must be at most 36500"));
+    if u64::from(days) > crate::service::retention::MAX_TENANT_DAYS {
+        return Err(Error::invalid(format!(
+            "audit_retention_days must be at most {}",
+            crate::service::retention::MAX_TENANT_DAYS
+        )));
     }
     if days != 0 && u64::from(days) * 86400 < minimum_secs {
         return Err(Error::invalid(format!(

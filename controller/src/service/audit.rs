@@ -936,6 +936,9 @@ impl Writer {
             purged_by.extend(seqs.iter().map(|seq| (*seq, record.seq)));
         }
         purged_by.sort_unstable();
+        // A signed head over the purge records before any record is reduced: stubs under no
+        // head are forgeries, and verifiers say so.
+        self.head("purge", None, view)?;
         // Then the reduced copy, renamed over the log.
         let copy = self.dir.join(PURGING_FILE);
         let written = self.write_purged(&path, &copy, &purged_by, view);
@@ -963,7 +966,6 @@ impl Writer {
             }
         }
         self.len = len;
-        self.head("purge", None, view)?;
         Ok(done)
     }
 

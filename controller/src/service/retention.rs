@@ -18,7 +18,9 @@ use crate::service::audit::{AuditLog, Purged, Retention};
 pub const PLATFORM: &str = "platform";
 
 /// Longest hold reason kept.
-const MAX_REASON: usize = 1000;
+const MAX_REASON: usize = 160;
+/// The longest retention anyone may set (the platform minimum included), in days.
+pub const MAX_TENANT_DAYS: u64 = 36500;
 
 /// The platform's rule: every record is kept at least `minimum`.
 #[derive(Debug, Clone, Copy)]
@@ -45,8 +47,10 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     };
     let secs = n
         .checked_mul(scale)
-        .filter(|s| *s > 0 && *s <= 100 * 366 * 86400)
-        .ok_or_else(|| format!("{text:?}: must be more than 0 and at most 100 years"))?;
+        .filter(|s| *s > 0 && *s <= MAX_TENANT_DAYS * 86400)
+        .ok_or_else(|| {
+            format!("{text:?}: must be more than 0 and at most {MAX_TENANT_DAYS} days")
+        })?;
     Ok(Duration::from_secs(secs))
 }
 
@@ -165,8 +169,13 @@ pub fn check_reason(reason: &str) -> Result<()> {
             "reason must be 1 to {MAX_REASON} bytes"
         )));
     }
-    if reason.chars().any(char::is_control) {
-        return Err(Error::invalid("reason must be one line of printable text"));
+    if reason
+        .chars()
+        .any(|c| c.is_control() || api::is_invisible_format_char(c))
+    {
+        return Err(Error::invalid(
+            "reason must be one line of printable text (no control or invisible characters)",
+        ));
     }
     Ok(())
 }

@@ -1271,7 +1271,7 @@ fn retention_purges_to_hashes_keeps_longer_rules_and_holds_and_still_verifies() 
         api_error(put_hold(&short_admin, &hold, &reason).unwrap_err()).status,
         404
     );
-    for bad in ["", "two\nlines", &"x".repeat(1001)] {
+    for bad in ["", "two\nlines", "right\u{202e}left", &"x".repeat(161)] {
         let bad = api::AuditHoldSet { reason: bad.into() };
         assert_eq!(
             api_error(put_hold(&security, &hold, &bad).unwrap_err()).status,
@@ -1346,6 +1346,11 @@ fn retention_purges_to_hashes_keeps_longer_rules_and_holds_and_still_verifies() 
         .find(|r| r.action == "audit_hold.set" && r.result == "allowed")
         .expect("the hold in the tenant's records");
     assert!(hold_record.provider && hold_record.subject == "provider");
+    // The record keeps the reason, which the hold row does not outlive.
+    assert_eq!(
+        hold_record.object,
+        format!("audit-hold/tenant/{}?reason=case+2026-117", held.id)
+    );
     let retention: api::AuditRetention = p
         .block_on(held_admin.client.get("/v1/audit/retention"))
         .unwrap();
