@@ -32,7 +32,8 @@ WANTED_MODULES=(virtio_pci virtio_blk virtio_net virtio_console)
 
 # Applets /init and an operator on the console rely on; checked at build time
 # so a busybox without them fails the build rather than the boot.
-REQUIRED_APPLETS=(sh mount insmod ip ifconfig udhcpc cat sleep ping nc echo uname seq ls)
+REQUIRED_APPLETS=(sh mount insmod ip ifconfig udhcpc cat sleep ping nc echo uname seq ls
+    setsid cttyhack wget arping)
 
 prog=${0##*/}
 die() { echo "$prog: error: $*" >&2; exit 1; }
@@ -103,6 +104,19 @@ busybox_ver=${ver[$BUSYBOX_PKG]:-}
 [[ -n $busybox_ver ]] || die "$BUSYBOX_PKG has no downloadable candidate version"
 kver=${kernel_pkg#linux-image-}
 
+# --- the probe: Palisade's own test tool for the guest -----------------------
+
+# Built from this repository (images/probe), statically, so it runs on busybox
+# alone. Its digest goes into packages.txt: a changed probe rebuilds the image.
+repo=$(cd "$(dirname "$0")/.." && pwd)
+command -v cargo >/dev/null || die "cargo is needed to build the guest's probe tool"
+log "building the probe (static)"
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release --locked \
+    -p palisade-probe --target x86_64-unknown-linux-gnu --target-dir "$repo/target/probe" >&2) ||
+    die "building the probe failed"
+probe_bin=$repo/target/probe/x86_64-unknown-linux-gnu/release/palisade-probe
+probe_sha=$(sha256sum <"$probe_bin" | cut -d' ' -f1)
+
 # --- early exit when up to date ----------------------------------------------
 
 json_field() { sed -n "s/.*\"$1\": *\"\\([^\"]*\\)\".*/\\1/p;T;q" "$2"; }
@@ -113,7 +127,8 @@ json_field() { sed -n "s/.*\"$1\": *\"\\([^\"]*\\)\".*/\\1/p;T;q" "$2"; }
 manifest=$out_dir/image.json
 packages_file=$out_dir/packages.txt
 packages="$kernel_pkg $kernel_ver
-$BUSYBOX_PKG $busybox_ver"
+$BUSYBOX_PKG $busybox_ver
+palisade-probe sha256:$probe_sha"
 if [[ -f $manifest && -f $packages_file ]] &&
     [[ $(<"$packages_file") == "$packages" ]] &&
     [[ -f $out_dir/vmlinuz && -f $out_dir/initramfs.cpio.gz ]] &&
@@ -216,6 +231,7 @@ root=$work/root
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/share/udhcpc,etc,proc,sys,dev,tmp,run,lib/modules}
 chmod 1777 "$root/tmp"
 install -m 0755 "$bb" "$root/bin/busybox"
+install -m 0755 "$probe_bin" "$root/bin/probe"
 
 # One symlink per applet, at the path busybox itself says it belongs.
 while IFS= read -r applet; do
@@ -330,6 +346,10 @@ boot() {
 }
 
 ( boot )
+# A shell on the serial console, as a real cloud's serial console gives one:
+# the tenant reaches it through the console API. It comes back if it exits.
+( while :; do setsid cttyhack sh -l; sleep 1; done ) </dev/ttyS0 >/dev/ttyS0 2>&1 &
+echo "PALISADE-CONSOLE-READY"
 while :; do sleep 3600; done
 EOF
 chmod 0755 "$root/init"
