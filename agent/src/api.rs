@@ -8,6 +8,7 @@
 //! | `POST /v1/instances/{id}/stop` | `InstanceStatus` |
 //! | `DELETE /v1/instances/{id}` | `EraseReport`; an unknown id is 200 with nothing erased |
 //! | `GET /v1/instances/{id}/console?offset=N` | `ConsoleChunk` (at most 64 KiB) |
+//! | `POST /v1/instances/{id}/console` (raw bytes, at most 4 KiB) | 204: typed on the console |
 //!
 //! Errors are `ErrorBody` with a stable code; the detailed cause is logged
 //! with the request id, never sent.
@@ -51,7 +52,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/instances/{id}/start", post(start))
         .route("/v1/instances/{id}/stop", post(stop))
         .route("/v1/instances/{id}", delete(erase))
-        .route("/v1/instances/{id}/console", get(console))
+        .route(
+            "/v1/instances/{id}/console",
+            get(console).post(console_input),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -123,6 +127,11 @@ impl From<InstanceError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "host_full",
                 "this host has no capacity for another instance".into(),
+            ),
+            E::ConsoleDetached => (
+                StatusCode::CONFLICT,
+                "console_detached",
+                e.to_string(),
             ),
             _ => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -250,6 +259,26 @@ async fn console(
     let id = parse_id(&id)?;
     let Query(query) = query?;
     Ok(Json(manager.console(&id, query.offset).await?))
+}
+
+/// Most bytes one console input carries.
+pub const MAX_CONSOLE_INPUT: usize = 4096;
+
+async fn console_input(
+    State(manager): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    if body.len() > MAX_CONSOLE_INPUT {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("console input is at most {MAX_CONSOLE_INPUT} bytes"),
+        ));
+    }
+    manager.console_input(&id, &body).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn not_found() -> ApiError {

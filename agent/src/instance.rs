@@ -31,8 +31,7 @@ use nix::unistd::{Gid, Pid, Uid};
 use palisade_common::agent_api::{
     ConsoleChunk, EraseReport, HostInfo, InstanceSpec, InstanceStatus, PowerState,
 };
-use tokio::io::AsyncReadExt;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn, Instrument};
@@ -77,6 +76,8 @@ pub enum InstanceError {
     StartFailed { log_tail: String },
     #[error("QEMU did not exit after SIGKILL")]
     StopTimedOut,
+    #[error("the instance is not running, or its console is not attached yet")]
+    ConsoleDetached,
     #[error("all {UID_COUNT} instance uids are in use")]
     NoFreeUid,
     #[error("{what}")]
@@ -144,10 +145,14 @@ struct State {
     deleted: bool,
 }
 
+/// The writing half of the console socket while a reader holds the connection.
+type ConsoleInput = Arc<tokio::sync::Mutex<Option<tokio::net::unix::OwnedWriteHalf>>>;
+
 struct Slot {
     id: InstanceId,
     paths: Paths,
     console: Arc<ConsoleLog>,
+    console_input: ConsoleInput,
     state: Arc<tokio::sync::Mutex<State>>,
     /// What `GET /v1/instances` shows, updated at the end of each operation,
     /// so listing never waits for a slow stop.
@@ -271,6 +276,23 @@ impl Manager {
             .map_err(io_err("reading the console log"))
     }
 
+    /// Types `data` on the instance's serial console (what a tenant sends through the
+    /// console API). Only while QEMU runs and the console reader is attached.
+    pub async fn console_input(&self, id: &InstanceId, data: &[u8]) -> Result<(), InstanceError> {
+        let slot = self.slot(id, false).ok_or(InstanceError::NotFound)?;
+        let mut input = slot.console_input.lock().await;
+        let writer = input.as_mut().ok_or(InstanceError::ConsoleDetached)?;
+        match tokio::time::timeout(Duration::from_secs(5), writer.write_all(data)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => {
+                // The guest does not read (or QEMU went away): drop the half, the reader
+                // reattaches.
+                *input = None;
+                Err(InstanceError::ConsoleDetached)
+            }
+        }
+    }
+
     // ---- slots and locks ------------------------------------------------
 
     fn lock_slots(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Arc<Slot>>> {
@@ -289,6 +311,7 @@ impl Manager {
         let slot = Arc::new(Slot {
             id: id.clone(),
             console: Arc::new(ConsoleLog::new(&paths.dir, self.cfg.console_cap)),
+            console_input: ConsoleInput::default(),
             paths,
             state: Arc::new(tokio::sync::Mutex::new(State::default())),
             published: Mutex::new(None),
@@ -576,6 +599,7 @@ impl Manager {
                 paths.in_run(qemu::CONSOLE_SOCKET),
                 pid,
                 slot.console.clone(),
+                slot.console_input.clone(),
                 exited.clone(),
             )
             .instrument(slot.span()),
@@ -911,6 +935,7 @@ impl Manager {
                 slot.paths.in_run(qemu::CONSOLE_SOCKET),
                 pid,
                 slot.console.clone(),
+                slot.console_input.clone(),
                 exited.clone(),
             )
             .instrument(slot.span()),
@@ -1036,6 +1061,7 @@ async fn read_console(
     socket: PathBuf,
     pid: u32,
     log: Arc<ConsoleLog>,
+    input: ConsoleInput,
     mut exited: watch::Receiver<bool>,
 ) {
     let mut pause = Duration::from_millis(100);
@@ -1048,7 +1074,11 @@ async fn read_console(
             Ok(stream) => {
                 debug!("console attached");
                 pause = Duration::from_millis(100);
-                if let Err(e) = pump_console(stream, &log).await {
+                let (reader, writer) = stream.into_split();
+                *input.lock().await = Some(writer);
+                let pumped = pump_console(reader, &log).await;
+                *input.lock().await = None;
+                if let Err(e) = pumped {
                     // Only the log file can fail here (e.g. deleted): stop.
                     warn!(error = %e, "console log write failed; console reader stops");
                     return;
@@ -1073,7 +1103,10 @@ async fn read_console(
 
 /// Copies from the console socket to the log until EOF. A socket error ends
 /// the copy like EOF; only a log write error is returned.
-async fn pump_console(mut stream: UnixStream, log: &Arc<ConsoleLog>) -> io::Result<()> {
+async fn pump_console(
+    mut stream: tokio::net::unix::OwnedReadHalf,
+    log: &Arc<ConsoleLog>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match stream.read(&mut buf).await {

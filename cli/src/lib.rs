@@ -416,6 +416,15 @@ pub enum InstanceCmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Type a line on the serial console (the guest image gives a shell there); read what it
+    /// prints with `console`.
+    Type {
+        id: String,
+        text: String,
+        /// Send TEXT as it is, without the newline.
+        #[arg(long)]
+        no_newline: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1552,6 +1561,20 @@ impl Ctx {
                     .json(Method::DELETE, &path(&id, ""), None::<&()>)
                     .await?;
                 (deleted, wait.then_some("deleted"))
+            }
+            InstanceCmd::Type {
+                id,
+                text,
+                no_newline,
+            } => {
+                let mut bytes = text.into_bytes();
+                if !no_newline {
+                    bytes.push(b'\n');
+                }
+                client
+                    .send(Method::POST, &path(&id, "/console"), bytes)
+                    .await?;
+                return Ok(());
             }
             InstanceCmd::Console {
                 id,

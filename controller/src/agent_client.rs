@@ -71,6 +71,22 @@ impl AgentClient {
         self.call(self.http.get(url)).await
     }
 
+    /// Types `data` on the instance's serial console.
+    pub async fn console_input(&self, id: &str, data: Vec<u8>) -> Result<(), AgentError> {
+        let url = self.url(&format!("/v1/instances/{id}/console"));
+        let response = self
+            .http
+            .post(url)
+            .body(data)
+            .send()
+            .await
+            .map_err(AgentError::Unreachable)?;
+        if response.status().is_success() {
+            return Ok(());
+        }
+        Self::refused(response).await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -84,6 +100,11 @@ impl AgentClient {
         if status.is_success() {
             return response.json().await.map_err(AgentError::Unreachable);
         }
+        Self::refused(response).await
+    }
+
+    async fn refused<T>(response: reqwest::Response) -> Result<T, AgentError> {
+        let status = response.status();
         let body: Option<ErrorBody> = response.json().await.ok();
         let (code, message) = body
             .map(|b| (b.error.code, b.error.message))

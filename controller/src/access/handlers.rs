@@ -1245,6 +1245,30 @@ pub async fn console(
     ))
 }
 
+/// Most bytes one console input carries (the agent's limit too).
+const MAX_CONSOLE_INPUT: usize = 4096;
+
+/// Types the body on the instance's serial console, as a real cloud's interactive serial
+/// console does. The record names the action, never what was typed (it may be a password).
+pub async fn console_input(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let instance = instance_for(&c, &ctx, "instance.console_input", &id).await?;
+    if body.len() > MAX_CONSOLE_INPUT {
+        return Err(Error::TooLarge {
+            limit: MAX_CONSOLE_INPUT,
+        });
+    }
+    ctx.permit().await?;
+    c.compute
+        .console_input(&instance.tenant_id, &instance.id, body.to_vec())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The raw audit log, for offline verification (`palisade audit verify`): every durable
 /// record, and nothing half-written.
 pub async fn audit_log(State(c): Ctl, ctx: RequestCtx) -> Result<Response> {

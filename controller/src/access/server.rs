@@ -35,6 +35,7 @@ pub const QUERY_ROUTES: &[(&str, &str)] = &[
 /// Routes that read a request body; every other route refuses a non-empty one (400), so a
 /// field sent where none is read is never silently ignored.
 pub const BODY_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/instances/{id}/console"),
     ("POST", "/v1/auth/password"),
     ("POST", "/v1/auth/keys"),
     ("POST", "/v1/auth/login"),
@@ -318,6 +319,12 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             "/v1/instances/{id}/console",
             "instance.console",
             get(h::console),
+        ),
+        r(
+            "POST",
+            "/v1/instances/{id}/console",
+            "instance.console_input",
+            post(h::console_input),
         ),
         r("GET", "/v1/audit/log", "audit.read", get(h::audit_log)),
         r(

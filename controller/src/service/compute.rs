@@ -452,6 +452,24 @@ impl Compute {
         }
     }
 
+    /// Types `data` on a running instance's serial console.
+    pub async fn console_input(&self, tenant_id: &str, id: &str, data: Vec<u8>) -> Result<()> {
+        let instance = self.get_instance(tenant_id, id).await?;
+        if instance.deleted_at.is_some() {
+            return Err(Error::NotFound { what: "instance" });
+        }
+        match self.agent.console_input(id, data).await {
+            Ok(()) => Ok(()),
+            Err(AgentError::Refused {
+                status: 404 | 409, ..
+            }) => Err(Error::Conflict {
+                code: "not_running",
+                message: "the instance is not running (or its console is not attached yet)".into(),
+            }),
+            Err(e) => Err(agent_unavailable(e)),
+        }
+    }
+
     /// Runs reconciliation passes: at once when woken by a change, and every `interval`.
     pub fn spawn_reconciler(&self, interval: Duration) {
         let compute = self.clone();

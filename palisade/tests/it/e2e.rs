@@ -160,6 +160,32 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "120",
     ]);
     assert!(console.contains(BOOT_MARKER));
+    // The serial console is interactive: a line typed there runs in the guest's shell. The
+    // marker is split in what is typed, so only the shell's output can show it whole.
+    let follow = |until: &str| {
+        p.cli_ok(&[
+            "--profile",
+            "tenant",
+            "instance",
+            "console",
+            &id,
+            "--follow",
+            "--until",
+            until,
+            "--timeout",
+            "120",
+        ])
+    };
+    follow("PALISADE-CONSOLE-READY");
+    p.cli_ok(&[
+        "--profile",
+        "tenant",
+        "instance",
+        "type",
+        &id,
+        "echo TYPED-\"\"$((6*7))",
+    ]);
+    assert!(follow("TYPED-42").contains("TYPED-42"));
     let list = p.cli_ok(&["--profile", "tenant", "instance", "list"]);
     assert!(list.contains("web-1") && list.contains("running"), "{list}");
     assert_eq!(qemu_pids(&id).len(), 1, "one QEMU process per instance");

@@ -351,6 +351,19 @@ impl World {
                 format!("/v1/instances/{}/console", self.instance),
                 vec![],
             ),
+            "instance.console_input" => {
+                // Typing needs a running guest with its console attached.
+                p.wait_console(
+                    &self.signers["tenant_admin"],
+                    &self.instance,
+                    "PALISADE-CONSOLE-READY",
+                );
+                (
+                    "POST",
+                    format!("/v1/instances/{}/console", self.instance),
+                    b"echo typed\n".to_vec(),
+                )
+            }
             "instance.stop" => (
                 "POST",
                 format!("/v1/instances/{}/stop", self.instance),
