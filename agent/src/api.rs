@@ -3,6 +3,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /v1/host` | `HostInfo` |
+//! | `PUT /v1/network` (body `HostNetwork`) | 204: the host carries exactly that network |
 //! | `GET /v1/instances` | `Vec<InstanceStatus>`: every instance with a directory here |
 //! | `POST /v1/instances/{id}/start` (body `InstanceSpec`) | `InstanceStatus` |
 //! | `POST /v1/instances/{id}/stop` | `InstanceStatus` |
@@ -29,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use palisade_common::agent_api::{
-    ConsoleChunk, ConsoleQuery, EraseReport, HostInfo, InstanceSpec, InstanceStatus,
+    ConsoleChunk, ConsoleQuery, EraseReport, HostInfo, HostNetwork, InstanceSpec, InstanceStatus,
 };
 use palisade_common::error::ErrorBody;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -48,6 +49,7 @@ tokio::task_local! {
 pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/v1/host", get(host))
+        .route("/v1/network", axum::routing::put(put_network))
         .route("/v1/instances", get(list))
         .route("/v1/instances/{id}/start", post(start))
         .route("/v1/instances/{id}/stop", post(stop))
@@ -128,11 +130,7 @@ impl From<InstanceError> for ApiError {
                 "host_full",
                 "this host has no capacity for another instance".into(),
             ),
-            E::ConsoleDetached => (
-                StatusCode::CONFLICT,
-                "console_detached",
-                e.to_string(),
-            ),
+            E::ConsoleDetached => (StatusCode::CONFLICT, "console_detached", e.to_string()),
             _ => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -259,6 +257,36 @@ async fn console(
     let id = parse_id(&id)?;
     let Query(query) = query?;
     Ok(Json(manager.console(&id, query.offset).await?))
+}
+
+async fn put_network(
+    State(manager): State<Arc<Manager>>,
+    body: Result<Json<HostNetwork>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Json(network) = body?;
+    // Run to the end even if the caller goes away: a half-applied network is never left.
+    let applied =
+        tokio::spawn(async move { manager.net().apply(network).await }.in_current_span()).await;
+    match applied {
+        Ok(Ok(())) => Ok(StatusCode::NO_CONTENT),
+        Ok(Err(crate::net::host::NetError::Invalid(e))) => Err(ApiError::invalid(e.to_string())),
+        Ok(Err(e)) => {
+            error!(error = %error_chain(&e), "applying the host network failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "network_failed",
+                "the host network could not be applied",
+            ))
+        }
+        Err(e) => {
+            error!(error = %e, "applying the host network panicked");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            ))
+        }
+    }
 }
 
 /// Most bytes one console input carries.

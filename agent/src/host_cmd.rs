@@ -1,4 +1,4 @@
-//! The one runner for host tools (today: `qemu-img`).
+//! The one runner for host tools (`qemu-img`, `ip`, `bridge`, `nft`, `tc`, `conntrack`).
 //!
 //! Every call goes through [`run`], whose error keeps the argv, the exit status
 //! and the tool's stderr, so a failure can be diagnosed from the log alone. The
@@ -51,15 +51,30 @@ pub async fn run(
     args: &[OsString],
     timeout: Duration,
 ) -> Result<Output, HostCmdError> {
+    run_with_input(program, args, None, timeout).await
+}
+
+/// As [`run`], with `input` written to the tool's standard input (then closed).
+pub async fn run_with_input(
+    program: &Path,
+    args: &[OsString],
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Output, HostCmdError> {
     let mut words = vec![program.as_os_str().to_owned()];
     words.extend(args.iter().cloned());
     let argv = Argv(words);
 
-    let child = Command::new(program)
+    let mut child = Command::new(program)
         .args(args)
         .env_clear()
         .env("LC_ALL", "C")
-        .stdin(Stdio::null())
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -68,6 +83,18 @@ pub async fn run(
             argv: argv.clone(),
             source,
         })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        use tokio::io::AsyncWriteExt;
+        let written = tokio::time::timeout(timeout, async {
+            stdin.write_all(input).await?;
+            stdin.shutdown().await
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            // The tool stopped reading: its exit status and stderr below say why.
+            tracing::debug!(%argv, "standard input not taken whole");
+        }
+    }
 
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(result) => result.map_err(|source| HostCmdError::Spawn {

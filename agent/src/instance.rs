@@ -190,6 +190,7 @@ impl Slot {
 /// All instances of this host.
 pub struct Manager {
     cfg: Config,
+    net: Arc<crate::net::host::NetHost>,
     instances_dir: PathBuf,
     slots: Mutex<HashMap<InstanceId, Arc<Slot>>>,
     /// Serialises this agent's starts before they queue for the host-wide
@@ -204,7 +205,10 @@ pub struct Manager {
 impl Manager {
     /// Opens the data directory and takes over what it finds: running QEMU
     /// processes are adopted, dead ones are cleaned up.
-    pub async fn open(cfg: Config) -> Result<Arc<Self>, InstanceError> {
+    pub async fn open(
+        cfg: Config,
+        net: Arc<crate::net::host::NetHost>,
+    ) -> Result<Arc<Self>, InstanceError> {
         let instances_dir = cfg.data_dir.join("instances");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -221,6 +225,7 @@ impl Manager {
 
         let manager = Arc::new(Manager {
             cfg,
+            net,
             instances_dir,
             receipts_dir,
             slots: Mutex::new(HashMap::new()),
@@ -274,6 +279,11 @@ impl Manager {
             .await
             .map_err(|e| io_err("console reader task")(io::Error::other(e)))?
             .map_err(io_err("reading the console log"))
+    }
+
+    /// The host's tenant networks.
+    pub fn net(&self) -> &crate::net::host::NetHost {
+        &self.net
     }
 
     /// Types `data` on the instance's serial console (what a tenant sends through the
@@ -350,6 +360,14 @@ impl Manager {
         spec: &InstanceSpec,
     ) -> Result<InstanceStatus, InstanceError> {
         validate_spec(id, spec)?;
+        for nic in &spec.nics {
+            if !self.net.has_port(&nic.port_id).await {
+                return Err(InstanceError::Invalid(format!(
+                    "port {} is not in this host's network (PUT /v1/network first)",
+                    nic.port_id
+                )));
+            }
+        }
         let Some((slot, mut state)) = self.lock(id, true).await else {
             unreachable!("lock with create always finds a slot");
         };
@@ -525,6 +543,13 @@ impl Manager {
     ) -> Result<Running, InstanceError> {
         let paths = &slot.paths;
         let accel = self.cfg.accelerator;
+        let (netns, tap) = match spec.nics.first() {
+            Some(nic) => (
+                Some(self.net.netns_path()),
+                Some(crate::net::nft::tap_name(&nic.port_id)),
+            ),
+            None => (None, None),
+        };
         let jail = JailArgs {
             id: slot.id.to_string(),
             root: paths.root.clone(),
@@ -532,6 +557,8 @@ impl Manager {
             gid: uid,
             cgroups,
             kvm: accel == Accelerator::Kvm,
+            netns,
+            tap,
             qemu: qemu::command_line(&self.cfg.qemu, spec, accel)
                 .into_iter()
                 .map(Into::into)
@@ -1126,6 +1153,9 @@ fn validate_spec(id: &InstanceId, spec: &InstanceSpec) -> Result<(), InstanceErr
     if spec.id != id.as_str() {
         return invalid("the body's id differs from the path's");
     }
+    if spec.nics.len() > 1 {
+        return invalid("at most one NIC per instance");
+    }
     if !(1..=64).contains(&spec.vcpus) {
         return invalid("vcpus must be between 1 and 64");
     }
@@ -1195,6 +1225,7 @@ mod tests {
                 initrd_sha256: "cd".repeat(32),
                 cmdline: "quiet".into(),
             },
+            nics: vec![],
         }
     }
 

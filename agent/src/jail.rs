@@ -36,6 +36,9 @@ const DEVICES: [(&str, bool); 4] = [
     ("random", true),
 ];
 
+/// The descriptor number of the instance's tap in QEMU (`-netdev tap,fd=3`).
+pub const TAP_FD: i32 = 3;
+
 /// Arguments of `palisade jail`. Built by the agent with [`JailArgs::to_args`].
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct JailArgs {
@@ -57,6 +60,13 @@ pub struct JailArgs {
     /// Bind `/dev/kvm` into the root (accelerator kvm).
     #[arg(long)]
     pub kvm: bool,
+    /// The network namespace holding the instance's tap (`/run/netns/<name>`); with `--tap`.
+    #[arg(long, requires = "tap")]
+    pub netns: Option<PathBuf>,
+    /// The instance's tap device in `--netns`: opened here and handed to QEMU as descriptor
+    /// [`TAP_FD`]; QEMU itself runs in a network namespace of its own with nothing in it.
+    #[arg(long, requires = "netns")]
+    pub tap: Option<String>,
     /// QEMU's argv after `--`; argv[0] is the binary as seen inside the root.
     #[arg(last = true, required = true)]
     pub qemu: Vec<OsString>,
@@ -81,6 +91,12 @@ impl JailArgs {
         }
         if self.kvm {
             args.push("--kvm".into());
+        }
+        if let (Some(netns), Some(tap)) = (&self.netns, &self.tap) {
+            args.push("--netns".into());
+            args.push(netns.clone().into());
+            args.push("--tap".into());
+            args.push(tap.clone().into());
         }
         args.push("--".into());
         args.extend(self.qemu.iter().cloned());
@@ -139,6 +155,19 @@ pub fn run(args: &JailArgs) -> Result<Infallible, JailError> {
     // 2. A session of our own: no controlling terminal, and signals sent to the
     //    agent's process group do not reach QEMU, which outlives the agent.
     setsid().map_err(os("setsid"))?;
+
+    // 2b. The network: the tap is opened inside the namespace that holds the VPC bridges
+    //     (only root may attach to it there), kept as descriptor TAP_FD, and then QEMU gets
+    //     a network namespace of its own with nothing in it but a down loopback. A QEMU
+    //     taken over by its guest reaches no network but its tap.
+    let keep_fds = match (&args.netns, &args.tap) {
+        (Some(netns), Some(tap)) => {
+            open_tap(netns, tap)?;
+            TAP_FD + 1
+        }
+        _ => 3,
+    };
+    unshare(CloneFlags::CLONE_NEWNET).map_err(os("unshare(CLONE_NEWNET)"))?;
 
     // 3. A private mount namespace, with every mount made private, so that the
     //    mounts below are seen by this process only and never propagate back
@@ -203,10 +232,10 @@ pub fn run(args: &JailArgs) -> Result<Infallible, JailError> {
     //    again across execve (QEMU's seccomp filter also relies on this).
     nix::sys::prctl::set_no_new_privs().map_err(os("PR_SET_NO_NEW_PRIVS"))?;
 
-    // 8. Only stdin, stdout and stderr cross into QEMU: every other inherited
+    // 8. Only stdin, stdout, stderr (and the tap) cross into QEMU: every other inherited
     //    descriptor is marked close-on-exec. No core dumps of guest memory, and
     //    QEMU's sockets and files are private to the instance uid.
-    close_inherited_fds()?;
+    close_inherited_fds(keep_fds)?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(os("setrlimit(RLIMIT_CORE)"))?;
     umask(Mode::from_bits_truncate(0o077));
 
@@ -302,11 +331,85 @@ fn verify_unprivileged(uid: Uid, gid: Gid) -> Result<(), JailError> {
     Ok(())
 }
 
-fn close_inherited_fds() -> Result<(), JailError> {
+/// `TUNSETIFF`, `_IOW('T', 202, int)`: not in the libc crate.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+
+/// Enters `netns`, attaches to the existing tap `name` there, and leaves it as `TAP_FD`.
+fn open_tap(netns: &Path, name: &str) -> Result<(), JailError> {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || !name.is_ascii() {
+        return Err(JailError::Invalid("--tap must be an interface name"));
+    }
+    let ns = std::fs::File::open(netns).map_err(|source| JailError::Io {
+        step: format!("opening {}", netns.display()),
+        source,
+    })?;
+    nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+        .map_err(os(format!("setns {}", netns.display())))?;
+    // Closed now, so that its descriptor number cannot be the one dup2 replaces below.
+    drop(ns);
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|source| JailError::Io {
+            step: "opening /dev/net/tun".into(),
+            source,
+        })?;
+    // struct ifreq: the name (16 bytes, NUL-terminated), then the flags (a short).
+    let mut ifreq = [0u8; 40];
+    ifreq[..name.len()].copy_from_slice(name.as_bytes());
+    ifreq[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq; the buffer is 40 bytes, the size of
+    // ifreq on Linux, and lives across the call.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(JailError::Os {
+            step: format!("attaching to tap {name}"),
+            source: nix::errno::Errno::last(),
+        });
+    }
+    let fd = tun.into_raw_fd();
+    if fd != TAP_FD {
+        // SAFETY: dup2 onto TAP_FD (closing whatever was there: nothing of ours) and closing
+        // the original; both descriptors are ours.
+        let rc = unsafe { libc::dup2(fd, TAP_FD) };
+        if rc != TAP_FD {
+            return Err(JailError::Os {
+                step: "dup2 of the tap".into(),
+                source: nix::errno::Errno::last(),
+            });
+        }
+        // SAFETY: `fd` is ours and no longer used.
+        unsafe { libc::close(fd) };
+    }
+    // Rust opens every file close-on-exec (dup2 clears the flag, but the tap may already
+    // be TAP_FD): QEMU must inherit it.
+    // SAFETY: F_SETFD on our own descriptor; no memory is passed.
+    if unsafe { libc::fcntl(TAP_FD, libc::F_SETFD, 0) } != 0 {
+        return Err(JailError::Os {
+            step: "clearing close-on-exec on the tap".into(),
+            source: nix::errno::Errno::last(),
+        });
+    }
+    Ok(())
+}
+
+/// Marks every descriptor from `first` on close-on-exec.
+fn close_inherited_fds(first: i32) -> Result<(), JailError> {
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on our own
     // descriptors; no memory is passed. Rust holds none of them open beyond
     // this point that it would use again before execve.
-    let rc = unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    let rc = unsafe {
+        libc::close_range(
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as i32,
+        )
+    };
     if rc != 0 {
         return Err(JailError::Os {
             step: "close_range(CLOEXEC)".into(),
@@ -335,6 +438,8 @@ mod tests {
             gid: 200_001,
             cgroups,
             kvm,
+            netns: None,
+            tap: None,
             qemu: [
                 "/usr/bin/qemu-system-x86_64",
                 "-name",
@@ -359,6 +464,11 @@ mod tests {
                     "/sys/fs/cgroup/pids/palisade/x".into(),
                 ],
             ),
+            JailArgs {
+                netns: Some("/run/netns/pal-x".into()),
+                tap: Some("pt0f8e2a4c1b2d".into()),
+                ..sample(false, vec![])
+            },
         ] {
             let mut argv: Vec<OsString> = vec!["jail".into()];
             argv.extend(args.to_args());

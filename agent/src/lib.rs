@@ -66,7 +66,11 @@ pub async fn serve(args: AgentArgs) -> anyhow::Result<()> {
 
     let tls = palisade_common::tls::server_config(&args.cert, &args.key, Some(&args.ca))
         .context("loading the agent's TLS configuration")?;
-    let manager = instance::Manager::open(cfg)
+    // The network first: taps exist only with their rules, before any instance runs.
+    let net = net::host::NetHost::open(&cfg.data_dir)
+        .await
+        .context("setting up the host network")?;
+    let manager = instance::Manager::open(cfg, std::sync::Arc::new(net))
         .await
         .context("opening the instances directory")?;
 

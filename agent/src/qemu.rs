@@ -142,7 +142,17 @@ pub fn command_line(qemu: &Path, spec: &InstanceSpec, accel: Accelerator) -> Vec
         "chardev:con0",
     ]);
     add(&["-qmp", &format!("unix:{QMP_SOCKET},server=on,wait=off")]);
-    add(&["-nic", "none"]);
+    match spec.nics.first() {
+        // The tap arrives already open as descriptor TAP_FD (see `jail.rs`); QEMU can
+        // neither create nor pick another, and no vhost thread runs outside its sandbox.
+        Some(nic) => add(&[
+            "-netdev",
+            &format!("tap,id=net0,fd={},vhost=off", crate::jail::TAP_FD),
+            "-device",
+            &format!("virtio-net-pci,netdev=net0,mac={}", nic.mac),
+        ]),
+        None => add(&["-nic", "none"]),
+    }
     add(&[
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -226,6 +236,7 @@ mod tests {
                 initrd_sha256: "11".repeat(32),
                 cmdline: cmdline.into(),
             },
+            nics: vec![],
         }
     }
 
@@ -281,6 +292,23 @@ mod tests {
         assert_eq!(value_of(&argv, "-accel"), ["kvm"]);
         assert_eq!(value_of(&argv, "-cpu"), ["host"]);
         assert_eq!(value_of(&argv, "-append"), ["console=ttyS0 panic=-1"]);
+    }
+
+    #[test]
+    fn a_nic_is_the_inherited_tap_without_vhost() {
+        let mut spec = spec("");
+        let mac = palisade_common::net::Mac([2, 1, 2, 3, 4, 5]);
+        spec.nics.push(palisade_common::agent_api::NicSpec {
+            port_id: "p".into(),
+            mac,
+        });
+        let argv = command_line(Path::new("/usr/bin/qemu"), &spec, Accelerator::Tcg);
+        assert_eq!(value_of(&argv, "-netdev"), ["tap,id=net0,fd=3,vhost=off"]);
+        assert_eq!(
+            value_of(&argv, "-device")[1],
+            "virtio-net-pci,netdev=net0,mac=02:01:02:03:04:05"
+        );
+        assert!(value_of(&argv, "-nic").is_empty());
     }
 
     #[test]

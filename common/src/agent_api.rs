@@ -16,6 +16,18 @@ pub struct InstanceSpec {
     /// Size of the writable disk the instance gets (qcow2, created on first start).
     pub disk_gib: u32,
     pub image: ImageSpec,
+    /// Its network ports (at most one today), each a port of the host network the agent was
+    /// given (`PUT /v1/network`). None: the instance has no network at all.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+}
+
+/// One virtio NIC, backed by the port's tap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    pub port_id: String,
+    pub mac: crate::net::Mac,
 }
 
 /// A bootable image: a kernel and an initramfs, each pinned by its SHA-256 digest.

@@ -633,6 +633,8 @@ impl Compute {
                 initrd_sha256: image.get("initrd_sha256"),
                 cmdline: image.get("cmdline"),
             },
+            // TODO(issue-5): the instance's port, once the controller places ports.
+            nics: vec![],
         })
     }
 

@@ -39,7 +39,7 @@ fn main() {
 }
 
 fn unhex(text: &str) -> Result<Vec<u8>, String> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return Err("odd number of hex digits".into());
     }
     (0..text.len())

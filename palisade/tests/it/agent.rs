@@ -526,20 +526,20 @@ fn assert_sandboxed(env: &Env, status: &InstanceStatus, vcpus: u64, memory_mib: 
 
 // ---- the environment --------------------------------------------------------
 
-struct Env {
+pub(crate) struct Env {
     dir: Option<tempfile::TempDir>,
     pki: Pki,
     log: PathBuf,
     agent_starts: u32,
 }
 
-struct AgentProcess {
+pub(crate) struct AgentProcess {
     child: Child,
     addr: SocketAddr,
 }
 
 impl Env {
-    fn new() -> Env {
+    pub(crate) fn new() -> Env {
         assert!(
             nix::unistd::Uid::effective().is_root(),
             "the agent integration test needs root (chroot, setuid, cgroups)"
@@ -558,11 +558,11 @@ impl Env {
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.as_ref().expect("temp dir").path()
     }
 
-    fn data(&self) -> PathBuf {
+    pub(crate) fn data(&self) -> PathBuf {
         self.path().join("data")
     }
 
@@ -587,7 +587,7 @@ impl Env {
         self.data().join("instances").join(id)
     }
 
-    fn spawn_agent(&mut self) -> AgentProcess {
+    pub(crate) fn spawn_agent(&mut self) -> AgentProcess {
         self.spawn_agent_on(&self.data())
     }
 
@@ -652,7 +652,7 @@ impl Env {
         AgentProcess { child, addr }
     }
 
-    fn client(&self, agent: &AgentProcess, identity: Identity) -> Api {
+    pub(crate) fn client(&self, agent: &AgentProcess, identity: Identity) -> Api {
         Api::new(&self.pki, identity, agent.addr)
     }
 }
@@ -709,6 +709,13 @@ impl Drop for Env {
                 }
             }
         }
+        // The agent's network namespace (named after its data directory) goes with the test.
+        if let Ok(data) = self.data().canonicalize() {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
+            let name = format!("pal-{}", &hex::encode(digest)[..10]);
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
         if failed {
             if let Some(dir) = self.dir.take() {
                 eprintln!("keeping {}", dir.keep().display());
@@ -721,7 +728,7 @@ impl Drop for Env {
 
 /// A platform CA with the agent's server certificate and a client certificate,
 /// plus a client certificate from a foreign CA.
-struct Pki {
+pub(crate) struct Pki {
     ca: PathBuf,
     agent: (PathBuf, PathBuf),
     client: (PathBuf, PathBuf),
@@ -794,13 +801,13 @@ impl Pki {
 // ---- the API client ---------------------------------------------------------
 
 #[derive(Debug, Clone, Copy)]
-enum Identity {
+pub(crate) enum Identity {
     Platform,
     None,
     ForeignCa,
 }
 
-struct Api {
+pub(crate) struct Api {
     runtime: Arc<tokio::runtime::Runtime>,
     client: reqwest::Client,
     base: String,
@@ -833,7 +840,7 @@ impl Api {
         }
     }
 
-    fn try_call(
+    pub(crate) fn try_call(
         &self,
         method: &str,
         path: &str,
@@ -854,12 +861,23 @@ impl Api {
         })
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    /// Types `text` on an instance's serial console.
+    pub(crate) fn type_on_console(&self, id: &str, text: &str) {
+        let url = format!("{}/v1/instances/{id}/console", self.base);
+        let request = self.client.post(url).body(text.to_string());
+        let status = self
+            .runtime
+            .block_on(async { request.send().await.map(|r| r.status().as_u16()) })
+            .unwrap_or_else(|e| panic!("console input: {e:?}"));
+        assert_eq!(status, 204, "console input to {id}");
+    }
+
+    pub(crate) fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.try_call(method, path, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
-    fn ok<T: serde::de::DeserializeOwned>(
+    pub(crate) fn ok<T: serde::de::DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
@@ -871,7 +889,7 @@ impl Api {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}: {value}"))
     }
 
-    fn start(&self, spec: &InstanceSpec) -> InstanceStatus {
+    pub(crate) fn start(&self, spec: &InstanceSpec) -> InstanceStatus {
         let body = serde_json::to_value(spec).expect("spec");
         self.ok(
             "POST",
@@ -880,15 +898,15 @@ impl Api {
         )
     }
 
-    fn stop(&self, id: &str) -> InstanceStatus {
+    pub(crate) fn stop(&self, id: &str) -> InstanceStatus {
         self.ok("POST", &format!("/v1/instances/{id}/stop"), None)
     }
 
-    fn list(&self) -> Vec<InstanceStatus> {
+    pub(crate) fn list(&self) -> Vec<InstanceStatus> {
         self.ok("GET", "/v1/instances", None)
     }
 
-    fn console(&self, id: &str, offset: u64) -> ConsoleChunk {
+    pub(crate) fn console(&self, id: &str, offset: u64) -> ConsoleChunk {
         self.ok(
             "GET",
             &format!("/v1/instances/{id}/console?offset={offset}"),
@@ -898,7 +916,7 @@ impl Api {
 
     /// Reads the console from `offset` until the boot marker shows up; returns
     /// the offset just past it.
-    fn wait_for_marker(&self, id: &str, offset: u64) -> u64 {
+    pub(crate) fn wait_for_marker(&self, id: &str, offset: u64) -> u64 {
         let mut text = String::new();
         let mut next = offset;
         let deadline = Instant::now() + BOOT_TIMEOUT;
@@ -921,7 +939,7 @@ impl Api {
     }
 
     /// Reads until no more console output comes; returns the end offset.
-    fn read_to_end(&self, id: &str, mut offset: u64) -> u64 {
+    pub(crate) fn read_to_end(&self, id: &str, mut offset: u64) -> u64 {
         loop {
             let chunk = self.console(id, offset);
             if chunk.data.is_empty() {
@@ -934,13 +952,13 @@ impl Api {
 
 // ---- the guest image ----------------------------------------------------------
 
-struct GuestImage {
+pub(crate) struct GuestImage {
     dir: PathBuf,
     manifest: Value,
 }
 
 impl GuestImage {
-    fn locate() -> GuestImage {
+    pub(crate) fn locate() -> GuestImage {
         let dir = std::env::var_os("PALISADE_GUEST_IMAGE")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"));
@@ -962,7 +980,7 @@ impl GuestImage {
             .to_string()
     }
 
-    fn spec(&self, id: &str, vcpus: u32, memory_mib: u32, extra: &str) -> InstanceSpec {
+    pub(crate) fn spec(&self, id: &str, vcpus: u32, memory_mib: u32, extra: &str) -> InstanceSpec {
         let cmdline = format!("{} {extra}", self.field("cmdline"))
             .trim()
             .to_string();
@@ -978,6 +996,7 @@ impl GuestImage {
                 initrd_sha256: self.field("initrd_sha256"),
                 cmdline,
             },
+            nics: vec![],
         }
     }
 }

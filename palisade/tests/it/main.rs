@@ -10,6 +10,7 @@ mod auth;
 mod e2e;
 mod federation;
 mod iam;
+mod network;
 mod quota;
 mod reconcile;
 mod support;

@@ -1,0 +1,268 @@
+//! The host side of tenant networks: one network namespace per agent holding the VPC bridges
+//! and the instances' taps, and nothing else (no address, no route, IPv6 off), so no guest
+//! frame can reach the host's own stack or its management network.
+//!
+//! [`NetHost::apply`] makes the namespace match a [`HostNetwork`]: first the whole ruleset, in
+//! one nftables transaction (so a tap never exists without its rules: until then the base
+//! policy drops its frames), then bridges and taps, then removal of what is no longer wanted.
+//! The last network applied is kept in `<data-dir>/network.json` and applied again when the
+//! agent starts, before any instance is started or adopted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use palisade_common::agent_api::HostNetwork;
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+use tracing::info;
+
+use crate::host_cmd::{self, HostCmdError};
+use crate::net::nft::{self, Render, RenderError};
+
+const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the network is inconsistent: {0}")]
+    Invalid(#[from] RenderError),
+    #[error(transparent)]
+    Tool(#[from] HostCmdError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unsafe(String),
+}
+
+/// What was applied last.
+#[derive(Default)]
+struct Applied {
+    network: HostNetwork,
+    render: Option<Render>,
+}
+
+pub struct NetHost {
+    /// The namespace's name, under `/run/netns`.
+    name: String,
+    saved: PathBuf,
+    applied: Mutex<Applied>,
+}
+
+impl NetHost {
+    /// Creates (or takes over) the agent's namespace and applies the saved network.
+    pub async fn open(data_dir: &Path) -> Result<NetHost, NetError> {
+        let digest = Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
+        let name = format!("pal-{}", &hex::encode(digest)[..10]);
+        let host = NetHost {
+            name,
+            saved: data_dir.join("network.json"),
+            applied: Mutex::new(Applied::default()),
+        };
+        host.ensure_namespace().await?;
+        let saved = match std::fs::read(&host.saved) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| NetError::Io {
+                what: format!("reading {}", host.saved.display()),
+                source: std::io::Error::other(e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HostNetwork::default(),
+            Err(source) => {
+                return Err(NetError::Io {
+                    what: format!("reading {}", host.saved.display()),
+                    source,
+                })
+            }
+        };
+        host.apply(saved).await?;
+        Ok(host)
+    }
+
+    /// `/run/netns/<name>`: what the jailer enters to open a tap.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Whether `port_id` is a port of the applied network (its tap exists, with its rules).
+    pub async fn has_port(&self, port_id: &str) -> bool {
+        let applied = self.applied.lock().await;
+        applied.network.ports.iter().any(|p| p.id == port_id)
+    }
+
+    async fn ensure_namespace(&self) -> Result<(), NetError> {
+        if !self.netns_path().exists() {
+            self.ip(&["netns", "add", &self.name]).await?;
+            info!(netns = %self.name, "network namespace created");
+        }
+        // Bridged IPv4 must pass through the inet hooks (the ruleset drops what did not);
+        // no IPv6 anywhere in the namespace, so no interface gets a link-local address; no
+        // routing (the namespace has no address to route from anyway).
+        self.in_ns(
+            "sysctl",
+            &[
+                "-q",
+                "-w",
+                "net.bridge.bridge-nf-call-iptables=1",
+                "net.bridge.bridge-nf-call-arptables=0",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+                "net.ipv4.ip_forward=0",
+            ],
+        )
+        .await?;
+        let value = self
+            .in_ns("sysctl", &["-n", "net.bridge.bridge-nf-call-iptables"])
+            .await?;
+        if String::from_utf8_lossy(&value.stdout).trim() != "1" {
+            return Err(NetError::Unsafe(
+                "bridge-nf-call-iptables did not stay on: bridged traffic would not be filtered"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes the namespace carry exactly `network`.
+    pub async fn apply(&self, network: HostNetwork) -> Result<(), NetError> {
+        let render = nft::render(&network)?;
+        let mut applied = self.applied.lock().await;
+        // 1. Every rule, at once. Rules name interfaces, so they hold before the taps exist.
+        self.nft(&render.script).await?;
+        // 2. Bridges and taps.
+        let links = self.links().await?;
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        for vpc in &network.vpcs {
+            let bridge = nft::bridge_name(vpc.vni);
+            wanted.insert(bridge.clone());
+            if !links.contains_key(&bridge) {
+                self.ip_ns(&["link", "add", &bridge, "type", "bridge"])
+                    .await?;
+            }
+            self.ip_ns(&["link", "set", &bridge, "up"]).await?;
+        }
+        for port in &network.ports {
+            let vpc = network
+                .vpcs
+                .iter()
+                .find(|v| v.id == port.vpc_id)
+                .expect("checked by render");
+            let bridge = nft::bridge_name(vpc.vni);
+            let tap = nft::tap_name(&port.id);
+            wanted.insert(tap.clone());
+            if !links.contains_key(&tap) {
+                self.ip_ns(&["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"])
+                    .await?;
+            }
+            self.ip_ns(&["link", "set", &tap, "master", &bridge, "up"])
+                .await?;
+            // No learning and no flooding of unknown unicast: a frame reaches a port only
+            // when it is addressed to the MAC the platform gave it.
+            self.bridge(&[
+                "link",
+                "set",
+                "dev",
+                &tap,
+                "learning",
+                "off",
+                "flood",
+                "off",
+                "mcast_flood",
+                "off",
+            ])
+            .await?;
+            let mac = port.mac.to_string();
+            self.bridge(&["fdb", "replace", &mac, "dev", &tap, "master", "static"])
+                .await?;
+        }
+        // 3. What is no longer wanted: taps first, then bridges.
+        for (name, _) in links.iter().filter(|(n, _)| n.starts_with("pt")) {
+            if !wanted.contains(name) {
+                self.ip_ns(&["link", "del", name]).await?;
+            }
+        }
+        for (name, _) in links.iter().filter(|(n, _)| n.starts_with("pb")) {
+            if !wanted.contains(name) {
+                self.ip_ns(&["link", "del", name]).await?;
+            }
+        }
+        save(&self.saved, &network)?;
+        applied.network = network;
+        applied.render = Some(render);
+        Ok(())
+    }
+
+    /// The namespace's interfaces, by name (with their kind, as `ip -j -d` says).
+    async fn links(&self) -> Result<BTreeMap<String, String>, NetError> {
+        let out = self.ip_ns(&["-j", "-d", "link", "show"]).await?;
+        let list: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).map_err(|e| NetError::Io {
+                what: "parsing `ip -j link show`".into(),
+                source: std::io::Error::other(e),
+            })?;
+        Ok(list
+            .iter()
+            .filter_map(|l| {
+                let name = l["ifname"].as_str()?.to_string();
+                let kind = l["linkinfo"]["info_kind"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                Some((name, kind))
+            })
+            .collect())
+    }
+
+    async fn ip(&self, args: &[&str]) -> Result<std::process::Output, NetError> {
+        Ok(host_cmd::run(Path::new("ip"), &os(args), TOOL_TIMEOUT).await?)
+    }
+
+    /// `ip -n <ns> …`
+    async fn ip_ns(&self, args: &[&str]) -> Result<std::process::Output, NetError> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        self.ip(&all).await
+    }
+
+    async fn bridge(&self, args: &[&str]) -> Result<std::process::Output, NetError> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        Ok(host_cmd::run(Path::new("bridge"), &os(&all), TOOL_TIMEOUT).await?)
+    }
+
+    /// A tool run inside the namespace (`ip netns exec`).
+    async fn in_ns(&self, tool: &str, args: &[&str]) -> Result<std::process::Output, NetError> {
+        let mut all = vec!["netns", "exec", &self.name, tool];
+        all.extend_from_slice(args);
+        self.ip(&all).await
+    }
+
+    async fn nft(&self, script: &str) -> Result<(), NetError> {
+        let args = os(&["netns", "exec", &self.name, "nft", "-f", "-"]);
+        host_cmd::run_with_input(
+            Path::new("ip"),
+            &args,
+            Some(script.as_bytes()),
+            TOOL_TIMEOUT,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+fn save(path: &Path, network: &HostNetwork) -> Result<(), NetError> {
+    let bytes = serde_json::to_vec_pretty(network).map_err(|e| NetError::Io {
+        what: "encoding the network".into(),
+        source: std::io::Error::other(e),
+    })?;
+    crate::fsutil::write_durably(path, &bytes).map_err(|source| NetError::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })
+}

@@ -1,0 +1,481 @@
+//! Tenant networks on one host, through the agent's API, with real TCG guests sending real
+//! packets through the real bridges and nftables rules (TESTING.md group E).
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use palisade_common::agent_api::{HostNetwork, NicSpec, PortNet, SgRuleNet, SubnetNet, VpcNet};
+use palisade_common::net::{parse_cidr, Direction, Mac, PortRange, Protocol};
+use serde_json::json;
+
+use crate::agent::{Api, Env, GuestImage, Identity};
+
+/// A guest driven through its serial console.
+pub(crate) struct Console<'a> {
+    api: &'a Api,
+    pub(crate) id: String,
+    offset: u64,
+    serial: u32,
+}
+
+impl<'a> Console<'a> {
+    /// Waits for the guest's console shell.
+    pub(crate) fn attach(api: &'a Api, id: &str) -> Console<'a> {
+        let mut console = Console {
+            api,
+            id: id.to_string(),
+            offset: 0,
+            serial: 0,
+        };
+        console.wait_for("PALISADE-CONSOLE-READY", Duration::from_secs(120));
+        // The shell prints its banner and prompt after the marker.
+        std::thread::sleep(Duration::from_millis(500));
+        console
+    }
+
+    /// Reads the console until `text` appears; returns what was read.
+    pub(crate) fn wait_for(&mut self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut seen = String::new();
+        loop {
+            let chunk = self.api.console(&self.id, self.offset);
+            self.offset = chunk.next_offset;
+            seen.push_str(&chunk.data.replace('\r', ""));
+            if seen.contains(text) {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {text:?} within {timeout:?}; console:\n{seen}",
+                self.id
+            );
+            if chunk.data.is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Runs `command` in the guest's shell and returns its output. The end marker is split in
+    /// what is typed, so only the shell's own output matches it.
+    pub(crate) fn run(&mut self, command: &str) -> String {
+        self.serial += 1;
+        let end = format!("END-{}", self.serial);
+        self.api.type_on_console(
+            &self.id,
+            &format!("{command}; echo E\"\"ND-{}\n", self.serial),
+        );
+        self.wait_for(&end, Duration::from_secs(60))
+    }
+}
+
+// ---- frames ---------------------------------------------------------------------------
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for pair in bytes.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+pub(crate) fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+pub(crate) fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
+    let mut header = vec![0x45, 0];
+    header.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    header.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0]);
+    header.extend_from_slice(&src.octets());
+    header.extend_from_slice(&dst.octets());
+    let sum = checksum(&header);
+    header[10..12].copy_from_slice(&sum.to_be_bytes());
+    header.extend_from_slice(payload);
+    header
+}
+
+/// UDP without a checksum (allowed over IPv4).
+pub(crate) fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut datagram = Vec::new();
+    datagram.extend_from_slice(&sport.to_be_bytes());
+    datagram.extend_from_slice(&dport.to_be_bytes());
+    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]);
+    datagram.extend_from_slice(payload);
+    datagram
+}
+
+pub(crate) fn arp_reply(sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 2];
+    arp.extend_from_slice(&sha);
+    arp.extend_from_slice(&spa.octets());
+    arp.extend_from_slice(&tha);
+    arp.extend_from_slice(&tpa.octets());
+    arp
+}
+
+/// A BOOTP/DHCP offer of `offered` to `client`, with `marker` in the server name field.
+pub(crate) fn dhcp_offer(client: [u8; 6], offered: Ipv4Addr, marker: &[u8]) -> Vec<u8> {
+    let mut bootp = vec![0u8; 236];
+    bootp[0] = 2; // reply
+    bootp[1] = 1;
+    bootp[2] = 6;
+    bootp[4..8].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    bootp[16..20].copy_from_slice(&offered.octets());
+    bootp[28..34].copy_from_slice(&client);
+    bootp[44..44 + marker.len()].copy_from_slice(marker);
+    bootp.extend_from_slice(&[99, 130, 83, 99, 53, 1, 2, 255]);
+    bootp
+}
+
+fn mac_bytes(mac: Mac) -> [u8; 6] {
+    mac.0
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    hex::encode(bytes)
+}
+
+fn random_marker() -> [u8; 32] {
+    let mut marker = [0u8; 32];
+    getrandom::fill(&mut marker).unwrap();
+    marker
+}
+
+// ---- the test ---------------------------------------------------------------------------
+
+fn rule(
+    direction: Direction,
+    protocol: Protocol,
+    ports: Option<(u32, u32)>,
+    remote: &str,
+) -> SgRuleNet {
+    SgRuleNet {
+        direction,
+        protocol,
+        ports: ports.map(|(a, b)| PortRange::new(a, b).unwrap()),
+        remote: parse_cidr(remote).unwrap(),
+    }
+}
+
+fn port(id: &str, vpc: &str, subnet: &str, ip: &str, rules: Vec<SgRuleNet>) -> PortNet {
+    PortNet {
+        id: id.into(),
+        instance_id: format!("{id}-vm"),
+        vpc_id: vpc.into(),
+        subnet_id: subnet.into(),
+        mac: Mac::for_port(id),
+        ip: ip.parse().unwrap(),
+        rules,
+        ingress_kbit: 0,
+        egress_kbit: 0,
+    }
+}
+
+const A1: &str = "a1000000-0000-4000-8000-000000000001";
+const A2: &str = "a2000000-0000-4000-8000-000000000002";
+const B1: &str = "b1000000-0000-4000-8000-000000000003";
+
+fn vpc(id: &str, vni: u32, subnet: &str) -> VpcNet {
+    VpcNet {
+        id: id.into(),
+        vni,
+        subnets: vec![SubnetNet {
+            id: subnet.into(),
+            cidr: parse_cidr("10.11.1.0/24").unwrap(),
+            acl: vec![],
+        }],
+        external_ip: None,
+        floating: vec![],
+    }
+}
+
+/// Tenant A's VPC holds a1 and a2; tenant B's VPC reuses the same addresses for b1.
+fn network(a1_extra: Vec<SgRuleNet>) -> HostNetwork {
+    let mut a1_rules = vec![
+        rule(
+            Direction::Ingress,
+            Protocol::Tcp,
+            Some((5001, 5001)),
+            "10.11.1.0/24",
+        ),
+        rule(
+            Direction::Ingress,
+            Protocol::Udp,
+            Some((1, 65535)),
+            "10.11.1.0/24",
+        ),
+        rule(Direction::Egress, Protocol::Any, None, "0.0.0.0/0"),
+    ];
+    a1_rules.extend(a1_extra);
+    HostNetwork {
+        vpcs: vec![vpc("vpc-a", 11, "subnet-a"), vpc("vpc-b", 12, "subnet-b")],
+        ports: vec![
+            port(A1, "vpc-a", "subnet-a", "10.11.1.4", a1_rules),
+            port(
+                A2,
+                "vpc-a",
+                "subnet-a",
+                "10.11.1.5",
+                vec![rule(Direction::Egress, Protocol::Any, None, "0.0.0.0/0")],
+            ),
+            port(
+                B1,
+                "vpc-b",
+                "subnet-b",
+                "10.11.1.5",
+                vec![
+                    rule(Direction::Ingress, Protocol::Any, None, "0.0.0.0/0"),
+                    rule(Direction::Egress, Protocol::Any, None, "0.0.0.0/0"),
+                ],
+            ),
+        ],
+    }
+}
+
+fn put_network(api: &Api, network: &HostNetwork) {
+    let (status, body) = api.call(
+        "PUT",
+        "/v1/network",
+        Some(serde_json::to_value(network).unwrap()),
+    );
+    assert_eq!(status, 204, "PUT /v1/network: {body}");
+}
+
+#[test]
+fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
+    let image = GuestImage::locate();
+    let mut env = Env::new();
+    let agent = env.spawn_agent();
+    let api = env.client(&agent, Identity::Platform);
+
+    // A bad network is refused whole and changes nothing.
+    let mut bad = network(vec![]);
+    bad.ports[0].ip = "10.99.0.1".parse().unwrap();
+    let (status, body) = api.call(
+        "PUT",
+        "/v1/network",
+        Some(serde_json::to_value(&bad).unwrap()),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    let (status, _) = api.call("PUT", "/v1/network", Some(json!({"vpcs": [], "bogus": 1})));
+    assert_eq!(status, 400);
+
+    put_network(&api, &network(vec![]));
+    let net = network(vec![]);
+    let ids = [A1, A2, B1].map(|p| p.replace("-0000-4000-8000-", "-1111-4000-8000-"));
+    for (port, id) in [A1, A2, B1].iter().zip(&ids) {
+        let mut spec = image.spec(id, 1, 128, "");
+        spec.nics = vec![NicSpec {
+            port_id: port.to_string(),
+            mac: Mac::for_port(port),
+        }];
+        api.start(&spec);
+    }
+    let mut consoles: Vec<Console> = ids.iter().map(|id| Console::attach(&api, id)).collect();
+    for (console, port) in consoles.iter_mut().zip(&net.ports) {
+        let out = console.run(&format!(
+            "ip link set eth0 up && ip addr add {}/24 dev eth0 && ip -o link show eth0",
+            port.ip
+        ));
+        assert!(out.contains(&port.mac.to_string()), "{out}");
+    }
+    let [a1, a2, b1] = &mut consoles[..] else {
+        unreachable!()
+    };
+
+    // E1: what a rule names is open; nothing else is; one-way rules give one-way traffic.
+    a1.run("(probe serve 5001 &) ; (probe serve 5002 &) ; sleep 0.5");
+    let talk = |from: &mut Console, to: &str, port: u16| {
+        from.run(&format!("probe talk {to} {port} 3 100"))
+    };
+    let out = talk(a2, "10.11.1.4", 5001);
+    assert!(
+        out.contains("PROBE echoed 3 of 3"),
+        "a2 -> a1:5001 must pass:\n{out}"
+    );
+    let out = talk(a2, "10.11.1.4", 5002);
+    assert!(
+        out.contains("PROBE connect failed"),
+        "a2 -> a1:5002 is not open:\n{out}"
+    );
+    a2.run("(probe serve 5001 &) ; sleep 0.5");
+    let out = talk(a1, "10.11.1.5", 5001);
+    assert!(
+        out.contains("PROBE connect failed"),
+        "a2 allows no ingress:\n{out}"
+    );
+    // Tenant B's guest has the same address as a2 and allows everything in: it is still
+    // unreachable from tenant A, and tenant A from it.
+    b1.run("(probe serve 5001 &) ; sleep 0.5");
+    let out = talk(b1, "10.11.1.4", 5001);
+    assert!(
+        out.contains("PROBE connect failed"),
+        "tenant B reached tenant A:\n{out}"
+    );
+
+    // A changed rule holds within 2 s.
+    let changed = Instant::now();
+    put_network(
+        &api,
+        &network(vec![rule(
+            Direction::Ingress,
+            Protocol::Tcp,
+            Some((5002, 5002)),
+            "10.11.1.5/32",
+        )]),
+    );
+    let out = talk(a2, "10.11.1.4", 5002);
+    assert!(
+        out.contains("PROBE echoed 3 of 3"),
+        "the new rule does not hold:\n{out}"
+    );
+    assert!(changed.elapsed() < Duration::from_secs(10));
+
+    // E3: forged frames from a2 never reach a1; the same frame sent honestly does (so the
+    // sniffer would see them).
+    let a1_mac = mac_bytes(Mac::for_port(A1));
+    let a2_mac = mac_bytes(Mac::for_port(A2));
+    let a1_ip: Ipv4Addr = "10.11.1.4".parse().unwrap();
+    let a2_ip: Ipv4Addr = "10.11.1.5".parse().unwrap();
+    let broadcast = [0xff; 6];
+    let marker = random_marker();
+    let honest = ethernet(
+        a1_mac,
+        a2_mac,
+        0x0800,
+        &ipv4(a2_ip, a1_ip, 17, &udp(4000, 7777, &marker)),
+    );
+    let mut vlan_payload = vec![0x00, 0x05, 0x08, 0x00];
+    vlan_payload.extend(ipv4(a2_ip, a1_ip, 17, &udp(4000, 7777, &marker)));
+    let mut vxlan = vec![0x08, 0, 0, 0, 0, 0, 0x2a, 0];
+    vxlan.extend(ethernet(
+        a1_mac,
+        [2, 0, 0, 0, 0, 9],
+        0x0800,
+        &ipv4(
+            "10.11.1.9".parse().unwrap(),
+            a1_ip,
+            17,
+            &udp(4000, 7777, &marker),
+        ),
+    ));
+    let mut arp = arp_reply(a2_mac, a1_ip, broadcast, a1_ip);
+    arp.extend_from_slice(&marker);
+    let mut ra = vec![0x60, 0, 0, 0, 0, 40, 58, 255];
+    ra.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xfe, 0, 0, 5]);
+    ra.extend_from_slice(&[0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    ra.extend_from_slice(&[134, 0, 0, 0, 64, 0, 0x0e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0]);
+    ra.extend_from_slice(&marker[..24]);
+    let forged: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a forged source IP",
+            ethernet(
+                a1_mac,
+                a2_mac,
+                0x0800,
+                &ipv4(
+                    "10.11.1.77".parse().unwrap(),
+                    a1_ip,
+                    17,
+                    &udp(4000, 7777, &marker),
+                ),
+            ),
+        ),
+        (
+            "a forged source MAC",
+            ethernet(
+                a1_mac,
+                [2, 0x66, 0, 0, 0, 1],
+                0x0800,
+                &ipv4(a2_ip, a1_ip, 17, &udp(4000, 7777, &marker)),
+            ),
+        ),
+        (
+            "gratuitous ARP for a neighbour",
+            ethernet(broadcast, a2_mac, 0x0806, &arp),
+        ),
+        (
+            "a DHCP offer",
+            ethernet(
+                broadcast,
+                a2_mac,
+                0x0800,
+                &ipv4(
+                    a2_ip,
+                    "255.255.255.255".parse().unwrap(),
+                    17,
+                    &udp(
+                        67,
+                        68,
+                        &dhcp_offer(a1_mac, "10.11.1.99".parse().unwrap(), &marker),
+                    ),
+                ),
+            ),
+        ),
+        (
+            "an IPv6 router advert",
+            ethernet([0x33, 0x33, 0, 0, 0, 1], a2_mac, 0x86dd, &ra),
+        ),
+        (
+            "a VLAN-tagged frame",
+            ethernet(a1_mac, a2_mac, 0x8100, &vlan_payload),
+        ),
+        (
+            "a VXLAN-encapsulated frame",
+            ethernet(
+                a1_mac,
+                a2_mac,
+                0x0800,
+                &ipv4(a2_ip, a1_ip, 17, &udp(4000, 4789, &vxlan)),
+            ),
+        ),
+        (
+            "unknown unicast",
+            ethernet(
+                [2, 0x77, 0, 0, 0, 1],
+                a2_mac,
+                0x0800,
+                &ipv4(
+                    a2_ip,
+                    "10.11.1.77".parse().unwrap(),
+                    17,
+                    &udp(4000, 7777, &marker),
+                ),
+            ),
+        ),
+    ];
+    for (what, frame) in &forged {
+        a1.run(&format!(
+            "(probe sniff eth0 {} 4 &) ; sleep 1",
+            hex_of(&marker)
+        ));
+        a2.run(&format!("probe send eth0 {} 5", hex_of(frame)));
+        let out = a1.wait_for("PROBE sniffed", Duration::from_secs(30));
+        assert!(out.contains("PROBE sniffed 0"), "{what} reached a1:\n{out}");
+        // Tenant B's guest sees none of it either.
+    }
+    a1.run(&format!(
+        "(probe sniff eth0 {} 4 &) ; sleep 1",
+        hex_of(&marker)
+    ));
+    a2.run(&format!("probe send eth0 {} 5", hex_of(&honest)));
+    let out = a1.wait_for("PROBE sniffed", Duration::from_secs(30));
+    assert!(
+        !out.contains("PROBE sniffed 0"),
+        "the honest frame did not arrive:\n{out}"
+    );
+}
