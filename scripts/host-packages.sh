@@ -5,8 +5,10 @@ set -euo pipefail
 packages=(
   qemu-system-x86   # the hypervisor (one sandboxed process per VM)
   qemu-utils        # qemu-img: disks, format always pinned
-  nftables          # tenant network isolation (later issues)
-  iproute2          # ip, tc, bridges, netns
+  nftables          # tenant network isolation: security groups, ACLs, anti-spoofing
+  iproute2          # ip, bridge, tc: namespaces, bridges, taps, bandwidth limits
+  procps            # sysctl inside the agent's network namespace
+  conntrack         # flushing the sessions a changed rule no longer allows
   busybox-static    # guest image initramfs (the build script downloads its own copy too)
   cpio              # guest image initramfs
   kmod              # modinfo during the guest image build

@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 use tracing::info;
 
 use crate::host_cmd::{self, HostCmdError};
+use crate::net::conntrack;
 use crate::net::nft::{self, Render, RenderError};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -188,9 +189,62 @@ impl NetHost {
                 self.ip_ns(&["link", "del", name]).await?;
             }
         }
+        // 4. Sessions the new rules no longer allow end now, not when they go idle.
+        let changed: BTreeSet<u32> = network
+            .ports
+            .iter()
+            .filter(|p| {
+                applied
+                    .network
+                    .ports
+                    .iter()
+                    .find(|old| old.id == p.id)
+                    .is_some_and(|old| old.rules != p.rules)
+            })
+            .filter_map(|p| network.vpcs.iter().find(|v| v.id == p.vpc_id))
+            .map(|v| v.vni)
+            .collect();
+        for zone in changed {
+            self.end_refused_sessions(&network, zone).await?;
+        }
         save(&self.saved, &network)?;
         applied.network = network;
         applied.render = Some(render);
+        Ok(())
+    }
+
+    async fn end_refused_sessions(&self, network: &HostNetwork, zone: u32) -> Result<(), NetError> {
+        let zone = zone.to_string();
+        let listing = self.in_ns("conntrack", &["-L", "-w", &zone]).await?;
+        let sessions = conntrack::parse(&String::from_utf8_lossy(&listing.stdout));
+        for session in sessions.iter().filter(|s| !conntrack::allowed(network, s)) {
+            let (src, dst) = (session.src.to_string(), session.dst.to_string());
+            let mut args = vec![
+                "-D",
+                "-w",
+                &zone,
+                "-p",
+                &session.protocol_name,
+                "-s",
+                &src,
+                "-d",
+                &dst,
+            ];
+            let (sport, dport) = (
+                session.sport.map(|p| p.to_string()),
+                session.dport.map(|p| p.to_string()),
+            );
+            if let (Some(sport), Some(dport)) = (&sport, &dport) {
+                args.extend_from_slice(&["--sport", sport, "--dport", dport]);
+            }
+            // Exit status 1: the session ended by itself meanwhile.
+            match self.in_ns("conntrack", &args).await {
+                Ok(_) => info!(?session, "session no longer allowed: ended"),
+                Err(NetError::Tool(HostCmdError::Failed { status, .. }))
+                    if status.code() == Some(1) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(())
     }
 

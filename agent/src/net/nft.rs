@@ -668,7 +668,7 @@ fn subtract(ranges: &[PortRange], minus: &[PortRange]) -> Vec<PortRange> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use palisade_common::agent_api::SubnetNet;
     use palisade_common::net::parse_cidr;

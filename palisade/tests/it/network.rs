@@ -145,6 +145,23 @@ fn hex_of(bytes: &[u8]) -> String {
     hex::encode(bytes)
 }
 
+/// A random UUID (version 4), as instance ids are.
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).unwrap();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 fn random_marker() -> [u8; 32] {
     let mut marker = [0u8; 32];
     getrandom::fill(&mut marker).unwrap();
@@ -276,7 +293,8 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
 
     put_network(&api, &network(vec![]));
     let net = network(vec![]);
-    let ids = [A1, A2, B1].map(|p| p.replace("-0000-4000-8000-", "-1111-4000-8000-"));
+    // Fresh instance ids each run: cgroups and leftovers of another run never mix in.
+    let ids = [A1, A2, B1].map(|_| random_id());
     for (port, id) in [A1, A2, B1].iter().zip(&ids) {
         let mut spec = image.spec(id, 1, 128, "");
         spec.nics = vec![NicSpec {
@@ -344,6 +362,31 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         "the new rule does not hold:\n{out}"
     );
     assert!(changed.elapsed() < Duration::from_secs(10));
+
+    // E2: removing the rule ends a session it allowed, there and then.
+    let started = a2.run("(probe talk 10.11.1.4 5002 40 200 &) ; sleep 1");
+    if !started.contains("PROBE connected") {
+        a2.wait_for("PROBE connected", Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    put_network(&api, &network(vec![]));
+    let out = a2.wait_for("PROBE echoed", Duration::from_secs(60));
+    let line = out
+        .lines()
+        .find(|l| l.contains("PROBE echoed"))
+        .unwrap()
+        .to_string();
+    let echoed: Vec<u32> = line
+        .rsplit(": ")
+        .next()
+        .unwrap()
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    assert!(
+        echoed.contains(&1) && !echoed.contains(&40) && echoed.len() < 30,
+        "the session outlived its rule: {line}"
+    );
 
     // E3: forged frames from a2 never reach a1; the same frame sent honestly does (so the
     // sniffer would see them).
