@@ -377,6 +377,12 @@ pub enum InstanceCmd {
         /// A label tenant policies can match; repeat for more.
         #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
         tags: Vec<(String, String)>,
+        /// The subnet (id) of its network port; without it the instance has no network.
+        #[arg(long)]
+        subnet: Option<String>,
+        /// A security group (id) of its port; repeat for more. None: nothing in or out.
+        #[arg(long = "security-group", value_name = "ID")]
+        security_groups: Vec<String>,
         /// Wait until it runs.
         #[arg(long)]
         wait: bool,
@@ -1523,6 +1529,8 @@ impl Ctx {
                 image,
                 flavor,
                 tags,
+                subnet,
+                security_groups,
                 wait,
             } => {
                 let mut by_key = BTreeMap::new();
@@ -1536,6 +1544,8 @@ impl Ctx {
                     name,
                     image,
                     flavor,
+                    subnet,
+                    security_groups,
                 };
                 (
                     client.post("/v1/instances", &body).await?,

@@ -800,6 +800,8 @@ async fn quickstart(
         name: "demo-vm".into(),
         image: image.id.clone(),
         flavor: "tiny".into(),
+        subnet: None,
+        security_groups: Vec::new(),
     };
     let instance: api::Instance = demo.post("/v1/instances", &create).await?;
     println!(

@@ -431,20 +431,23 @@ pub struct Flavor {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disk_gib: u32,
+    /// The ceiling of the instance's bandwidth, each way, in Mbit/s.
+    pub bandwidth_mbps: u32,
 }
 
 /// The flavors every tenant may choose from.
 pub fn flavors() -> Vec<Flavor> {
-    let f = |name: &str, vcpus, memory_mib, disk_gib| Flavor {
+    let f = |name: &str, vcpus, memory_mib, disk_gib, bandwidth_mbps| Flavor {
         name: name.to_string(),
         vcpus,
         memory_mib,
         disk_gib,
+        bandwidth_mbps,
     };
     vec![
-        f("tiny", 1, 128, 1),
-        f("small", 1, 256, 2),
-        f("medium", 2, 512, 4),
+        f("tiny", 1, 128, 1, 100),
+        f("small", 1, 256, 2, 200),
+        f("medium", 2, 512, 4, 500),
     ]
 }
 
@@ -458,6 +461,12 @@ pub struct InstanceCreate {
     /// Labels that tenant policies can match (`resource.getTag("env")`).
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// The subnet (id) of the instance's port; none: the instance has no network.
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// Security groups (ids) of the port; none: nothing in or out.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -633,4 +642,159 @@ pub struct OcsfPage {
     /// How many records the log held when this page was read: a reader that wants what is
     /// there now (not what its own reads add) stops once its cursor reaches it.
     pub end: u64,
+}
+
+// ---- tenant networks ------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpcCreate {
+    pub name: String,
+    /// A private IPv4 block, /16 to /28 (`10.0.0.0/16`).
+    pub cidr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Vpc {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub cidr: String,
+    pub vni: u32,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetCreate {
+    pub name: String,
+    /// Inside the VPC's block, /16 to /29, overlapping no other subnet of it.
+    pub cidr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Subnet {
+    pub id: String,
+    pub tenant_id: String,
+    pub vpc_id: String,
+    pub name: String,
+    pub cidr: String,
+    /// The router's address in the subnet (its first).
+    pub gateway: String,
+    /// The network ACL, in order; empty: none.
+    pub acl: Vec<AclRule>,
+    pub created_at: String,
+}
+
+/// One rule of a subnet's network ACL: stateless, first match wins, and what no rule of a
+/// non-empty ACL allows is denied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// `ingress` (into the subnet) or `egress` (out of it).
+    pub direction: String,
+    /// `allow` or `deny`.
+    pub action: String,
+    /// `any`, `tcp`, `udp` or `icmp`.
+    pub protocol: String,
+    /// Destination ports (tcp and udp only); none: all.
+    #[serde(default)]
+    pub port_from: Option<u32>,
+    #[serde(default)]
+    pub port_to: Option<u32>,
+    /// The far end: where ingress traffic comes from, where egress traffic goes.
+    pub cidr: String,
+}
+
+/// `PUT /v1/subnets/{id}/acl`: the whole ACL, replaced at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclSet {
+    pub rules: Vec<AclRule>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupCreate {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroup {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub description: String,
+    pub rules: Vec<SecurityGroupRule>,
+    pub created_at: String,
+}
+
+/// A stateful rule: traffic it allows is allowed, and so are the replies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupRuleCreate {
+    /// `ingress` (to the group's ports) or `egress` (from them).
+    pub direction: String,
+    /// `any`, `tcp`, `udp` or `icmp`.
+    pub protocol: String,
+    /// Ports (tcp and udp only, 1-65535); none: all.
+    #[serde(default)]
+    pub port_from: Option<u32>,
+    #[serde(default)]
+    pub port_to: Option<u32>,
+    /// The far end, as a prefix…
+    #[serde(default)]
+    pub cidr: Option<String>,
+    /// …or as the ports of one of the tenant's security groups (its id).
+    #[serde(default)]
+    pub remote_group: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupRule {
+    pub id: String,
+    pub group_id: String,
+    pub direction: String,
+    pub protocol: String,
+    pub port_from: Option<u32>,
+    pub port_to: Option<u32>,
+    pub cidr: Option<String>,
+    pub remote_group: Option<String>,
+    pub created_at: String,
+}
+
+/// An instance's network port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    pub id: String,
+    pub tenant_id: String,
+    pub instance_id: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub mac: String,
+    pub ip: String,
+    pub security_groups: Vec<String>,
+    /// Bandwidth limits in kbit/s, within the flavor's ceiling.
+    pub ingress_kbit: u32,
+    pub egress_kbit: u32,
+    pub created_at: String,
+}
+
+/// `PATCH /v1/ports/{id}`: what is given is changed.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PortUpdate {
+    #[serde(default)]
+    pub security_groups: Option<Vec<String>>,
+    #[serde(default)]
+    pub ingress_kbit: Option<u32>,
+    #[serde(default)]
+    pub egress_kbit: Option<u32>,
 }

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use palisade_common::agent_api::{ConsoleChunk, EraseReport, InstanceSpec, InstanceStatus};
+use palisade_common::agent_api::{
+    ConsoleChunk, EraseReport, HostNetwork, InstanceSpec, InstanceStatus,
+};
 use palisade_common::error::ErrorBody;
 use serde::de::DeserializeOwned;
 
@@ -69,6 +71,22 @@ impl AgentClient {
     pub async fn console(&self, id: &str, offset: u64) -> Result<ConsoleChunk, AgentError> {
         let url = self.url(&format!("/v1/instances/{id}/console?offset={offset}"));
         self.call(self.http.get(url)).await
+    }
+
+    /// Hands the host its whole tenant network (the agent applies it atomically).
+    pub async fn put_network(&self, network: &HostNetwork) -> Result<(), AgentError> {
+        let url = self.url("/v1/network");
+        let response = self
+            .http
+            .put(url)
+            .json(network)
+            .send()
+            .await
+            .map_err(AgentError::Unreachable)?;
+        if response.status().is_success() {
+            return Ok(());
+        }
+        Self::refused(response).await
     }
 
     /// Types `data` on the instance's serial console.

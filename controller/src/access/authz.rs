@@ -216,6 +216,62 @@ pub enum Resource {
         name: String,
         tags: Vec<(String, String)>,
     },
+    /// A VPC, subnet, security group or port.
+    Net {
+        kind: NetKind,
+        id: String,
+        tenant: String,
+        name: String,
+    },
+}
+
+/// The kinds of tenant network objects, each a Cedar entity type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetKind {
+    Vpc,
+    Subnet,
+    SecurityGroup,
+    Port,
+}
+
+impl NetKind {
+    fn entity_type(self) -> &'static str {
+        match self {
+            NetKind::Vpc => "Vpc",
+            NetKind::Subnet => "Subnet",
+            NetKind::SecurityGroup => "SecurityGroup",
+            NetKind::Port => "Port",
+        }
+    }
+
+    /// The word of its audit names and 404s.
+    pub fn word(self) -> &'static str {
+        match self {
+            NetKind::Vpc => "vpc",
+            NetKind::Subnet => "subnet",
+            NetKind::SecurityGroup => "security-group",
+            NetKind::Port => "port",
+        }
+    }
+
+    /// What a 404 calls it: the same word whether the object is missing or not the caller's.
+    pub fn noun(self) -> &'static str {
+        match self {
+            NetKind::Vpc => "vpc",
+            NetKind::Subnet => "subnet",
+            NetKind::SecurityGroup => "security group",
+            NetKind::Port => "port",
+        }
+    }
+
+    fn show_action(self) -> &'static str {
+        match self {
+            NetKind::Vpc => "vpc.show",
+            NetKind::Subnet => "subnet.show",
+            NetKind::SecurityGroup => "security_group.show",
+            NetKind::Port => "port.show",
+        }
+    }
 }
 
 impl Resource {
@@ -276,6 +332,17 @@ impl Resource {
                 vec![("tenant", tenant.clone()), ("name", name.clone())],
                 tags.as_slice(),
             ),
+            Resource::Net {
+                kind,
+                id,
+                tenant,
+                name,
+            } => (
+                kind.entity_type(),
+                id.clone(),
+                vec![("tenant", tenant.clone()), ("name", name.clone())],
+                none,
+            ),
         })
     }
 
@@ -291,6 +358,7 @@ impl Resource {
                 format!("tenant/{}/group/{name}", loggable_id(tenant))
             }
             Resource::Instance { id, .. } => format!("instance/{}", loggable_id(id)),
+            Resource::Net { kind, id, .. } => format!("{}/{}", kind.word(), loggable_id(id)),
         }
     }
 
@@ -301,7 +369,8 @@ impl Resource {
             Resource::Tenant { id, .. } => Some(id),
             Resource::User { tenant, .. }
             | Resource::Group { tenant, .. }
-            | Resource::Instance { tenant, .. } => Some(tenant),
+            | Resource::Instance { tenant, .. }
+            | Resource::Net { tenant, .. } => Some(tenant),
         }
     }
 
@@ -313,6 +382,7 @@ impl Resource {
             Resource::Tenant { .. } => "tenant",
             Resource::Group { .. } => "group",
             Resource::Instance { .. } => "instance",
+            Resource::Net { kind, .. } => kind.noun(),
         }
     }
 
@@ -325,6 +395,7 @@ impl Resource {
             Resource::User { .. } => Some("user.show"),
             Resource::Group { .. } => Some("group.list"),
             Resource::Instance { .. } => Some("instance.show"),
+            Resource::Net { kind, .. } => Some(kind.show_action()),
         }
     }
 

@@ -20,10 +20,10 @@ use crate::service::retention;
 use crate::service::webauthn;
 use crate::Controller;
 
-type Ctl = State<Arc<Controller>>;
+pub(crate) type Ctl = State<Arc<Controller>>;
 
 /// Parses a JSON body strictly: unknown fields and wrong types are a 400 naming the problem.
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| Error::Invalid {
         code: "invalid_request",
         message: format!(
@@ -36,7 +36,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
 }
 
 /// Parses a query string strictly, like bodies.
-fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T> {
+pub(crate) fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T> {
     serde_urlencoded::from_str(query.unwrap_or(""))
         .map_err(|e| Error::invalid(format!("query: {}", safe_parse_message(&e.to_string()))))
 }
@@ -111,10 +111,15 @@ fn principal(ctx: &RequestCtx) -> Result<&Principal> {
 
 /// Ids are UUIDs in any spelling the uuid crate accepts; returns the canonical (lower-case,
 /// hyphenated) form the database holds. Anything else cannot name an object: not found.
-fn canonical_id(id: &str, what: &'static str) -> Result<String> {
+pub(crate) fn canonical_id(id: &str, what: &'static str) -> Result<String> {
     uuid::Uuid::parse_str(id)
         .map(|u| u.hyphenated().to_string())
         .map_err(|_| Error::NotFound { what })
+}
+
+/// [`own_scope`] of the request's caller.
+pub(crate) async fn own_scope_of(c: &Controller, ctx: &RequestCtx) -> Result<Resource> {
+    own_scope(c, principal(ctx)?).await
 }
 
 /// The collection a caller's "Platform,Tenant" action is on: its own tenant, or the platform.
@@ -1094,7 +1099,21 @@ pub async fn create_instance(State(c): Ctl, ctx: RequestCtx, body: Bytes) -> Res
         return Err(Error::NotFound { what: "tenant" });
     };
     let req: api::InstanceCreate = parse(&body)?;
-    let new = c.compute.prepare_instance(&req).await?;
+    let mut new = c.compute.prepare_instance(&req).await?;
+    match &req.subnet {
+        Some(subnet) => {
+            let plan =
+                crate::service::network::plan_port(&c.db, &tenant, subnet, &req.security_groups)
+                    .await?;
+            new = new.with_port(plan);
+        }
+        None if !req.security_groups.is_empty() => {
+            return Err(Error::invalid(
+                "security groups are a port's: name a subnet too",
+            ))
+        }
+        None => {}
+    }
     ctx.describe("instance.create", format!("instance/{}", new.id));
     let instance = c
         .compute

@@ -6,4 +6,5 @@ pub mod authz;
 pub mod guard;
 pub mod handlers;
 pub mod limits;
+pub mod net_handlers;
 pub mod server;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 
-use super::{guard, handlers as h};
+use super::{guard, handlers as h, net_handlers as n};
 use crate::pki::Pki;
 use crate::Controller;
 
@@ -22,6 +22,10 @@ pub struct RouteSpec {
 /// Routes that read a query string; every other route refuses one (400), so a parameter the
 /// API does not know is never silently ignored.
 pub const QUERY_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/vpcs"),
+    ("GET", "/v1/subnets"),
+    ("GET", "/v1/security-groups"),
+    ("GET", "/v1/ports"),
     ("GET", "/v1/users"),
     ("GET", "/v1/instances"),
     ("GET", "/v1/policies"),
@@ -35,6 +39,12 @@ pub const QUERY_ROUTES: &[(&str, &str)] = &[
 /// Routes that read a request body; every other route refuses a non-empty one (400), so a
 /// field sent where none is read is never silently ignored.
 pub const BODY_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/vpcs"),
+    ("POST", "/v1/vpcs/{id}/subnets"),
+    ("PUT", "/v1/subnets/{id}/acl"),
+    ("POST", "/v1/security-groups"),
+    ("POST", "/v1/security-groups/{id}/rules"),
+    ("PATCH", "/v1/ports/{id}"),
     ("POST", "/v1/instances/{id}/console"),
     ("POST", "/v1/auth/password"),
     ("POST", "/v1/auth/keys"),
@@ -325,6 +335,84 @@ fn table() -> Vec<(RouteSpec, Handler)> {
             "/v1/instances/{id}/console",
             "instance.console_input",
             post(h::console_input),
+        ),
+        r("GET", "/v1/vpcs", "vpc.list", get(n::list_vpcs)),
+        r("POST", "/v1/vpcs", "vpc.create", post(n::create_vpc)),
+        r("GET", "/v1/vpcs/{id}", "vpc.show", get(n::show_vpc)),
+        r(
+            "DELETE",
+            "/v1/vpcs/{id}",
+            "vpc.delete",
+            delete(n::delete_vpc),
+        ),
+        r(
+            "POST",
+            "/v1/vpcs/{id}/subnets",
+            "subnet.create",
+            post(n::create_subnet),
+        ),
+        r("GET", "/v1/subnets", "subnet.list", get(n::list_subnets)),
+        r(
+            "GET",
+            "/v1/subnets/{id}",
+            "subnet.show",
+            get(n::show_subnet),
+        ),
+        r(
+            "DELETE",
+            "/v1/subnets/{id}",
+            "subnet.delete",
+            delete(n::delete_subnet),
+        ),
+        r(
+            "PUT",
+            "/v1/subnets/{id}/acl",
+            "subnet.acl_set",
+            put(n::set_acl),
+        ),
+        r(
+            "GET",
+            "/v1/security-groups",
+            "security_group.list",
+            get(n::list_groups),
+        ),
+        r(
+            "POST",
+            "/v1/security-groups",
+            "security_group.create",
+            post(n::create_group),
+        ),
+        r(
+            "GET",
+            "/v1/security-groups/{id}",
+            "security_group.show",
+            get(n::show_group),
+        ),
+        r(
+            "DELETE",
+            "/v1/security-groups/{id}",
+            "security_group.delete",
+            delete(n::delete_group),
+        ),
+        r(
+            "POST",
+            "/v1/security-groups/{id}/rules",
+            "security_group.rule_add",
+            post(n::add_rule),
+        ),
+        r(
+            "DELETE",
+            "/v1/security-group-rules/{id}",
+            "security_group.rule_delete",
+            delete(n::delete_rule),
+        ),
+        r("GET", "/v1/ports", "port.list", get(n::list_ports)),
+        r("GET", "/v1/ports/{id}", "port.show", get(n::show_port)),
+        r(
+            "PATCH",
+            "/v1/ports/{id}",
+            "port.update",
+            axum::routing::patch(n::update_port),
         ),
         r("GET", "/v1/audit/log", "audit.read", get(h::audit_log)),
         r(

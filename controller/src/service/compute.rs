@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use palisade_common::agent_api::{ImageSpec, InstanceSpec, PowerState};
+use palisade_common::agent_api::{HostNetwork, ImageSpec, InstanceSpec, NicSpec, PowerState};
 use palisade_common::api::{self, ConsoleOutput, Image, Instance};
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::SqliteRow;
@@ -23,6 +23,7 @@ use crate::agent_client::{AgentClient, AgentError};
 use crate::db::{new_id, now, Db};
 use crate::error::{Error, Result};
 use crate::service::audit::{AuditLog, Entry};
+use crate::service::network;
 
 /// The host every instance is placed on until there is more than one (issue: multi-host).
 const LOCAL_HOST: &str = "local";
@@ -37,6 +38,9 @@ pub struct Compute {
     /// Whether the agent answered the last pass (`None` before the first): a change is a host
     /// event in the audit log.
     agent_up: Arc<std::sync::Mutex<Option<bool>>>,
+    /// The network the agent was last given: it is handed a new one when this changes, and
+    /// again whenever the agent comes back.
+    pushed: Arc<Mutex<Option<HostNetwork>>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -127,6 +131,15 @@ pub struct NewInstance {
     image_id: String,
     flavor: api::Flavor,
     tags: String,
+    port: Option<network::PortPlan>,
+}
+
+impl NewInstance {
+    /// Gives the instance a port in the planned subnet, with the planned groups.
+    pub fn with_port(mut self, plan: network::PortPlan) -> NewInstance {
+        self.port = Some(plan);
+        self
+    }
 }
 
 const INSTANCE_COLUMNS: &str = "id, tenant_id, name, image_id, flavor, vcpus, memory_mib, \
@@ -189,6 +202,7 @@ impl Compute {
             wake: Arc::new(Notify::new()),
             pass: Arc::new(Mutex::new(())),
             agent_up: Arc::default(),
+            pushed: Arc::default(),
         }
     }
 
@@ -247,7 +261,8 @@ impl Compute {
     }
 
     /// Records a change in whether the host agent answers.
-    async fn note_agent(&self, up: bool) {
+    /// Records a change in the agent's reachability; true when it has just come (back) up.
+    async fn note_agent(&self, up: bool) -> bool {
         let changed = {
             let mut last = self.agent_up.lock().unwrap_or_else(|p| p.into_inner());
             let changed = *last != Some(up);
@@ -272,6 +287,47 @@ impl Compute {
                 tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "auditing a host event");
             }
         }
+        changed && up
+    }
+
+    /// Hands the agent the host's network when it differs from what it was last given, or
+    /// when the agent has just come back. Recorded like every host operation.
+    async fn push_network(&self, agent_back: bool) -> anyhow::Result<()> {
+        let wanted = network::host_network(&self.db)
+            .await
+            .map_err(|e| anyhow::anyhow!("building the host network: {e}"))?;
+        let mut pushed = self.pushed.lock().await;
+        if !agent_back && pushed.as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        let request_id = new_id();
+        let entry = |result: &str, code: Option<String>| {
+            Self::host_entry(
+                &request_id,
+                "host.network_apply",
+                format!("host/{LOCAL_HOST}/network"),
+                None,
+                result,
+                code,
+            )
+        };
+        self.audit
+            .append(entry("requested", None))
+            .await
+            .context("auditing a host operation")?;
+        let outcome = self.agent.put_network(&wanted).await;
+        let (result, code) = match &outcome {
+            Ok(()) => ("succeeded", None),
+            Err(AgentError::Refused { code, .. }) => ("failed", Some(code.clone())),
+            Err(AgentError::Unreachable(_)) => ("failed", Some("host_unreachable".into())),
+        };
+        self.audit
+            .append(entry(result, code))
+            .await
+            .context("auditing a host operation")?;
+        outcome.context("handing the host its network")?;
+        *pushed = Some(wanted);
+        Ok(())
     }
 
     pub async fn list_images(&self) -> Result<Vec<Image>> {
@@ -306,6 +362,7 @@ impl Compute {
             image_id: image.get("id"),
             flavor,
             tags: serde_json::to_string(&req.tags).map_err(|e| Error::Internal(e.into()))?,
+            port: None,
         })
     }
 
@@ -326,6 +383,7 @@ impl Compute {
             image_id,
             flavor,
             tags,
+            port,
         } = new;
         let created_at = now();
         // IMMEDIATE: take the write lock now, so the transaction cannot fail to upgrade later.
@@ -361,6 +419,9 @@ impl Compute {
                 message: "the tenant's quota for instances, vCPUs or memory would be exceeded"
                     .into(),
             });
+        }
+        if let Some(plan) = &port {
+            network::insert_port(&mut tx, tenant_id, &id, plan).await?;
         }
         permit.await?;
         tx.commit().await?;
@@ -452,6 +513,11 @@ impl Compute {
         }
     }
 
+    /// A network object changed: the next pass (now) hands the hosts their new network.
+    pub fn network_changed(&self) {
+        self.wake.notify_one();
+    }
+
     /// Types `data` on a running instance's serial console.
     pub async fn console_input(&self, tenant_id: &str, id: &str, data: Vec<u8>) -> Result<()> {
         let instance = self.get_instance(tenant_id, id).await?;
@@ -487,9 +553,11 @@ impl Compute {
     pub async fn reconcile_once(&self) -> anyhow::Result<()> {
         let _single = self.pass.lock().await;
         let listed = self.agent.list().await;
-        self.note_agent(listed.is_ok()).await;
+        let agent_back = self.note_agent(listed.is_ok()).await;
         let on_host: HashMap<String, PowerState> =
             listed?.into_iter().map(|s| (s.id, s.state)).collect();
+        // The network first: a port's tap exists, with its rules, before its instance starts.
+        self.push_network(agent_back).await?;
         let sql = format!(
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE deleted_at IS NULL ORDER BY created_at"
         );
@@ -610,6 +678,11 @@ impl Compute {
                 .bind(&instance.id)
                 .execute(&self.db.pool)
                 .await?;
+                // Its port goes with it, address and all; the next pass removes its tap.
+                network::delete_port_of(&self.db, &instance.id)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("removing the port: {e}"))?;
+                self.wake.notify_one();
                 Ok(())
             }
             other => anyhow::bail!("unknown desired state {other}"),
@@ -633,8 +706,20 @@ impl Compute {
                 initrd_sha256: image.get("initrd_sha256"),
                 cmdline: image.get("cmdline"),
             },
-            // TODO(issue-5): the instance's port, once the controller places ports.
-            nics: vec![],
+            nics: network::port_of(&self.db, &instance.id)
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the port: {e}"))?
+                .map(|p| -> anyhow::Result<NicSpec> {
+                    Ok(NicSpec {
+                        mac: p.mac.parse().map_err(|e: palisade_common::net::NetError| {
+                            anyhow::anyhow!("port {}: {}", p.id, e.0)
+                        })?,
+                        port_id: p.id,
+                    })
+                })
+                .transpose()?
+                .into_iter()
+                .collect(),
         })
     }
 

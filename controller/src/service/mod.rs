@@ -23,6 +23,7 @@ pub mod compute;
 pub mod federation;
 pub mod identity;
 pub mod mfa;
+pub mod network;
 pub mod outbound;
 pub mod retention;
 pub mod secrets;

@@ -38,6 +38,13 @@ struct World {
     instance: String,
     group: String,
     member_id: String,
+    vpc: String,
+    subnet: String,
+    security_group: String,
+    /// A rule of `security_group` (its default egress rule).
+    sg_rule: String,
+    /// The port of an instance in `subnet`.
+    port: String,
 }
 
 impl World {
@@ -82,6 +89,28 @@ impl World {
             .unwrap()
             .user
             .id;
+        let (vpc, subnet) = Self::vpc_with_subnet(p, ta);
+        let sg = Self::security_group(p, ta);
+        let wired: api::Instance = p
+            .block_on(ta.client.post(
+                "/v1/instances",
+                &api::InstanceCreate {
+                    name: "wired".into(),
+                    image: "debian-12-busybox".into(),
+                    flavor: "tiny".into(),
+                    tags: Default::default(),
+                    subnet: Some(subnet.clone()),
+                    security_groups: vec![sg.id.clone()],
+                },
+            ))
+            .unwrap();
+        let ports: Vec<api::Port> = p.block_on(ta.client.get("/v1/ports")).unwrap();
+        let port = ports
+            .iter()
+            .find(|port| port.instance_id == wired.id)
+            .expect("the wired instance's port")
+            .id
+            .clone();
         World {
             signers,
             issuer: issuer.to_string(),
@@ -89,7 +118,47 @@ impl World {
             instance,
             group: group.id,
             member_id,
+            vpc,
+            subnet,
+            sg_rule: sg.rules[0].id.clone(),
+            security_group: sg.id,
+            port,
         }
+    }
+
+    /// A fresh VPC of acme with one subnet.
+    fn vpc_with_subnet(p: &Platform, ta: &Signer) -> (String, String) {
+        let vpc: api::Vpc = p
+            .block_on(ta.client.post(
+                "/v1/vpcs",
+                &api::VpcCreate {
+                    name: unique("vpc"),
+                    cidr: "10.50.0.0/16".into(),
+                },
+            ))
+            .unwrap();
+        let subnet: api::Subnet = p
+            .block_on(ta.client.post(
+                &format!("/v1/vpcs/{}/subnets", vpc.id),
+                &api::SubnetCreate {
+                    name: "s0".into(),
+                    cidr: "10.50.1.0/24".into(),
+                },
+            ))
+            .unwrap();
+        (vpc.id, subnet.id)
+    }
+
+    /// A fresh security group of acme.
+    fn security_group(p: &Platform, ta: &Signer) -> api::SecurityGroup {
+        p.block_on(ta.client.post(
+            "/v1/security-groups",
+            &api::SecurityGroupCreate {
+                name: unique("sg"),
+                description: String::new(),
+            },
+        ))
+        .unwrap()
     }
 
     fn admin(&self) -> &Signer {
@@ -364,6 +433,85 @@ impl World {
                     b"echo typed\n".to_vec(),
                 )
             }
+            "vpc.create" => (
+                "POST",
+                "/v1/vpcs".into(),
+                body(json!({"name": unique("vpc"), "cidr": "10.60.0.0/16"})),
+            ),
+            "vpc.list" => ("GET", format!("/v1/vpcs?tenant={acme}"), vec![]),
+            "vpc.show" => ("GET", format!("/v1/vpcs/{}", self.vpc), vec![]),
+            "vpc.delete" => {
+                let vpc: api::Vpc = p
+                    .block_on(self.tenant_admin().client.post(
+                        "/v1/vpcs",
+                        &api::VpcCreate {
+                            name: unique("doomed"),
+                            cidr: "10.61.0.0/16".into(),
+                        },
+                    ))
+                    .unwrap();
+                ("DELETE", format!("/v1/vpcs/{}", vpc.id), vec![])
+            }
+            "subnet.create" => {
+                let (vpc, _) = Self::vpc_with_subnet(p, self.tenant_admin());
+                (
+                    "POST",
+                    format!("/v1/vpcs/{vpc}/subnets"),
+                    body(json!({"name": "s1", "cidr": "10.50.2.0/24"})),
+                )
+            }
+            "subnet.list" => ("GET", format!("/v1/subnets?tenant={acme}"), vec![]),
+            "subnet.show" => ("GET", format!("/v1/subnets/{}", self.subnet), vec![]),
+            "subnet.delete" => {
+                let (_, subnet) = Self::vpc_with_subnet(p, self.tenant_admin());
+                ("DELETE", format!("/v1/subnets/{subnet}"), vec![])
+            }
+            "subnet.acl_set" => (
+                "PUT",
+                format!("/v1/subnets/{}/acl", self.subnet),
+                body(json!({"rules": []})),
+            ),
+            "security_group.create" => (
+                "POST",
+                "/v1/security-groups".into(),
+                body(json!({"name": unique("sg")})),
+            ),
+            "security_group.list" => ("GET", format!("/v1/security-groups?tenant={acme}"), vec![]),
+            "security_group.show" => (
+                "GET",
+                format!("/v1/security-groups/{}", self.security_group),
+                vec![],
+            ),
+            "security_group.delete" => {
+                let sg = Self::security_group(p, self.tenant_admin());
+                ("DELETE", format!("/v1/security-groups/{}", sg.id), vec![])
+            }
+            "security_group.rule_add" => {
+                let sg = Self::security_group(p, self.tenant_admin());
+                (
+                    "POST",
+                    format!("/v1/security-groups/{}/rules", sg.id),
+                    body(
+                        json!({"direction": "ingress", "protocol": "tcp", "port_from": 22,
+                                "cidr": "10.0.0.0/8"}),
+                    ),
+                )
+            }
+            "security_group.rule_delete" => {
+                let sg = Self::security_group(p, self.tenant_admin());
+                (
+                    "DELETE",
+                    format!("/v1/security-group-rules/{}", sg.rules[0].id),
+                    vec![],
+                )
+            }
+            "port.list" => ("GET", format!("/v1/ports?tenant={acme}"), vec![]),
+            "port.show" => ("GET", format!("/v1/ports/{}", self.port), vec![]),
+            "port.update" => (
+                "PATCH",
+                format!("/v1/ports/{}", self.port),
+                body(json!({"ingress_kbit": 1000})),
+            ),
             "instance.stop" => (
                 "POST",
                 format!("/v1/instances/{}/stop", self.instance),
@@ -616,6 +764,11 @@ fn every_route_refuses_bad_credentials_foreign_objects_and_wrong_methods() {
             Some("keys") => w.tenant_admin().key_id.clone(),
             // A legal hold is on a tenant.
             Some("audit") if route.path.starts_with("/v1/audit/holds/") => w.acme.clone(),
+            Some("vpcs") => w.vpc.clone(),
+            Some("subnets") => w.subnet.clone(),
+            Some("security-groups") => w.security_group.clone(),
+            Some("security-group-rules") => w.sg_rule.clone(),
+            Some("ports") => w.port.clone(),
             // A new kind of object with an id slot needs tenant A's object here.
             _ if route.path.contains('{') => panic!("{}: no object of tenant A", route.path),
             _ => String::new(),

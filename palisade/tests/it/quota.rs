@@ -64,6 +64,8 @@ fn parallel_creates(p: &Platform, tenant: &Signer, count: usize, flavor: &str) -
                 name: format!("vm-{i}"),
                 image: "debian-12-busybox".into(),
                 flavor: flavor.into(),
+                subnet: None,
+                security_groups: vec![],
             };
             let client = &tenant.client;
             async move {

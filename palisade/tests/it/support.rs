@@ -564,6 +564,8 @@ impl Platform {
             name: name.into(),
             image: "debian-12-busybox".into(),
             flavor: "tiny".into(),
+            subnet: None,
+            security_groups: vec![],
         };
         self.block_on(signer.client.post("/v1/instances", &body))
             .map_err(api_error)
