@@ -522,3 +522,140 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         "the honest frame did not arrive:\n{out}"
     );
 }
+
+// ---- through the controller ---------------------------------------------------------------
+
+#[test]
+fn bad_network_requests_get_clear_errors_and_change_nothing() {
+    use crate::support::{api_error, Platform};
+    use palisade_common::api;
+    let p = Platform::start();
+    let admin = p.admin();
+    let (_, a) = p.tenant(&admin, "neta", None);
+    let (_, b) = p.tenant(&admin, "netb", None);
+    let post = |who: &crate::support::Signer, path: &str, body: serde_json::Value| {
+        p.block_on(who.client.post::<_, serde_json::Value>(path, &body))
+    };
+    let vpc: api::Vpc = serde_json::from_value(
+        post(&a, "/v1/vpcs", json!({"name": "v", "cidr": "10.20.0.0/16"})).unwrap(),
+    )
+    .unwrap();
+    let sg: api::SecurityGroup =
+        serde_json::from_value(post(&a, "/v1/security-groups", json!({"name": "web"})).unwrap())
+            .unwrap();
+    let theirs: api::SecurityGroup =
+        serde_json::from_value(post(&b, "/v1/security-groups", json!({"name": "web"})).unwrap())
+            .unwrap();
+    let rules = format!("/v1/security-groups/{}/rules", sg.id);
+    let rule = |extra: serde_json::Value| {
+        let mut body = json!({"direction": "ingress", "protocol": "tcp", "cidr": "10.0.0.0/8"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for (body, status, says) in [
+        (rule(json!({"protocol": "gre"})), 400, "unknown protocol"),
+        (
+            rule(json!({"port_from": 70000})),
+            400,
+            "70000 is out of range",
+        ),
+        (
+            rule(json!({"port_from": 90, "port_to": 80})),
+            400,
+            "backwards",
+        ),
+        (
+            rule(json!({"cidr": "10.0.0.300/8"})),
+            400,
+            "not an IPv4 prefix",
+        ),
+        (rule(json!({"cidr": "10.1.2.3/8"})), 400, "host bits"),
+        (rule(json!({"cidr": "169.254.0.0/16"})), 400, "reserved"),
+        (
+            rule(json!({"protocol": "icmp", "port_from": 1})),
+            400,
+            "take no ports",
+        ),
+        (rule(json!({"direction": "sideways"})), 400, "direction"),
+        (
+            rule(json!({"cidr": null, "remote_group": theirs.id})),
+            404,
+            "security group",
+        ),
+        (
+            rule(json!({"remote_group": sg.id})),
+            400,
+            "exactly one of cidr and remote_group",
+        ),
+        (rule(json!({"ports": "all"})), 400, "unknown field"),
+    ] {
+        let e = api_error(post(&a, &rules, body.clone()).unwrap_err());
+        assert_eq!(e.status, status, "{body}: {e:?}");
+        assert!(e.message.contains(says), "{body}: {}", e.message);
+    }
+    // Nothing changed: the group still holds its one default rule.
+    let now: api::SecurityGroup = p
+        .block_on(a.client.get(&format!("/v1/security-groups/{}", sg.id)))
+        .unwrap();
+    assert_eq!(now.rules, sg.rules);
+    // A good rule, then the same again: a conflict.
+    post(&a, &rules, rule(json!({"port_from": 22}))).unwrap();
+    let e = api_error(post(&a, &rules, rule(json!({"port_from": 22}))).unwrap_err());
+    assert_eq!((e.status, e.code.as_str()), (409, "duplicate_rule"));
+
+    // VPCs and subnets: private blocks only, subnets inside and apart.
+    for (cidr, says) in [("8.8.0.0/16", "not private"), ("10.0.0.0/8", "/16 to /28")] {
+        let e = api_error(post(&a, "/v1/vpcs", json!({"name": "x", "cidr": cidr})).unwrap_err());
+        assert!(e.status == 400 && e.message.contains(says), "{cidr}: {e:?}");
+    }
+    let subnets = format!("/v1/vpcs/{}/subnets", vpc.id);
+    post(&a, &subnets, json!({"name": "s1", "cidr": "10.20.1.0/24"})).unwrap();
+    for (cidr, says) in [
+        ("10.20.1.128/25", "overlaps"),
+        ("10.30.0.0/24", "not inside"),
+    ] {
+        let e = api_error(post(&a, &subnets, json!({"name": "s2", "cidr": cidr})).unwrap_err());
+        assert!(e.status == 400 && e.message.contains(says), "{cidr}: {e:?}");
+    }
+    // Tenant B sees none of it: 404, like a VPC that does not exist.
+    let e =
+        api_error(post(&b, &subnets, json!({"name": "s3", "cidr": "10.20.3.0/24"})).unwrap_err());
+    assert_eq!(e.status, 404);
+    let listed: Vec<api::Subnet> = p.block_on(a.client.get("/v1/subnets")).unwrap();
+    assert_eq!(listed.len(), 1);
+    // An ACL with one bad rule is refused whole.
+    let acl = format!("/v1/subnets/{}/acl", listed[0].id);
+    let e = api_error(
+        p.block_on(a.client.json::<_, serde_json::Value>(
+            reqwest::Method::PUT,
+            &acl,
+            Some(&json!({"rules": [
+                {"direction": "ingress", "action": "allow", "protocol": "tcp",
+                 "port_from": 22, "cidr": "0.0.0.0/0"},
+                {"direction": "ingress", "action": "maybe", "protocol": "tcp",
+                 "cidr": "0.0.0.0/0"}
+            ]})),
+        ))
+        .unwrap_err(),
+    );
+    assert!(e.status == 400 && e.message.contains("rule 2"), "{e:?}");
+    let subnet: api::Subnet = p
+        .block_on(a.client.get(&format!("/v1/subnets/{}", listed[0].id)))
+        .unwrap();
+    assert!(subnet.acl.is_empty());
+    // An instance in another tenant's subnet, or with its groups: not found.
+    for body in [
+        json!({"name": "vm", "image": "debian-12-busybox", "flavor": "tiny",
+               "subnet": listed[0].id}),
+        json!({"name": "vm", "image": "debian-12-busybox", "flavor": "tiny",
+               "subnet": listed[0].id,
+               "security_groups": [sg.id]}),
+    ] {
+        let e = api_error(post(&b, "/v1/instances", body.clone()).unwrap_err());
+        assert_eq!(e.status, 404, "{body}");
+    }
+    let instances: Vec<api::Instance> = p.block_on(b.client.get("/v1/instances")).unwrap();
+    assert!(instances.is_empty());
+}
