@@ -8,7 +8,7 @@
 //! The last network applied is kept in `<data-dir>/network.json` and applied again when the
 //! agent starts, before any instance is started or adopted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,8 +19,8 @@ use tokio::sync::Mutex;
 use tracing::info;
 
 use crate::host_cmd::{self, HostCmdError};
-use crate::net::conntrack;
 use crate::net::nft::{self, Render, RenderError};
+use crate::net::{conntrack, dhcp};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -52,7 +52,23 @@ pub struct NetHost {
     name: String,
     saved: PathBuf,
     applied: Mutex<Applied>,
+    /// Each VPC's router, by VNI: the addresses its DHCP server hands out, and that server.
+    routers: Mutex<HashMap<u32, Router>>,
 }
+
+struct Router {
+    leases: dhcp::Leases,
+    dhcp: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.dhcp.abort();
+    }
+}
+
+/// The router's side of its link to the VPC bridge, inside the router's namespace.
+const ROUTER_LINK: &str = "gw";
 
 impl NetHost {
     /// Creates (or takes over) the agent's namespace and applies the saved network.
@@ -63,6 +79,7 @@ impl NetHost {
             name,
             saved: data_dir.join("network.json"),
             applied: Mutex::new(Applied::default()),
+            routers: Mutex::new(HashMap::new()),
         };
         host.ensure_namespace().await?;
         let saved = match std::fs::read(&host.saved) {
@@ -178,8 +195,63 @@ impl NetHost {
             self.bridge(&["fdb", "replace", &mac, "dev", &tap, "master", "static"])
                 .await?;
         }
-        // 3. What is no longer wanted: taps first, then bridges.
-        for (name, _) in links.iter().filter(|(n, _)| n.starts_with("pt")) {
+        // 3. Each VPC's router: its namespace, its link into the bridge, its DHCP server.
+        let mut routers = self.routers.lock().await;
+        for vpc in &network.vpcs {
+            self.ensure_router(vpc, &links).await?;
+            wanted.insert(nft::router_link_name(vpc.vni));
+            let leases: HashMap<[u8; 6], dhcp::Lease> = network
+                .ports
+                .iter()
+                .filter(|p| p.vpc_id == vpc.id)
+                .filter_map(|p| {
+                    let subnet = vpc.subnets.iter().find(|s| s.id == p.subnet_id)?;
+                    Some((
+                        p.mac.0,
+                        dhcp::Lease {
+                            ip: p.ip,
+                            prefix_len: subnet.cidr.prefix_len(),
+                            gateway: palisade_common::net::gateway(&subnet.cidr),
+                        },
+                    ))
+                })
+                .collect();
+            match routers.get(&vpc.vni) {
+                Some(router) if !router.dhcp.is_finished() => {
+                    *router.leases.write().unwrap_or_else(|p| p.into_inner()) = leases;
+                }
+                _ => {
+                    let socket = dhcp::socket_in(
+                        &self.router_path(vpc.vni),
+                        std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 67),
+                        ROUTER_LINK,
+                    )
+                    .map_err(|source| NetError::Io {
+                        what: format!("opening the DHCP socket of VPC {}", vpc.id),
+                        source,
+                    })?;
+                    let leases = std::sync::Arc::new(std::sync::RwLock::new(leases));
+                    let task = tokio::spawn(dhcp::serve(socket, leases.clone(), vpc.id.clone()));
+                    routers.insert(vpc.vni, Router { leases, dhcp: task });
+                }
+            }
+        }
+        let gone: Vec<u32> = routers
+            .keys()
+            .filter(|vni| !network.vpcs.iter().any(|v| v.vni == **vni))
+            .copied()
+            .collect();
+        for vni in gone {
+            routers.remove(&vni);
+        }
+        drop(routers);
+        self.remove_stale_routers(&network).await?;
+
+        // 4. What is no longer wanted: taps and router links first, then bridges.
+        for (name, _) in links
+            .iter()
+            .filter(|(n, _)| n.starts_with("pt") || n.starts_with("pr"))
+        {
             if !wanted.contains(name) {
                 self.ip_ns(&["link", "del", name]).await?;
             }
@@ -189,7 +261,7 @@ impl NetHost {
                 self.ip_ns(&["link", "del", name]).await?;
             }
         }
-        // 4. Sessions the new rules no longer allow end now, not when they go idle.
+        // 5. Sessions the new rules no longer allow end now, not when they go idle.
         let changed: BTreeSet<u32> = network
             .ports
             .iter()
@@ -210,6 +282,160 @@ impl NetHost {
         save(&self.saved, &network)?;
         applied.network = network;
         applied.render = Some(render);
+        Ok(())
+    }
+
+    /// `/run/netns/<agent namespace>-r<vni>`.
+    fn router_path(&self, vni: u32) -> PathBuf {
+        Path::new("/run/netns").join(self.router_name(vni))
+    }
+
+    fn router_name(&self, vni: u32) -> String {
+        format!("{}-r{vni}", self.name)
+    }
+
+    /// The router of `vpc`: a namespace of its own (IPv6 off), linked into the VPC bridge by a
+    /// veth pair whose router end has the pinned router MAC and each subnet's gateway address,
+    /// and whose own firewall lets guests reach DHCP, the metadata service and a ping of the
+    /// gateway, nothing else of it.
+    async fn ensure_router(
+        &self,
+        vpc: &palisade_common::agent_api::VpcNet,
+        links: &BTreeMap<String, String>,
+    ) -> Result<(), NetError> {
+        let ns = self.router_name(vpc.vni);
+        if !self.router_path(vpc.vni).exists() {
+            self.ip(&["netns", "add", &ns]).await?;
+        }
+        self.ip(&[
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])
+        .await?;
+        let outer = nft::router_link_name(vpc.vni);
+        if !links.contains_key(&outer) {
+            self.ip_ns(&[
+                "link",
+                "add",
+                &outer,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                ROUTER_LINK,
+                "netns",
+                &ns,
+            ])
+            .await?;
+        }
+        let bridge = nft::bridge_name(vpc.vni);
+        let mac = nft::router_mac(&vpc.id).to_string();
+        self.ip(&["-n", &ns, "link", "set", ROUTER_LINK, "address", &mac])
+            .await?;
+        self.ip(&["-n", &ns, "link", "set", ROUTER_LINK, "up"])
+            .await?;
+        self.ip(&["-n", &ns, "link", "set", "lo", "up"]).await?;
+        // The gateway of each subnet, and no other address.
+        let wanted: BTreeSet<String> = vpc
+            .subnets
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}/{}",
+                    palisade_common::net::gateway(&s.cidr),
+                    s.cidr.prefix_len()
+                )
+            })
+            .collect();
+        let shown = self
+            .ip(&["-n", &ns, "-j", "addr", "show", "dev", ROUTER_LINK])
+            .await?;
+        let have: BTreeSet<String> =
+            serde_json::from_slice::<Vec<serde_json::Value>>(&shown.stdout)
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+                .filter(|a| a["family"] == "inet")
+                .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"])))
+                .collect();
+        for extra in have.difference(&wanted) {
+            self.ip(&["-n", &ns, "addr", "del", extra, "dev", ROUTER_LINK])
+                .await?;
+        }
+        for missing in wanted.difference(&have) {
+            self.ip(&["-n", &ns, "addr", "add", missing, "dev", ROUTER_LINK])
+                .await?;
+        }
+        self.ip_ns(&["link", "set", &outer, "master", &bridge, "up"])
+            .await?;
+        self.bridge(&[
+            "link",
+            "set",
+            "dev",
+            &outer,
+            "learning",
+            "off",
+            "flood",
+            "off",
+            "mcast_flood",
+            "off",
+        ])
+        .await?;
+        self.bridge(&["fdb", "replace", &mac, "dev", &outer, "master", "static"])
+            .await?;
+        let script = format!(
+            "table inet palisade_router
+             delete table inet palisade_router
+             table inet palisade_router {{
+               chain pal_in {{
+                 type filter hook input priority 0; policy drop;
+                 iif lo accept
+                 ct state established,related accept
+                 iifname \"{ROUTER_LINK}\" udp dport 67 accept
+                 iifname \"{ROUTER_LINK}\" ip daddr {meta} tcp dport 80 accept
+                 iifname \"{ROUTER_LINK}\" icmp type echo-request limit rate 10/second accept
+               }}
+               chain pal_fwd {{
+                 type filter hook forward priority 0; policy drop;
+               }}
+             }}
+",
+            meta = nft::METADATA_IP,
+        );
+        host_cmd::run_with_input(
+            Path::new("ip"),
+            &os(&["netns", "exec", &ns, "nft", "-f", "-"]),
+            Some(script.as_bytes()),
+            TOOL_TIMEOUT,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Router namespaces of VPCs this host no longer carries.
+    async fn remove_stale_routers(&self, network: &HostNetwork) -> Result<(), NetError> {
+        let prefix = format!("{}-r", self.name);
+        let Ok(entries) = std::fs::read_dir("/run/netns") else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(vni) = name
+                .strip_prefix(&prefix)
+                .and_then(|v| v.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !network.vpcs.iter().any(|v| v.vni == vni) {
+                self.ip(&["netns", "del", &name]).await?;
+            }
+        }
         Ok(())
     }
 

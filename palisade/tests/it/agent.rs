@@ -714,7 +714,17 @@ impl Drop for Env {
             use sha2::Digest;
             let digest = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
             let name = format!("pal-{}", &hex::encode(digest)[..10]);
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            // Its own, and its VPC routers' (`<name>-r<vni>`).
+            for entry in std::fs::read_dir("/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let ns = entry.file_name().to_string_lossy().into_owned();
+                if ns == name || ns.starts_with(&format!("{name}-")) {
+                    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+                }
+            }
         }
         if failed {
             if let Some(dir) = self.dir.take() {

@@ -304,12 +304,18 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         api.start(&spec);
     }
     let mut consoles: Vec<Console> = ids.iter().map(|id| Console::attach(&api, id)).collect();
+    // Each guest got its port's address from its VPC's DHCP server at boot, and reaches its
+    // gateway (the router), whose address is the same in both VPCs.
     for (console, port) in consoles.iter_mut().zip(&net.ports) {
-        let out = console.run(&format!(
-            "ip link set eth0 up && ip addr add {}/24 dev eth0 && ip -o link show eth0",
-            port.ip
-        ));
+        let out = console.run("ip -o link show eth0; ip -o -4 addr show eth0; ip route");
         assert!(out.contains(&port.mac.to_string()), "{out}");
+        assert!(
+            out.contains(&format!("inet {}/24", port.ip)),
+            "no DHCP lease:\n{out}"
+        );
+        assert!(out.contains("default via 10.11.1.1"), "{out}");
+        let out = console.run("ping -c 1 -W 2 10.11.1.1");
+        assert!(out.contains("1 packets received"), "the gateway:\n{out}");
     }
     let [a1, a2, b1] = &mut consoles[..] else {
         unreachable!()
