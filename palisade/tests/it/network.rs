@@ -394,6 +394,38 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         "the session outlived its rule: {line}"
     );
 
+    // E4: no guest reaches the host: a listener on every host address hears nothing, and
+    // neither does the router beyond DHCP, metadata and ping.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let shown = std::process::Command::new("ip")
+        .args(["-j", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    let mut targets: Vec<String> = serde_json::from_slice::<Vec<serde_json::Value>>(&shown.stdout)
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_string))
+        .filter(|a| !a.starts_with("127."))
+        .collect();
+    assert!(!targets.is_empty(), "the host has no address to try");
+    targets.extend(["10.11.1.1".to_string(), "169.254.169.254".to_string()]);
+    for target in &targets {
+        let out = a1.run(&format!("probe talk {target} {port} 1 100"));
+        assert!(
+            out.contains("PROBE connect failed"),
+            "a guest reached {target}:\n{out}"
+        );
+    }
+    assert!(
+        listener.accept().is_err(),
+        "the host's listener was reached"
+    );
+    // The control: the host itself reaches it.
+    std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+
     // E3: forged frames from a2 never reach a1; the same frame sent honestly does (so the
     // sniffer would see them).
     let a1_mac = mac_bytes(Mac::for_port(A1));
