@@ -556,14 +556,15 @@ impl Compute {
         let agent_back = self.note_agent(listed.is_ok()).await;
         let on_host: HashMap<String, PowerState> =
             listed?.into_iter().map(|s| (s.id, s.state)).collect();
-        // The network first: a port's tap exists, with its rules, before its instance starts.
-        self.push_network(agent_back).await?;
         let sql = format!(
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE deleted_at IS NULL ORDER BY created_at"
         );
         let live = sqlx::query(sqlx::AssertSqlSafe(sql))
             .fetch_all(&self.db.pool)
             .await?;
+        // Then the network, read after the instances: every port of an instance this pass
+        // starts (created with it, in one transaction) has its tap and rules before it starts.
+        self.push_network(agent_back).await?;
         let mut known = std::collections::HashSet::new();
         for row in &live {
             let desired: String = row.get("desired");

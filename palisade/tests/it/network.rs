@@ -10,9 +10,57 @@ use serde_json::json;
 
 use crate::agent::{Api, Env, GuestImage, Identity};
 
+/// A serial console: the agent's API, or the controller's.
+pub(crate) trait ConsoleIo {
+    /// New output from `offset`: the text and the offset after it.
+    fn read(&self, id: &str, offset: u64) -> (String, u64);
+    fn write(&self, id: &str, text: &str);
+}
+
+impl ConsoleIo for Api {
+    fn read(&self, id: &str, offset: u64) -> (String, u64) {
+        let chunk = self.console(id, offset);
+        (chunk.data, chunk.next_offset)
+    }
+
+    fn write(&self, id: &str, text: &str) {
+        self.type_on_console(id, text);
+    }
+}
+
+/// The controller's console API, as one tenant user.
+pub(crate) struct Tenant<'a> {
+    pub(crate) p: &'a crate::support::Platform,
+    pub(crate) who: &'a crate::support::Signer,
+}
+
+impl ConsoleIo for Tenant<'_> {
+    fn read(&self, id: &str, offset: u64) -> (String, u64) {
+        let chunk: palisade_common::api::ConsoleOutput = self
+            .p
+            .block_on(
+                self.who
+                    .client
+                    .get(&format!("/v1/instances/{id}/console?offset={offset}")),
+            )
+            .unwrap();
+        (chunk.data, chunk.next_offset)
+    }
+
+    fn write(&self, id: &str, text: &str) {
+        self.p
+            .block_on(self.who.client.send(
+                reqwest::Method::POST,
+                &format!("/v1/instances/{id}/console"),
+                text.as_bytes().to_vec(),
+            ))
+            .unwrap();
+    }
+}
+
 /// A guest driven through its serial console.
 pub(crate) struct Console<'a> {
-    api: &'a Api,
+    api: &'a dyn ConsoleIo,
     pub(crate) id: String,
     offset: u64,
     serial: u32,
@@ -20,7 +68,7 @@ pub(crate) struct Console<'a> {
 
 impl<'a> Console<'a> {
     /// Waits for the guest's console shell.
-    pub(crate) fn attach(api: &'a Api, id: &str) -> Console<'a> {
+    pub(crate) fn attach(api: &'a dyn ConsoleIo, id: &str) -> Console<'a> {
         let mut console = Console {
             api,
             id: id.to_string(),
@@ -38,9 +86,9 @@ impl<'a> Console<'a> {
         let deadline = Instant::now() + timeout;
         let mut seen = String::new();
         loop {
-            let chunk = self.api.console(&self.id, self.offset);
-            self.offset = chunk.next_offset;
-            seen.push_str(&chunk.data.replace('\r', ""));
+            let (data, next) = self.api.read(&self.id, self.offset);
+            self.offset = next;
+            seen.push_str(&data.replace('\r', ""));
             if seen.contains(text) {
                 return seen;
             }
@@ -49,7 +97,7 @@ impl<'a> Console<'a> {
                 "{}: no {text:?} within {timeout:?}; console:\n{seen}",
                 self.id
             );
-            if chunk.data.is_empty() {
+            if data.is_empty() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -60,7 +108,7 @@ impl<'a> Console<'a> {
     pub(crate) fn run(&mut self, command: &str) -> String {
         self.serial += 1;
         let end = format!("END-{}", self.serial);
-        self.api.type_on_console(
+        self.api.write(
             &self.id,
             &format!("{command}; echo E\"\"ND-{}\n", self.serial),
         );
@@ -696,4 +744,132 @@ fn bad_network_requests_get_clear_errors_and_change_nothing() {
     }
     let instances: Vec<api::Instance> = p.block_on(b.client.get("/v1/instances")).unwrap();
     assert!(instances.is_empty());
+}
+
+#[test]
+fn tenants_build_their_networks_through_the_api_and_guests_follow_the_rules() {
+    use crate::support::Platform;
+    use palisade_common::api;
+    let p = Platform::start();
+    let admin = p.admin();
+    let (_, a) = p.tenant(&admin, "neta", None);
+    let (_, b) = p.tenant(&admin, "netb", None);
+    let post = |who: &crate::support::Signer, path: &str, body: serde_json::Value| {
+        p.block_on(who.client.post::<_, serde_json::Value>(path, &body))
+            .unwrap()
+    };
+    // Both tenants build the same addresses; tenant A's group lets its own members in on
+    // 5001; tenant B's lets everyone in.
+    let mut wired = Vec::new();
+    for (who, open) in [(&a, false), (&b, true)] {
+        let vpc = post(
+            who,
+            "/v1/vpcs",
+            json!({"name": "v", "cidr": "10.30.0.0/16"}),
+        );
+        let subnet = post(
+            who,
+            &format!("/v1/vpcs/{}/subnets", vpc["id"].as_str().unwrap()),
+            json!({"name": "s", "cidr": "10.30.1.0/24"}),
+        );
+        let sg = post(who, "/v1/security-groups", json!({"name": "web"}));
+        let sg_id = sg["id"].as_str().unwrap().to_string();
+        let rule = if open {
+            json!({"direction": "ingress", "protocol": "any", "cidr": "0.0.0.0/0"})
+        } else {
+            json!({"direction": "ingress", "protocol": "tcp", "port_from": 5001,
+                   "remote_group": sg_id})
+        };
+        post(who, &format!("/v1/security-groups/{sg_id}/rules"), rule);
+        let names: &[&str] = if open { &["b1"] } else { &["a1", "a2"] };
+        for name in names {
+            let created = post(
+                who,
+                "/v1/instances",
+                json!({"name": name, "image": "debian-12-busybox", "flavor": "tiny",
+                       "subnet": subnet["id"], "security_groups": [sg_id]}),
+            );
+            wired.push((created["id"].as_str().unwrap().to_string(), sg_id.clone()));
+        }
+    }
+    let ports = |who: &crate::support::Signer| -> Vec<api::Port> {
+        p.block_on(who.client.get("/v1/ports")).unwrap()
+    };
+    let (a_ports, b_ports) = (ports(&a), ports(&b));
+    assert_eq!((a_ports.len(), b_ports.len()), (2, 1));
+    let ip_of = |id: &str| -> String {
+        a_ports
+            .iter()
+            .chain(&b_ports)
+            .find(|port| port.instance_id == id)
+            .unwrap()
+            .ip
+            .clone()
+    };
+    let (ta, tb) = (Tenant { p: &p, who: &a }, Tenant { p: &p, who: &b });
+    let mut a1 = Console::attach(&ta, &wired[0].0);
+    let mut a2 = Console::attach(&ta, &wired[1].0);
+    let mut b1 = Console::attach(&tb, &wired[2].0);
+    let (a1_ip, a2_ip) = (ip_of(&wired[0].0), ip_of(&wired[1].0));
+    for (console, id) in [
+        (&mut a1, &wired[0].0),
+        (&mut a2, &wired[1].0),
+        (&mut b1, &wired[2].0),
+    ] {
+        let out = console.run("ip -o -4 addr show eth0");
+        assert!(out.contains(&format!("inet {}/24", ip_of(id))), "{out}");
+    }
+    assert_eq!(
+        ip_of(&wired[2].0),
+        a1_ip,
+        "tenant B got the same address as a1"
+    );
+
+    a1.run("(probe serve 5001 &) ; (probe serve 5002 &) ; sleep 0.5");
+    let out = a2.run(&format!("probe talk {a1_ip} 5001 3 100"));
+    assert!(
+        out.contains("PROBE echoed 3 of 3"),
+        "the remote-group rule:\n{out}"
+    );
+    let out = a2.run(&format!("probe talk {a1_ip} 5002 1 100"));
+    assert!(
+        out.contains("PROBE connect failed"),
+        "5002 is not open:\n{out}"
+    );
+    // Tenant B's guest, with everything open on its side, has another a1 at that address:
+    // its own VPC's, so nothing.
+    let out = b1.run(&format!("probe talk {a1_ip} 5001 1 100"));
+    assert!(
+        out.contains("PROBE connect failed"),
+        "tenant B reached tenant A:\n{out}"
+    );
+
+    // A rule added through the API opens 5002, from a2 only; removing it closes it again.
+    let rule: api::SecurityGroupRule = serde_json::from_value(post(
+        &a,
+        &format!("/v1/security-groups/{}/rules", wired[0].1),
+        json!({"direction": "ingress", "protocol": "tcp", "port_from": 5002,
+               "cidr": format!("{a2_ip}/32")}),
+    ))
+    .unwrap();
+    let out = a2.run(&format!("probe talk {a1_ip} 5002 3 100"));
+    assert!(out.contains("PROBE echoed 3 of 3"), "the new rule:\n{out}");
+    p.block_on(a.client.json::<(), serde_json::Value>(
+        reqwest::Method::DELETE,
+        &format!("/v1/security-group-rules/{}", rule.id),
+        None,
+    ))
+    .ok();
+    std::thread::sleep(Duration::from_secs(2));
+    let out = a2.run(&format!("probe talk {a1_ip} 5002 1 100"));
+    assert!(
+        out.contains("PROBE connect failed"),
+        "the removed rule:\n{out}"
+    );
+    // Every change reached the host as a recorded host operation.
+    let audit = std::fs::read_to_string(p.audit_log()).unwrap();
+    assert!(
+        audit.matches("host.network_apply").count() >= 4,
+        "network pushes not audited"
+    );
 }
