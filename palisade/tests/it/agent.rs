@@ -659,7 +659,7 @@ impl Env {
 
 impl AgentProcess {
     /// SIGKILL, as a crash would.
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.child.kill().expect("SIGKILL the agent");
         self.child.wait().expect("reap the agent");
     }

@@ -78,6 +78,16 @@ impl<'a> Console<'a> {
         console.wait_for("PALISADE-CONSOLE-READY", Duration::from_secs(120));
         // The shell prints its banner and prompt after the marker.
         std::thread::sleep(Duration::from_millis(500));
+        // Past everything printed so far (a console attached again after a restart), and end
+        // markers no earlier command used.
+        loop {
+            let (data, next) = console.api.read(&console.id, console.offset);
+            console.offset = next;
+            if data.is_empty() {
+                break;
+            }
+        }
+        console.serial = u32::from(random_marker()[0]) * 1000;
         console
     }
 
@@ -606,6 +616,40 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
     assert!(
         !out.contains("PROBE sniffed 0"),
         "the honest frame did not arrive:\n{out}"
+    );
+    drop(consoles);
+
+    // E5: the agent dies and comes back. Its rules stayed in the kernel meanwhile (nothing
+    // removes them); it applies what it saved, and everything still holds.
+    agent.kill();
+    let agent = env.spawn_agent();
+    let api = env.client(&agent, Identity::Platform);
+    let mut a1 = Console::attach(&api, &ids[0]);
+    let mut a2 = Console::attach(&api, &ids[1]);
+    a1.run(&format!(
+        "(probe sniff eth0 {} 4 &) ; sleep 1",
+        hex_of(&marker)
+    ));
+    a2.run(&format!("probe send eth0 {} 5", hex_of(&forged[0].1)));
+    let out = a1.wait_for("PROBE sniffed", Duration::from_secs(30));
+    assert!(
+        out.contains("PROBE sniffed 0"),
+        "a forged IP after the restart:\n{out}"
+    );
+    let out = a2.run("probe talk 10.11.1.4 5001 3 100");
+    assert!(
+        out.contains("PROBE echoed 3 of 3"),
+        "after the restart:\n{out}"
+    );
+    let out = a2.run("udhcpc -i eth0 -n -q -t 3 -T 1 2>&1 | tail -2; ip -o -4 addr show eth0");
+    assert!(
+        out.contains("inet 10.11.1.5/24"),
+        "DHCP after the restart:\n{out}"
+    );
+    let out = a2.run("probe talk 10.11.1.4 5002 1 100");
+    assert!(
+        out.contains("PROBE connect failed"),
+        "5002 opened by the restart:\n{out}"
     );
 }
 
