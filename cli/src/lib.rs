@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod config;
+mod net;
 mod output;
 pub mod up;
 
@@ -87,6 +88,18 @@ pub enum Command {
     /// Groups of a tenant's users, for its policies (tenant administrators).
     #[command(subcommand)]
     Group(GroupCmd),
+    /// VPCs: a tenant's own isolated networks.
+    #[command(subcommand)]
+    Vpc(net::VpcCmd),
+    /// Subnets of VPCs, and their network ACLs.
+    #[command(subcommand)]
+    Subnet(net::SubnetCmd),
+    /// Security groups: stateful rules on instances' ports.
+    #[command(subcommand)]
+    Sg(net::SgCmd),
+    /// Instances' network ports: their groups and bandwidth.
+    #[command(subcommand)]
+    Port(net::PortCmd),
     /// The tenant's Cedar access policies (tenant administrators).
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -583,6 +596,10 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
         Command::Tenant(cmd) => ctx.tenant(cmd).await,
         Command::User(cmd) => ctx.user(cmd).await,
         Command::Group(cmd) => ctx.group(cmd).await,
+        Command::Vpc(cmd) => ctx.vpc(cmd).await,
+        Command::Subnet(cmd) => ctx.subnet(cmd).await,
+        Command::Sg(cmd) => ctx.sg(cmd).await,
+        Command::Port(cmd) => ctx.port(cmd).await,
         Command::Policy(cmd) => ctx.policy(cmd).await,
         Command::Alert(ListOnly::List) => ctx.alerts().await,
         Command::Flavor(ListOnly::List) => {

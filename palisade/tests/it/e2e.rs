@@ -130,6 +130,55 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
     let table = p.cli_ok(&["--profile", "tenant", "image", "list"]);
     assert!(table.contains("debian-12-busybox"), "{table}");
 
+    // A network of its own: a VPC, a subnet, a group that lets SSH in.
+    let tenant_json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--profile", "tenant", "--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&p.cli_ok(&all)).unwrap()
+    };
+    let vpc = tenant_json(&["vpc", "create", "main", "--cidr", "10.40.0.0/16"]);
+    let vpc_id = vpc["id"].as_str().unwrap().to_string();
+    let subnet = tenant_json(&["subnet", "create", &vpc_id, "web", "--cidr", "10.40.1.0/24"]);
+    let subnet_id = subnet["id"].as_str().unwrap().to_string();
+    assert_eq!(subnet["gateway"], "10.40.1.1");
+    let sg = tenant_json(&["sg", "create", "ssh"]);
+    let sg_id = sg["id"].as_str().unwrap().to_string();
+    tenant_json(&[
+        "sg",
+        "allow",
+        &sg_id,
+        "--direction",
+        "ingress",
+        "--protocol",
+        "tcp",
+        "--ports",
+        "22",
+        "--cidr",
+        "0.0.0.0/0",
+    ]);
+    let shown = p.cli_ok(&["--profile", "tenant", "sg", "show", &sg_id]);
+    assert!(
+        shown.contains("ingress") && shown.contains("0.0.0.0/0"),
+        "{shown}"
+    );
+    let bad = p.cli(&[
+        "--profile",
+        "tenant",
+        "sg",
+        "allow",
+        &sg_id,
+        "--direction",
+        "ingress",
+        "--protocol",
+        "tcp",
+        "--ports",
+        "70000",
+        "--cidr",
+        "0.0.0.0/0",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("70000 is out of range"));
+
     // Boot, and read the console until the guest says it is up.
     let created: serde_json::Value = serde_json::from_str(&p.cli_ok(&[
         "--profile",
@@ -142,6 +191,10 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "debian-12-busybox",
         "--flavor",
         "tiny",
+        "--subnet",
+        &subnet_id,
+        "--security-group",
+        &sg_id,
         "--wait",
     ]))
     .unwrap();
@@ -186,6 +239,19 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "echo TYPED-\"\"$((6*7))",
     ]);
     assert!(follow("TYPED-42").contains("TYPED-42"));
+    // The guest got its port's address from the VPC's DHCP server.
+    let ports = tenant_json(&["port", "list"]);
+    let ip = ports[0]["ip"].as_str().unwrap().to_string();
+    assert_eq!(ports[0]["instance_id"], id.as_str());
+    p.cli_ok(&[
+        "--profile",
+        "tenant",
+        "instance",
+        "type",
+        &id,
+        "ip -o -4 addr show eth0",
+    ]);
+    follow(&format!("inet {ip}/24"));
     let list = p.cli_ok(&["--profile", "tenant", "instance", "list"]);
     assert!(list.contains("web-1") && list.contains("running"), "{list}");
     assert_eq!(qemu_pids(&id).len(), 1, "one QEMU process per instance");
