@@ -797,6 +797,17 @@ mod tests {
                         tenant: "t1".into(),
                     },
                     "Instance" => instance("t1", &[]),
+                    net @ ("Vpc" | "Subnet" | "SecurityGroup" | "Port") => Resource::Net {
+                        kind: match net {
+                            "Vpc" => NetKind::Vpc,
+                            "Subnet" => NetKind::Subnet,
+                            "SecurityGroup" => NetKind::SecurityGroup,
+                            _ => NetKind::Port,
+                        },
+                        id: "n1".into(),
+                        tenant: "t1".into(),
+                        name: "n1".into(),
+                    },
                     other => panic!("resource type {other} has no case here"),
                 };
                 let allowed = authz
