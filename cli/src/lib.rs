@@ -605,13 +605,14 @@ pub async fn run(global: Global, command: Command) -> anyhow::Result<()> {
         Command::Flavor(ListOnly::List) => {
             let flavors: Vec<api::Flavor> = ctx.signed()?.get("/v1/flavors").await?;
             ctx.show(&flavors, |t| {
-                t.row(["NAME", "VCPUS", "MEMORY MIB", "DISK GIB"]);
+                t.row(["NAME", "VCPUS", "MEMORY MIB", "DISK GIB", "MBIT/S"]);
                 for f in &flavors {
                     t.row([
                         f.name.clone(),
                         f.vcpus.to_string(),
                         f.memory_mib.to_string(),
                         f.disk_gib.to_string(),
+                        f.bandwidth_mbps.to_string(),
                     ]);
                 }
             })

@@ -194,6 +194,7 @@ impl NetHost {
             let mac = port.mac.to_string();
             self.bridge(&["fdb", "replace", &mac, "dev", &tap, "master", "static"])
                 .await?;
+            self.limit_bandwidth(&tap, port.ingress_kbit).await?;
         }
         // 3. Each VPC's router: its namespace, its link into the bridge, its DHCP server.
         let mut routers = self.routers.lock().await;
@@ -283,6 +284,45 @@ impl NetHost {
         applied.network = network;
         applied.render = Some(render);
         Ok(())
+    }
+
+    /// The bandwidth limit of what reaches a port's guest, in kbit/s (0: none): a token bucket
+    /// on the tap's egress, which queues rather than drops. (What the guest sends is policed
+    /// by the ruleset, `nft.rs`: this host's kernel has no tc police action.)
+    async fn limit_bandwidth(&self, tap: &str, ingress_kbit: u32) -> Result<(), NetError> {
+        if ingress_kbit == 0 {
+            return self.tc_absent(&["qdisc", "del", "dev", tap, "root"]).await;
+        }
+        // A burst of 100 ms at the rate, at least 16 KiB (a few full frames).
+        let burst = (u64::from(ingress_kbit) * 1000 / 8 / 10)
+            .max(16 * 1024)
+            .to_string();
+        let rate = format!("{ingress_kbit}kbit");
+        self.tc(&[
+            "qdisc", "replace", "dev", tap, "root", "tbf", "rate", &rate, "burst", &burst,
+            "latency", "50ms",
+        ])
+        .await?;
+        Ok(())
+    }
+
+    async fn tc(&self, args: &[&str]) -> Result<std::process::Output, NetError> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        Ok(host_cmd::run(Path::new("tc"), &os(&all), TOOL_TIMEOUT).await?)
+    }
+
+    /// A `tc … del` whose object may not exist (then tc exits 2: nothing to do).
+    async fn tc_absent(&self, args: &[&str]) -> Result<(), NetError> {
+        match self.tc(args).await {
+            Ok(_) => Ok(()),
+            Err(NetError::Tool(HostCmdError::Failed { status, .. }))
+                if status.code() == Some(2) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `/run/netns/<agent namespace>-r<vni>`.

@@ -219,21 +219,34 @@ impl Renderer {
         for (mark, port) in ports {
             let spoof = format!("counter name \"{}_spoof\" drop", tap_name(&port.id));
             let (mac, ip) = (port.mac, port.ip);
-            self.chain(
-                &format!("p{mark}_out"),
-                &[
-                    format!("ether saddr != {mac} {spoof}"),
-                    format!("ether type arp goto p{mark}_arp"),
-                    format!("ether type ip goto p{mark}_ip"),
-                    // A guest kernel speaks IPv6 by itself: dropped (VPCs are IPv4-only), but
-                    // not counted as an attack.
+            // What the guest may send, policed here (after the MAC check, so a spoofer
+            // cannot spend its neighbour's budget): bytes over the rate are dropped.
+            let police = match port.egress_kbit {
+                0 => String::new(),
+                kbit => {
+                    let kbytes = (kbit / 8).max(1);
                     format!(
-                        "ether type ip6 counter name \"{}_ipv6\" drop",
-                        tap_name(&port.id)
-                    ),
-                    spoof.clone(),
-                ],
-            );
+                        "limit rate over {kbytes} kbytes/second burst {} kbytes drop",
+                        (kbytes / 10).max(16)
+                    )
+                }
+            };
+            let mut lines = vec![format!("ether saddr != {mac} {spoof}")];
+            if !police.is_empty() {
+                lines.push(police);
+            }
+            lines.extend([
+                format!("ether type arp goto p{mark}_arp"),
+                format!("ether type ip goto p{mark}_ip"),
+                // A guest kernel speaks IPv6 by itself: dropped (VPCs are IPv4-only), but not
+                // counted as an attack.
+                format!(
+                    "ether type ip6 counter name \"{}_ipv6\" drop",
+                    tap_name(&port.id)
+                ),
+                spoof.clone(),
+            ]);
+            self.chain(&format!("p{mark}_out"), &lines);
             self.chain(
                 &format!("p{mark}_arp"),
                 &[

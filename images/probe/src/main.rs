@@ -6,6 +6,8 @@
 //! probe sniff IFACE MARKER SECONDS      promiscuous capture; count frames holding MARKER (hex)
 //! probe serve PORT                      TCP: echo every line back, print it
 //! probe talk ADDR PORT COUNT INTERVAL_MS   TCP: send numbered lines, report which came back
+//! probe sink PORT                       TCP: read each connection to its end, say how much
+//! probe push ADDR PORT BYTES            TCP: send BYTES, say how long it took
 //! ```
 // Raw packet sockets need libc calls; each unsafe block says why it is sound.
 #![allow(unsafe_code)]
@@ -30,6 +32,8 @@ fn main() {
             .and_then(|s| sniff(iface, marker, s)),
         ["serve", port] => serve(port),
         ["talk", addr, port, count, interval] => talk(addr, port, count, interval),
+        ["sink", port] => sink(port),
+        ["push", addr, port, bytes] => push(addr, port, bytes),
         _ => Err("usage: probe send|sniff|serve|talk … (see the source)".into()),
     };
     if let Err(e) = result {
@@ -196,6 +200,62 @@ fn talk(addr: &str, port: &str, count: &str, interval: &str) -> Result<(), Strin
         "PROBE echoed {} of {count}: {}",
         echoed.len(),
         list.join(",")
+    );
+    Ok(())
+}
+
+fn sink(port: &str) -> Result<(), String> {
+    let listener = TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| e.to_string())?;
+    println!("PROBE sinking {port}");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 65536];
+            let mut stream = stream;
+            while let Ok(n) = std::io::Read::read(&mut stream, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            println!(
+                "PROBE sank {total} bytes in {} ms",
+                started.elapsed().as_millis()
+            );
+        });
+    }
+    Ok(())
+}
+
+fn push(addr: &str, port: &str, bytes: &str) -> Result<(), String> {
+    let bytes: u64 = bytes.parse().map_err(|_| "BYTES must be a number")?;
+    let sock: std::net::SocketAddr = format!("{addr}:{port}")
+        .parse()
+        .map_err(|_| "bad address")?;
+    let mut stream = match TcpStream::connect_timeout(&sock, Duration::from_secs(3)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("PROBE connect failed {e}");
+            return Ok(());
+        }
+    };
+    let started = Instant::now();
+    let chunk = vec![0x5au8; 16384];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.len().min((bytes - sent) as usize);
+        if stream.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        sent += n as u64;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Wait for the far end to close: everything was received.
+    let _ = std::io::Read::read(&mut stream, &mut [0u8; 1]);
+    println!(
+        "PROBE pushed {sent} bytes in {} ms",
+        started.elapsed().as_millis()
     );
     Ok(())
 }

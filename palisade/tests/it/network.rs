@@ -452,6 +452,47 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         "the session outlived its rule: {line}"
     );
 
+    // Bandwidth: what a2 sends is policed to its limit, what a1 receives is shaped to its
+    // limit; both take far longer than the same transfer without one.
+    a1.run("(probe sink 5003 &) ; sleep 0.5");
+    let open = vec![rule(
+        Direction::Ingress,
+        Protocol::Tcp,
+        Some((5003, 5003)),
+        "10.11.1.0/24",
+    )];
+    let push_ms = |console: &mut Console| -> u64 {
+        let out = console.run("probe push 10.11.1.4 5003 300000");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("PROBE pushed 300000 bytes in "))
+            .unwrap_or_else(|| panic!("no push result:\n{out}"));
+        line.trim_start_matches("PROBE pushed 300000 bytes in ")
+            .trim_end_matches(" ms")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    put_network(&api, &network(open.clone()));
+    let free = push_ms(a2);
+    let mut limited = network(open.clone());
+    limited.ports[1].egress_kbit = 800;
+    put_network(&api, &limited);
+    let policed = push_ms(a2);
+    let mut limited = network(open.clone());
+    limited.ports[0].ingress_kbit = 800;
+    put_network(&api, &limited);
+    let shaped = push_ms(a2);
+    put_network(&api, &network(vec![]));
+    // 300 kB at 100 kB/s: about 3 s once the burst is spent (less when the guest's
+    // offloaded segments outrun the bucket's accounting); without a limit, tens of ms.
+    for (what, ms) in [("policed", policed), ("shaped", shaped)] {
+        assert!(
+            ms >= 1000 && ms > 10 * free.max(1),
+            "{what}: {ms} ms against {free} ms without a limit"
+        );
+    }
+
     // E4: no guest reaches the host: a listener on every host address hears nothing, and
     // neither does the router beyond DHCP, metadata and ping.
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
