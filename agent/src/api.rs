@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /v1/host` | `HostInfo` |
 //! | `PUT /v1/network` (body `HostNetwork`) | 204: the host carries exactly that network |
+//! | `GET /v1/network/traffic` | `HostTraffic`: spoof counters and flows per port |
 //! | `GET /v1/instances` | `Vec<InstanceStatus>`: every instance with a directory here |
 //! | `POST /v1/instances/{id}/start` (body `InstanceSpec`) | `InstanceStatus` |
 //! | `POST /v1/instances/{id}/stop` | `InstanceStatus` |
@@ -30,7 +31,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use palisade_common::agent_api::{
-    ConsoleChunk, ConsoleQuery, EraseReport, HostInfo, HostNetwork, InstanceSpec, InstanceStatus,
+    ConsoleChunk, ConsoleQuery, EraseReport, HostInfo, HostNetwork, HostTraffic, InstanceSpec,
+    InstanceStatus,
 };
 use palisade_common::error::ErrorBody;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -50,6 +52,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/v1/host", get(host))
         .route("/v1/network", axum::routing::put(put_network))
+        .route("/v1/network/traffic", get(network_traffic))
         .route("/v1/instances", get(list))
         .route("/v1/instances/{id}/start", post(start))
         .route("/v1/instances/{id}/stop", post(stop))
@@ -284,6 +287,20 @@ async fn put_network(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "internal error",
+            ))
+        }
+    }
+}
+
+async fn network_traffic(State(manager): State<Arc<Manager>>) -> ApiResult<HostTraffic> {
+    match manager.net().traffic().await {
+        Ok(traffic) => Ok(Json(traffic)),
+        Err(e) => {
+            error!(error = %error_chain(&e), "reading the network's counters failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "network_failed",
+                "the network's counters could not be read",
             ))
         }
     }

@@ -185,3 +185,40 @@ pub struct SgRuleNet {
     /// The far end: who may send (ingress) or be sent to (egress).
     pub remote: crate::net::Ipv4Net,
 }
+
+/// Answer to `GET /v1/network/traffic`: what each port sent and was refused, over the flows
+/// of the last two minutes and since the agent last applied the network.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HostTraffic {
+    pub ports: Vec<PortTraffic>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PortTraffic {
+    pub port_id: String,
+    /// Frames the port's anti-spoofing dropped (forged MAC, IP or ARP, DHCP server replies,
+    /// VLAN tags, VXLAN, other ethertypes).
+    pub spoofed_frames: u64,
+    /// IPv6 frames dropped (VPCs are IPv4-only; not an attack).
+    pub ipv6_frames: u64,
+    /// Flows to or from the port, in either verdict.
+    pub flows: Vec<Flow>,
+}
+
+/// One direction of one 5-tuple, as the port's rules judged it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Flow {
+    pub src: std::net::Ipv4Addr,
+    pub dst: std::net::Ipv4Addr,
+    /// `tcp`, `udp`, `icmp` or the protocol number.
+    pub protocol: String,
+    pub sport: u16,
+    pub dport: u16,
+    pub packets: u64,
+    pub bytes: u64,
+    /// `accepted` or `denied`.
+    pub verdict: String,
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use palisade_common::agent_api::{
-    ConsoleChunk, EraseReport, HostNetwork, InstanceSpec, InstanceStatus,
+    ConsoleChunk, EraseReport, HostNetwork, HostTraffic, InstanceSpec, InstanceStatus,
 };
 use palisade_common::error::ErrorBody;
 use serde::de::DeserializeOwned;
@@ -70,6 +70,12 @@ impl AgentClient {
 
     pub async fn console(&self, id: &str, offset: u64) -> Result<ConsoleChunk, AgentError> {
         let url = self.url(&format!("/v1/instances/{id}/console?offset={offset}"));
+        self.call(self.http.get(url)).await
+    }
+
+    /// The host's spoof counters and flows, per port.
+    pub async fn traffic(&self) -> Result<HostTraffic, AgentError> {
+        let url = self.url("/v1/network/traffic");
         self.call(self.http.get(url)).await
     }
 

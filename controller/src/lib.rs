@@ -234,6 +234,7 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         .compute
         .spawn_reconciler(std::time::Duration::from_secs(args.reconcile_interval_secs));
     spawn_housekeeping(controller.clone());
+    spawn_spoof_watch(controller.clone());
     service::retention::spawn(
         controller.db.clone(),
         controller.audit.clone(),
@@ -263,6 +264,58 @@ pub async fn serve(args: ControllerArgs) -> anyhow::Result<()> {
         Err(e) => tracing::error!(error = %e, "closing the audit log"),
     }
     served
+}
+
+/// Every 5 s: a port whose anti-spoofing dropped frames since the last look raises a
+/// `spoofing` alert for its tenant (API, audit record, webhook).
+fn spawn_spoof_watch(controller: Arc<Controller>) {
+    tokio::spawn(async move {
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let Ok(traffic) = controller.compute.traffic().await else {
+                continue;
+            };
+            for port in traffic.ports {
+                let before = seen.insert(port.port_id.clone(), port.spoofed_frames);
+                // Counters restart when the agent re-applies the network.
+                let new = match before {
+                    Some(b) if port.spoofed_frames >= b => port.spoofed_frames - b,
+                    _ => port.spoofed_frames,
+                };
+                if new == 0 {
+                    continue;
+                }
+                let Ok(found) = service::network::find_port(&controller.db, &port.port_id).await
+                else {
+                    continue;
+                };
+                let request_id = db::new_id();
+                let raised = controller
+                    .alerts
+                    .raise(
+                        service::alerts::Raise {
+                            tenant_id: Some(&found.tenant_id),
+                            user_id: None,
+                            kind: "spoofing",
+                            detail: format!(
+                                "instance {} (port {}) sent {new} frames with a forged address \
+                                 or a forbidden protocol; they were dropped",
+                                found.instance_id, found.id
+                            ),
+                            source: "host:local",
+                            request_id: &request_id,
+                        },
+                        &controller.secrets,
+                    )
+                    .await;
+                if let Err(e) = raised {
+                    tracing::warn!(error = %e, "raising a spoofing alert");
+                }
+            }
+        }
+    });
 }
 
 /// Once a minute: forgets nonces too old to matter (their requests fail the time window

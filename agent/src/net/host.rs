@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use palisade_common::agent_api::HostNetwork;
+use palisade_common::agent_api::{Flow, HostNetwork, HostTraffic, PortTraffic};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tracing::info;
@@ -325,6 +325,72 @@ impl NetHost {
         }
     }
 
+    /// What each port sent and was refused: the spoof counters and the flow sets.
+    pub async fn traffic(&self) -> Result<HostTraffic, NetError> {
+        let applied = self.applied.lock().await;
+        let network = &applied.network;
+        let json = |out: std::process::Output| -> serde_json::Value {
+            serde_json::from_slice(&out.stdout).unwrap_or_default()
+        };
+        let counters = json(
+            self.in_ns(
+                "nft",
+                &["-j", "list", "counters", "table", "bridge", "palisade"],
+            )
+            .await?,
+        );
+        let mut ports: Vec<PortTraffic> = network
+            .ports
+            .iter()
+            .map(|p| PortTraffic {
+                port_id: p.id.clone(),
+                ..PortTraffic::default()
+            })
+            .collect();
+        for item in counters["nftables"].as_array().into_iter().flatten() {
+            let counter = &item["counter"];
+            let (Some(name), Some(packets)) =
+                (counter["name"].as_str(), counter["packets"].as_u64())
+            else {
+                continue;
+            };
+            for (traffic, port) in ports.iter_mut().zip(&network.ports) {
+                let tap = nft::tap_name(&port.id);
+                if name == format!("{tap}_spoof") {
+                    traffic.spoofed_frames = packets;
+                } else if name == format!("{tap}_ipv6") {
+                    traffic.ipv6_frames = packets;
+                }
+            }
+        }
+        for vpc in &network.vpcs {
+            for (set, verdict) in [("acc", "accepted"), ("den", "denied")] {
+                let name = format!("v{}_{set}", vpc.vni);
+                let listed = json(
+                    self.in_ns("nft", &["-j", "list", "set", "inet", "palisade", &name])
+                        .await?,
+                );
+                let elements = listed["nftables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["set"]["elem"].as_array())
+                    .flatten();
+                for element in elements {
+                    let Some(flow) = parse_flow(element, verdict) else {
+                        continue;
+                    };
+                    for (traffic, port) in ports.iter_mut().zip(&network.ports) {
+                        if port.vpc_id == vpc.id && (port.ip == flow.src || port.ip == flow.dst) {
+                            traffic.flows.push(flow.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(HostTraffic { ports })
+    }
+
     /// `/run/netns/<agent namespace>-r<vni>`.
     fn router_path(&self, vni: u32) -> PathBuf {
         Path::new("/run/netns").join(self.router_name(vni))
@@ -570,6 +636,28 @@ impl NetHost {
         .await?;
         Ok(())
     }
+}
+
+/// One element of a flow set, as `nft -j` shows it:
+/// `{"elem": {"val": {"concat": [src, dst, proto, sport, dport]}, "counter": {…}}}`.
+fn parse_flow(element: &serde_json::Value, verdict: &str) -> Option<Flow> {
+    let elem = &element["elem"];
+    let parts = elem["val"]["concat"].as_array()?;
+    let port = |v: &serde_json::Value| v.as_u64().and_then(|p| u16::try_from(p).ok());
+    let protocol = match &parts[2] {
+        serde_json::Value::String(name) => name.clone(),
+        other => other.to_string(),
+    };
+    Some(Flow {
+        src: parts[0].as_str()?.parse().ok()?,
+        dst: parts[1].as_str()?.parse().ok()?,
+        protocol,
+        sport: port(&parts[3])?,
+        dport: port(&parts[4])?,
+        packets: elem["counter"]["packets"].as_u64().unwrap_or(0),
+        bytes: elem["counter"]["bytes"].as_u64().unwrap_or(0),
+        verdict: verdict.into(),
+    })
 }
 
 fn os(args: &[&str]) -> Vec<OsString> {

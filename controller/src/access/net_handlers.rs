@@ -393,3 +393,25 @@ pub async fn update_port(
     c.compute.network_changed();
     Ok(Json(port))
 }
+
+/// The port's traffic: frames its anti-spoofing dropped, and its flows of the last two
+/// minutes (5-tuple, packets, bytes, accepted or denied).
+pub async fn port_traffic(
+    State(c): Ctl,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+) -> Result<Json<palisade_common::agent_api::PortTraffic>> {
+    let port = port_for(&c, &ctx, "port.traffic", &id).await?;
+    ctx.permit().await?;
+    let traffic = c.compute.traffic().await?;
+    Ok(Json(
+        traffic
+            .ports
+            .into_iter()
+            .find(|t| t.port_id == port.id)
+            .unwrap_or(palisade_common::agent_api::PortTraffic {
+                port_id: port.id,
+                ..Default::default()
+            }),
+    ))
+}

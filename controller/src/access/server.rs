@@ -409,6 +409,12 @@ fn table() -> Vec<(RouteSpec, Handler)> {
         r("GET", "/v1/ports", "port.list", get(n::list_ports)),
         r("GET", "/v1/ports/{id}", "port.show", get(n::show_port)),
         r(
+            "GET",
+            "/v1/ports/{id}/traffic",
+            "port.traffic",
+            get(n::port_traffic),
+        ),
+        r(
             "PATCH",
             "/v1/ports/{id}",
             "port.update",

@@ -513,6 +513,11 @@ impl Compute {
         }
     }
 
+    /// The host's traffic counters and flows, per port.
+    pub async fn traffic(&self) -> Result<palisade_common::agent_api::HostTraffic> {
+        self.agent.traffic().await.map_err(agent_unavailable)
+    }
+
     /// A network object changed: the next pass (now) hands the hosts their new network.
     pub fn network_changed(&self) {
         self.wake.notify_one();

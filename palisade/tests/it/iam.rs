@@ -507,6 +507,7 @@ impl World {
             }
             "port.list" => ("GET", format!("/v1/ports?tenant={acme}"), vec![]),
             "port.show" => ("GET", format!("/v1/ports/{}", self.port), vec![]),
+            "port.traffic" => ("GET", format!("/v1/ports/{}/traffic", self.port), vec![]),
             "port.update" => (
                 "PATCH",
                 format!("/v1/ports/{}", self.port),

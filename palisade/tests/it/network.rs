@@ -658,6 +658,31 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         !out.contains("PROBE sniffed 0"),
         "the honest frame did not arrive:\n{out}"
     );
+    // Monitoring: a2's anti-spoofing counted what it dropped (IPv6 apart), and the flows of
+    // a1 show the honest datagrams as accepted.
+    let traffic: palisade_common::agent_api::HostTraffic =
+        api.ok("GET", "/v1/network/traffic", None);
+    let of = |port: &str| {
+        traffic
+            .ports
+            .iter()
+            .find(|t| t.port_id == port)
+            .unwrap()
+            .clone()
+    };
+    let (a1_traffic, a2_traffic) = (of(A1), of(A2));
+    assert!(a2_traffic.spoofed_frames >= 30, "{a2_traffic:?}");
+    assert!(a2_traffic.ipv6_frames >= 5, "{a2_traffic:?}");
+    assert_eq!(a1_traffic.spoofed_frames, 0, "{a1_traffic:?}");
+    assert!(
+        a1_traffic.flows.iter().any(|f| f.verdict == "accepted"
+            && f.protocol == "udp"
+            && f.dport == 7777
+            && f.src == a2_ip
+            && f.packets >= 5),
+        "{:?}",
+        a1_traffic.flows
+    );
     drop(consoles);
 
     // E5: the agent dies and comes back. Its rules stayed in the kernel meanwhile (nothing
@@ -951,6 +976,60 @@ fn tenants_build_their_networks_through_the_api_and_guests_follow_the_rules() {
         out.contains("PROBE connect failed"),
         "the removed rule:\n{out}"
     );
+    // The tenant reads its port's flows: a2's connections to a1, accepted and denied.
+    let a1_port = a_ports
+        .iter()
+        .find(|port| port.instance_id == wired[0].0)
+        .unwrap();
+    let traffic: palisade_common::agent_api::PortTraffic = p
+        .block_on(a.client.get(&format!("/v1/ports/{}/traffic", a1_port.id)))
+        .unwrap();
+    let from_a2 = |verdict: &str, port: u16| {
+        traffic
+            .flows
+            .iter()
+            .any(|f| f.verdict == verdict && f.src.to_string() == a2_ip && f.dport == port)
+    };
+    // (The sets start again at each change of rules: the last attempt, refused, is there.)
+    assert!(from_a2("denied", 5002), "{:?}", traffic.flows);
+    // Tenant B cannot read it: not found.
+    let e = crate::support::api_error(
+        p.block_on(
+            b.client
+                .get::<serde_json::Value>(&format!("/v1/ports/{}/traffic", a1_port.id)),
+        )
+        .unwrap_err(),
+    );
+    assert_eq!(e.status, 404);
+    // A guest forging its address raises a spoofing alert for its tenant.
+    let mut forged = ethernet(
+        [0xff; 6],
+        Mac::for_port(
+            &a_ports
+                .iter()
+                .find(|port| port.instance_id == wired[1].0)
+                .unwrap()
+                .id,
+        )
+        .0,
+        0x0800,
+        &ipv4(
+            "10.30.1.99".parse().unwrap(),
+            a1_ip.parse().unwrap(),
+            17,
+            &udp(1, 2, b"x"),
+        ),
+    );
+    forged.extend_from_slice(&[0; 8]);
+    a2.run(&format!("probe send eth0 {} 3", hex_of(&forged)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(p.audit_log())
+        .unwrap()
+        .contains("alert.spoofing")
+    {
+        assert!(Instant::now() < deadline, "no spoofing alert");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // Every change reached the host as a recorded host operation.
     let audit = std::fs::read_to_string(p.audit_log()).unwrap();
     assert!(
