@@ -101,6 +101,10 @@ pub enum PortCmd {
     Show {
         id: String,
     },
+    /// The port's flows of the last two minutes, and the frames its anti-spoofing dropped.
+    Traffic {
+        id: String,
+    },
     /// Change a port's security groups or bandwidth (kbit/s, within the flavor's ceiling).
     Update {
         id: String,
@@ -355,6 +359,37 @@ impl Ctx {
             PortCmd::Show { id } => {
                 let port: api::Port = client.get(&format!("/v1/ports/{}", segment(&id))).await?;
                 self.show_one(&port, |c| c.show_ports(std::slice::from_ref(&port)))
+            }
+            PortCmd::Traffic { id } => {
+                let traffic: palisade_common::agent_api::PortTraffic = client
+                    .get(&format!("/v1/ports/{}/traffic", segment(&id)))
+                    .await?;
+                self.show_one(&traffic, |c| {
+                    println!(
+                        "spoofed frames dropped: {}, IPv6 frames dropped: {}",
+                        traffic.spoofed_frames, traffic.ipv6_frames
+                    );
+                    c.show(&traffic.flows, |t| {
+                        t.row([
+                            "VERDICT",
+                            "PROTO",
+                            "SOURCE",
+                            "DESTINATION",
+                            "PACKETS",
+                            "BYTES",
+                        ]);
+                        for f in &traffic.flows {
+                            t.row([
+                                f.verdict.clone(),
+                                f.protocol.clone(),
+                                format!("{}:{}", f.src, f.sport),
+                                format!("{}:{}", f.dst, f.dport),
+                                f.packets.to_string(),
+                                f.bytes.to_string(),
+                            ]);
+                        }
+                    })
+                })
             }
             PortCmd::Update {
                 id,

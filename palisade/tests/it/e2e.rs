@@ -252,6 +252,9 @@ fn tenant_boots_a_vm_through_the_cli_and_nothing_remains_after_delete() {
         "ip -o -4 addr show eth0",
     ]);
     follow(&format!("inet {ip}/24"));
+    let port_id = ports[0]["id"].as_str().unwrap().to_string();
+    let traffic = p.cli_ok(&["--profile", "tenant", "port", "traffic", &port_id]);
+    assert!(traffic.contains("spoofed frames dropped: 0"), "{traffic}");
     let list = p.cli_ok(&["--profile", "tenant", "instance", "list"]);
     assert!(list.contains("web-1") && list.contains("running"), "{list}");
     assert_eq!(qemu_pids(&id).len(), 1, "one QEMU process per instance");
