@@ -375,13 +375,22 @@ pub struct PurgeGroup {
 /// Verifies the records alone: each numbered in order and carrying its own hash.
 pub fn verify_records(log: &[u8]) -> RecordsCheck {
     let mut check = RecordsCheck::default();
-    if !log.is_empty() && !log.ends_with(b"\n") {
-        let line = log.split(|b| *b == b'\n').count() as u64;
-        check.fault = Some((line, "last record is not terminated by a newline".into()));
-        return check;
-    }
+    // An unterminated last line is a fault there; the complete lines before it are still
+    // checked (and counted), so the fault is named at that line, not as a cut at the first.
+    let unterminated = (!log.is_empty() && !log.ends_with(b"\n"))
+        .then(|| log.split(|b| *b == b'\n').count() as u64);
+    let log = match unterminated {
+        Some(_) => log
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(&log[..0], |end| &log[..=end]),
+        None => log,
+    };
     let body = log.strip_suffix(b"\n").unwrap_or(log);
     if body.is_empty() {
+        if let Some(line) = unterminated {
+            check.fault = Some((line, "last record is not terminated by a newline".into()));
+        }
         return check;
     }
     // The stubs each purge record left, to check against what it committed to.
@@ -447,6 +456,9 @@ pub fn verify_records(log: &[u8]) -> RecordsCheck {
             check.markers.retain(|(seq, _)| *seq < first);
             check.fault = Some((first, why));
         }
+    }
+    if let (Some(line), None) = (unterminated, &check.fault) {
+        check.fault = Some((line, "last record is not terminated by a newline".into()));
     }
     check
 }
@@ -1010,6 +1022,24 @@ mod tests {
             "{:?}",
             report.events
         );
+    }
+
+    #[test]
+    fn a_last_record_without_its_newline_is_named_not_taken_for_a_cut() {
+        let mut bytes = Vec::new();
+        let mut tree = Tree::new();
+        for seq in 1..=3 {
+            let mut r = record(seq, "http.GET");
+            bytes.extend(r.seal());
+            tree.push(hex::decode(&r.hash).unwrap().try_into().unwrap());
+        }
+        let heads = vec![head(&tree, 3, &key(1), "2026-01-01T00:00:03.000Z")];
+        assert_eq!(verify(&bytes, &heads, None).fault, None);
+        *bytes.last_mut().unwrap() = b'\x0b';
+        let report = verify(&bytes, &heads, None);
+        let (line, why) = report.fault.expect("a fault");
+        assert_eq!(line, 3, "{why}");
+        assert_eq!(report.records, 2);
     }
 
     #[test]
