@@ -20,7 +20,7 @@ use tracing::info;
 
 use crate::host_cmd::{self, HostCmdError};
 use crate::net::nft::{self, Render, RenderError};
-use crate::net::{conntrack, dhcp};
+use crate::net::{conntrack, dhcp, metadata};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -59,11 +59,14 @@ pub struct NetHost {
 struct Router {
     leases: dhcp::Leases,
     dhcp: tokio::task::JoinHandle<()>,
+    guests: metadata::Guests,
+    metadata: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Router {
     fn drop(&mut self) {
         self.dhcp.abort();
+        self.metadata.abort();
     }
 }
 
@@ -217,11 +220,29 @@ impl NetHost {
                     ))
                 })
                 .collect();
+            let guests: HashMap<std::net::Ipv4Addr, metadata::GuestMeta> = network
+                .ports
+                .iter()
+                .filter(|p| p.vpc_id == vpc.id)
+                .map(|p| {
+                    (
+                        p.ip,
+                        metadata::GuestMeta {
+                            instance_id: p.instance_id.clone(),
+                            mac: p.mac.to_string(),
+                            ip: p.ip,
+                        },
+                    )
+                })
+                .collect();
             match routers.get(&vpc.vni) {
-                Some(router) if !router.dhcp.is_finished() => {
+                Some(router) if !router.dhcp.is_finished() && !router.metadata.is_finished() => {
                     *router.leases.write().unwrap_or_else(|p| p.into_inner()) = leases;
+                    *router.guests.write().unwrap_or_else(|p| p.into_inner()) = guests;
                 }
                 _ => {
+                    // Any half-dead router's tasks end first, so their sockets are free.
+                    routers.remove(&vpc.vni);
                     let socket = dhcp::socket_in(
                         &self.router_path(vpc.vni),
                         std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 67),
@@ -231,9 +252,28 @@ impl NetHost {
                         what: format!("opening the DHCP socket of VPC {}", vpc.id),
                         source,
                     })?;
+                    let listener = metadata::listener_in(
+                        &self.router_path(vpc.vni),
+                        std::net::SocketAddrV4::new(nft::METADATA_IP, 80),
+                    )
+                    .map_err(|source| NetError::Io {
+                        what: format!("opening the metadata listener of VPC {}", vpc.id),
+                        source,
+                    })?;
                     let leases = std::sync::Arc::new(std::sync::RwLock::new(leases));
-                    let task = tokio::spawn(dhcp::serve(socket, leases.clone(), vpc.id.clone()));
-                    routers.insert(vpc.vni, Router { leases, dhcp: task });
+                    let guests = std::sync::Arc::new(std::sync::RwLock::new(guests));
+                    let dhcp = tokio::spawn(dhcp::serve(socket, leases.clone(), vpc.id.clone()));
+                    let served =
+                        tokio::spawn(metadata::serve(listener, guests.clone(), vpc.id.clone()));
+                    routers.insert(
+                        vpc.vni,
+                        Router {
+                            leases,
+                            dhcp,
+                            guests,
+                            metadata: served,
+                        },
+                    );
                 }
             }
         }
@@ -447,6 +487,10 @@ impl NetHost {
         self.ip(&["-n", &ns, "link", "set", ROUTER_LINK, "up"])
             .await?;
         self.ip(&["-n", &ns, "link", "set", "lo", "up"]).await?;
+        // The metadata service's address, on the router itself.
+        let meta = format!("{}/32", nft::METADATA_IP);
+        self.ip(&["-n", &ns, "addr", "replace", &meta, "dev", "lo"])
+            .await?;
         // The gateway of each subnet, and no other address.
         let wanted: BTreeSet<String> = vpc
             .subnets

@@ -3,6 +3,7 @@
 pub mod conntrack;
 pub mod dhcp;
 pub mod host;
+pub mod metadata;
 pub mod nft;
 
 /// `SO_BINDTODEVICE`: the socket sends and receives on `device` only.

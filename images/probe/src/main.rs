@@ -8,6 +8,8 @@
 //! probe talk ADDR PORT COUNT INTERVAL_MS   TCP: send numbered lines, report which came back
 //! probe sink PORT                       TCP: read each connection to its end, say how much
 //! probe push ADDR PORT BYTES            TCP: send BYTES, say how long it took
+//! probe http METHOD ADDR PORT PATH [NAME:VALUE…]   one HTTP/1.0 request: status and body
+//! probe ttl IFACE SRC SECONDS           the lowest IP TTL of packets from SRC
 //! ```
 // Raw packet sockets need libc calls; each unsafe block says why it is sound.
 #![allow(unsafe_code)]
@@ -34,6 +36,11 @@ fn main() {
         ["talk", addr, port, count, interval] => talk(addr, port, count, interval),
         ["sink", port] => sink(port),
         ["push", addr, port, bytes] => push(addr, port, bytes),
+        ["http", method, addr, port, path, headers @ ..] => http(method, addr, port, path, headers),
+        ["ttl", iface, src, secs] => secs
+            .parse()
+            .map_err(|_| "SECONDS must be a number".to_string())
+            .and_then(|s| ttl(iface, src, s)),
         _ => Err("usage: probe send|sniff|serve|talk … (see the source)".into()),
     };
     if let Err(e) = result {
@@ -257,5 +264,81 @@ fn push(addr: &str, port: &str, bytes: &str) -> Result<(), String> {
         "PROBE pushed {sent} bytes in {} ms",
         started.elapsed().as_millis()
     );
+    Ok(())
+}
+
+fn http(method: &str, addr: &str, port: &str, path: &str, headers: &[&str]) -> Result<(), String> {
+    let sock: std::net::SocketAddr = format!("{addr}:{port}")
+        .parse()
+        .map_err(|_| "bad address")?;
+    let mut stream = match TcpStream::connect_timeout(&sock, Duration::from_secs(3)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("PROBE connect failed {e}");
+            return Ok(());
+        }
+    };
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for header in headers {
+        let Some((name, value)) = header.split_once(':') else {
+            return Err(format!("{header:?} is not NAME:VALUE"));
+        };
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("Content-Length: 0\r\n\r\n");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    println!("PROBE http {}", head.lines().next().unwrap_or(""));
+    for line in body.lines() {
+        println!("PROBE body {line}");
+    }
+    println!("PROBE http done");
+    Ok(())
+}
+
+fn ttl(iface: &str, src: &str, secs: u64) -> Result<(), String> {
+    let src: std::net::Ipv4Addr = src.parse().map_err(|_| "SRC must be an IPv4 address")?;
+    let (fd, _) = packet_socket(iface)?;
+    // SAFETY: setsockopt with a properly sized timeval.
+    unsafe {
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    println!("PROBE watching");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut buf = vec![0u8; 65536];
+    let mut lowest: Option<u8> = None;
+    while Instant::now() < deadline {
+        // SAFETY: the buffer is valid for its length; fd is our socket.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 34 {
+            continue;
+        }
+        let frame = &buf[..n as usize];
+        // Ethernet, IPv4: TTL at byte 22, source at 26..30.
+        if frame[12..14] == [0x08, 0x00] && frame[26..30] == src.octets() {
+            lowest = Some(lowest.map_or(frame[22], |l| l.min(frame[22])));
+        }
+    }
+    match lowest {
+        Some(t) => println!("PROBE ttl {t}"),
+        None => println!("PROBE ttl none"),
+    }
     Ok(())
 }

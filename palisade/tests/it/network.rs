@@ -493,6 +493,43 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         );
     }
 
+    // E4, the metadata service: a session token by PUT (sent with an IP TTL of 2), then
+    // answers about the asking guest only, whatever headers it sends.
+    let meta = "probe http GET 169.254.169.254 80 /latest/meta-data/instance-id";
+    let out = a2.run(meta);
+    assert!(
+        out.contains("PROBE http HTTP/1.") && out.contains(" 401 "),
+        "no token:\n{out}"
+    );
+    let out = a2.run(
+        "(probe ttl eth0 169.254.169.254 3 &) ; sleep 0.5 ; probe http PUT 169.254.169.254 80 \
+         /latest/api/token X-aws-ec2-metadata-token-ttl-seconds:60",
+    );
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("PROBE body "))
+        .unwrap_or_else(|| panic!("no token:\n{out}"))
+        .trim()
+        .to_string();
+    let out = a2.wait_for("PROBE ttl", Duration::from_secs(30));
+    assert!(out.contains("PROBE ttl 2"), "the token's hop limit:\n{out}");
+    let out = a2.run(&format!(
+        "{meta} X-aws-ec2-metadata-token:{token} X-Forwarded-For:10.11.1.4 X-Real-IP:10.11.1.4"
+    ));
+    assert!(
+        out.contains(&format!("PROBE body {A2}-vm")),
+        "a2's own id:\n{out}"
+    );
+    assert!(!out.contains(A1), "a1's id given to a2:\n{out}");
+    // a1 with a2's token, and a token asked for through a proxy: refused.
+    let out = a1.run(&format!("{meta} X-aws-ec2-metadata-token:{token}"));
+    assert!(out.contains(" 401 "), "a token from another guest:\n{out}");
+    let out = a2.run(
+        "probe http PUT 169.254.169.254 80 /latest/api/token \
+         X-aws-ec2-metadata-token-ttl-seconds:60 X-Forwarded-For:1.2.3.4",
+    );
+    assert!(out.contains(" 403 "), "a proxied token request:\n{out}");
+
     // E4: no guest reaches the host: a listener on every host address hears nothing, and
     // neither does the router beyond DHCP, metadata and ping.
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
