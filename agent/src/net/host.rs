@@ -462,6 +462,11 @@ impl NetHost {
             "-w",
             "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1",
+            // It routes between the VPC's subnets (in and out of the same link: no
+            // redirects, the guests must keep going through it and its rules).
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.default.send_redirects=0",
         ])
         .await?;
         let outer = nft::router_link_name(vpc.vni);
@@ -553,6 +558,7 @@ impl NetHost {
                }}
                chain pal_fwd {{
                  type filter hook forward priority 0; policy drop;
+                 iifname \"{ROUTER_LINK}\" oifname \"{ROUTER_LINK}\" accept
                }}
              }}
 ",

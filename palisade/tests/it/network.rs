@@ -4,8 +4,10 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use palisade_common::agent_api::{HostNetwork, NicSpec, PortNet, SgRuleNet, SubnetNet, VpcNet};
-use palisade_common::net::{parse_cidr, Direction, Mac, PortRange, Protocol};
+use palisade_common::agent_api::{
+    AclRuleNet, HostNetwork, NicSpec, PortNet, SgRuleNet, SubnetNet, VpcNet,
+};
+use palisade_common::net::{parse_cidr, AclAction, Direction, Mac, PortRange, Protocol};
 use serde_json::json;
 
 use crate::agent::{Api, Env, GuestImage, Identity};
@@ -259,6 +261,8 @@ fn port(id: &str, vpc: &str, subnet: &str, ip: &str, rules: Vec<SgRuleNet>) -> P
 const A1: &str = "a1000000-0000-4000-8000-000000000001";
 const A2: &str = "a2000000-0000-4000-8000-000000000002";
 const B1: &str = "b1000000-0000-4000-8000-000000000003";
+/// In tenant A's second subnet.
+const A3: &str = "a3000000-0000-4000-8000-000000000004";
 
 fn vpc(id: &str, vni: u32, subnet: &str) -> VpcNet {
     VpcNet {
@@ -285,6 +289,12 @@ fn network(a1_extra: Vec<SgRuleNet>) -> HostNetwork {
         ),
         rule(
             Direction::Ingress,
+            Protocol::Tcp,
+            Some((5001, 5001)),
+            "10.11.2.0/24",
+        ),
+        rule(
+            Direction::Ingress,
             Protocol::Udp,
             Some((1, 65535)),
             "10.11.1.0/24",
@@ -292,8 +302,14 @@ fn network(a1_extra: Vec<SgRuleNet>) -> HostNetwork {
         rule(Direction::Egress, Protocol::Any, None, "0.0.0.0/0"),
     ];
     a1_rules.extend(a1_extra);
+    let mut vpc_a = vpc("vpc-a", 11, "subnet-a");
+    vpc_a.subnets.push(SubnetNet {
+        id: "subnet-a2".into(),
+        cidr: parse_cidr("10.11.2.0/24").unwrap(),
+        acl: vec![],
+    });
     HostNetwork {
-        vpcs: vec![vpc("vpc-a", 11, "subnet-a"), vpc("vpc-b", 12, "subnet-b")],
+        vpcs: vec![vpc_a, vpc("vpc-b", 12, "subnet-b")],
         ports: vec![
             port(A1, "vpc-a", "subnet-a", "10.11.1.4", a1_rules),
             port(
@@ -312,6 +328,13 @@ fn network(a1_extra: Vec<SgRuleNet>) -> HostNetwork {
                     rule(Direction::Ingress, Protocol::Any, None, "0.0.0.0/0"),
                     rule(Direction::Egress, Protocol::Any, None, "0.0.0.0/0"),
                 ],
+            ),
+            port(
+                A3,
+                "vpc-a",
+                "subnet-a2",
+                "10.11.2.4",
+                vec![rule(Direction::Egress, Protocol::Any, None, "0.0.0.0/0")],
             ),
         ],
     }
@@ -352,8 +375,8 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
     put_network(&api, &network(vec![]));
     let net = network(vec![]);
     // Fresh instance ids each run: cgroups and leftovers of another run never mix in.
-    let ids = [A1, A2, B1].map(|_| random_id());
-    for (port, id) in [A1, A2, B1].iter().zip(&ids) {
+    let ids = [A1, A2, B1, A3].map(|_| random_id());
+    for (port, id) in [A1, A2, B1, A3].iter().zip(&ids) {
         let mut spec = image.spec(id, 1, 128, "");
         spec.nics = vec![NicSpec {
             port_id: port.to_string(),
@@ -361,7 +384,16 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         }];
         api.start(&spec);
     }
-    let mut consoles: Vec<Console> = ids.iter().map(|id| Console::attach(&api, id)).collect();
+    let mut consoles: Vec<Console> = ids[..3]
+        .iter()
+        .map(|id| Console::attach(&api, id))
+        .collect();
+    let mut a3 = Console::attach(&api, &ids[3]);
+    let out = a3.run("ip -o -4 addr show eth0; ip route");
+    assert!(
+        out.contains("inet 10.11.2.4/24") && out.contains("default via 10.11.2.1"),
+        "a3's lease:\n{out}"
+    );
     // Each guest got its port's address from its VPC's DHCP server at boot, and reaches its
     // gateway (the router), whose address is the same in both VPCs.
     for (console, port) in consoles.iter_mut().zip(&net.ports) {
@@ -426,6 +458,65 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         "the new rule does not hold:\n{out}"
     );
     assert!(changed.elapsed() < Duration::from_secs(10));
+
+    // Subnets of one VPC reach each other through its router, and a subnet's ACL (stateless,
+    // in order) filters what crosses into it, not what stays inside it.
+    let out = talk(&mut a3, "10.11.1.4", 5001);
+    assert!(
+        out.contains("PROBE echoed 3 of 3"),
+        "a3 -> a1 across subnets:\n{out}"
+    );
+    // (Keeping the 5002 rule of the step before: the session test below uses it.)
+    let still = || {
+        network(vec![rule(
+            Direction::Ingress,
+            Protocol::Tcp,
+            Some((5002, 5002)),
+            "10.11.1.5/32",
+        )])
+    };
+    let mut with_acl = still();
+    with_acl.vpcs[0].subnets[0].acl = vec![
+        AclRuleNet {
+            direction: Direction::Ingress,
+            action: AclAction::Deny,
+            protocol: Protocol::Tcp,
+            ports: Some(PortRange::new(5001, 5001).unwrap()),
+            cidr: parse_cidr("10.11.2.0/24").unwrap(),
+        },
+        AclRuleNet {
+            direction: Direction::Ingress,
+            action: AclAction::Allow,
+            protocol: Protocol::Any,
+            ports: None,
+            cidr: parse_cidr("0.0.0.0/0").unwrap(),
+        },
+        AclRuleNet {
+            direction: Direction::Egress,
+            action: AclAction::Allow,
+            protocol: Protocol::Any,
+            ports: None,
+            cidr: parse_cidr("0.0.0.0/0").unwrap(),
+        },
+    ];
+    put_network(&api, &with_acl);
+    let out = talk(&mut a3, "10.11.1.4", 5001);
+    assert!(
+        out.contains("PROBE connect failed"),
+        "the ACL's deny:\n{out}"
+    );
+    let out = talk(a2, "10.11.1.4", 5001);
+    assert!(
+        out.contains("PROBE echoed 3 of 3"),
+        "inside the subnet:\n{out}"
+    );
+    put_network(&api, &still());
+    let out = talk(&mut a3, "10.11.1.4", 5001);
+    assert!(
+        out.contains("PROBE echoed 3 of 3"),
+        "the ACL removed:\n{out}"
+    );
+    drop(a3);
 
     // E2: removing the rule ends a session it allowed, there and then.
     let started = a2.run("(probe talk 10.11.1.4 5002 40 200 &) ; sleep 1");
