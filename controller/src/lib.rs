@@ -279,7 +279,7 @@ fn spawn_spoof_watch(controller: Arc<Controller>) {
             };
             for port in traffic.ports {
                 let before = seen.insert(port.port_id.clone(), port.spoofed_frames);
-                // Counters restart when the agent re-applies the network.
+                // Counters only grow while the agent runs; they restart with it.
                 let new = match before {
                     Some(b) if port.spoofed_frames >= b => port.spoofed_frames - b,
                     _ => port.spoofed_frames,

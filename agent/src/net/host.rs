@@ -45,6 +45,10 @@ pub enum NetError {
 struct Applied {
     network: HostNetwork,
     render: Option<Render>,
+    /// Each port's (spoofed, IPv6) frames counted by rulesets already replaced: a new ruleset
+    /// starts its counters at zero, so what they held is carried here (no change of rules,
+    /// by any tenant, can wipe a port's count).
+    carried: HashMap<String, (u64, u64)>,
 }
 
 pub struct NetHost {
@@ -150,6 +154,18 @@ impl NetHost {
     pub async fn apply(&self, network: HostNetwork) -> Result<(), NetError> {
         let render = nft::render(&network)?;
         let mut applied = self.applied.lock().await;
+        // What the ruleset being replaced counted, carried over.
+        if applied.render.is_some() {
+            if let Ok(counts) = self.drop_counts(&applied.network).await {
+                for (port, (spoofed, ipv6)) in counts {
+                    let total = applied.carried.entry(port).or_default();
+                    total.0 += spoofed;
+                    total.1 += ipv6;
+                }
+            }
+        }
+        let kept: Vec<String> = network.ports.iter().map(|p| p.id.clone()).collect();
+        applied.carried.retain(|port, _| kept.contains(port));
         // 1. Every rule, at once. Rules name interfaces, so they hold before the taps exist.
         self.nft(&render.script).await?;
         // 2. Bridges and taps.
@@ -365,28 +381,19 @@ impl NetHost {
         }
     }
 
-    /// What each port sent and was refused: the spoof counters and the flow sets.
-    pub async fn traffic(&self) -> Result<HostTraffic, NetError> {
-        let applied = self.applied.lock().await;
-        let network = &applied.network;
-        let json = |out: std::process::Output| -> serde_json::Value {
-            serde_json::from_slice(&out.stdout).unwrap_or_default()
-        };
-        let counters = json(
-            self.in_ns(
+    /// Each port's (spoofed, IPv6) frames counted by the ruleset in the kernel.
+    async fn drop_counts(
+        &self,
+        network: &HostNetwork,
+    ) -> Result<HashMap<String, (u64, u64)>, NetError> {
+        let out = self
+            .in_ns(
                 "nft",
                 &["-j", "list", "counters", "table", "bridge", "palisade"],
             )
-            .await?,
-        );
-        let mut ports: Vec<PortTraffic> = network
-            .ports
-            .iter()
-            .map(|p| PortTraffic {
-                port_id: p.id.clone(),
-                ..PortTraffic::default()
-            })
-            .collect();
+            .await?;
+        let counters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
         for item in counters["nftables"].as_array().into_iter().flatten() {
             let counter = &item["counter"];
             let (Some(name), Some(packets)) =
@@ -394,15 +401,42 @@ impl NetHost {
             else {
                 continue;
             };
-            for (traffic, port) in ports.iter_mut().zip(&network.ports) {
+            for port in &network.ports {
                 let tap = nft::tap_name(&port.id);
+                let entry = counts.entry(port.id.clone()).or_default();
                 if name == format!("{tap}_spoof") {
-                    traffic.spoofed_frames = packets;
+                    entry.0 = packets;
                 } else if name == format!("{tap}_ipv6") {
-                    traffic.ipv6_frames = packets;
+                    entry.1 = packets;
                 }
             }
         }
+        Ok(counts)
+    }
+
+    /// What each port sent and was refused: the spoof counters (since the agent started) and
+    /// the flow sets (the last two minutes, since the last change of rules).
+    pub async fn traffic(&self) -> Result<HostTraffic, NetError> {
+        let applied = self.applied.lock().await;
+        let network = &applied.network;
+        let json = |out: std::process::Output| -> serde_json::Value {
+            serde_json::from_slice(&out.stdout).unwrap_or_default()
+        };
+        let counts = self.drop_counts(network).await?;
+        let mut ports: Vec<PortTraffic> = network
+            .ports
+            .iter()
+            .map(|p| {
+                let now = counts.get(&p.id).copied().unwrap_or_default();
+                let before = applied.carried.get(&p.id).copied().unwrap_or_default();
+                PortTraffic {
+                    port_id: p.id.clone(),
+                    spoofed_frames: now.0 + before.0,
+                    ipv6_frames: now.1 + before.1,
+                    ..PortTraffic::default()
+                }
+            })
+            .collect();
         for vpc in &network.vpcs {
             for (set, verdict) in [("acc", "accepted"), ("den", "denied")] {
                 let name = format!("v{}_{set}", vpc.vni);

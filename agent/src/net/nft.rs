@@ -472,9 +472,16 @@ impl Renderer {
             // Sent by the port.
             let mut lines = vec![
                 // Platform services, open whatever the rules say: DHCP and the metadata
-                // service, both answered by the VPC's router.
-                "udp sport 68 udp dport 67 return".into(),
-                format!("ip daddr {METADATA_IP} tcp dport 80 return"),
+                // service, both answered by the VPC's router, and only when it is the router
+                // that receives them (not a guest the same packet is addressed to).
+                format!(
+                    "meta mark & 0x7fff0000 == {:#x} udp sport 68 udp dport 67 return",
+                    router << 16
+                ),
+                format!(
+                    "meta mark & 0x7fff0000 == {:#x} ip daddr {METADATA_IP} tcp dport 80 return",
+                    router << 16
+                ),
             ];
             if has_acl {
                 lines.push(format!("ip daddr != {} jump {acl}_eg", subnet.cidr));

@@ -811,6 +811,44 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
         "{:?}",
         a1_traffic.flows
     );
+    // Another change of rules (any tenant's) keeps the counts.
+    put_network(
+        &api,
+        &network(vec![rule(
+            Direction::Ingress,
+            Protocol::Tcp,
+            Some((6000, 6000)),
+            "10.11.1.0/24",
+        )]),
+    );
+    let after: palisade_common::agent_api::HostTraffic = api.ok("GET", "/v1/network/traffic", None);
+    let a2_after = after.ports.iter().find(|t| t.port_id == A2).unwrap();
+    assert!(
+        a2_after.spoofed_frames >= a2_traffic.spoofed_frames,
+        "a rule change wiped the count: {a2_after:?}"
+    );
+    // The DHCP exception of a port's egress rules reaches the router only: a2 without any
+    // egress rule cannot send "DHCP" to a1, which would let it in.
+    let mut no_egress = network(vec![]);
+    no_egress.ports[1].rules.clear();
+    put_network(&api, &no_egress);
+    let dhcp_like = ethernet(
+        a1_mac,
+        a2_mac,
+        0x0800,
+        &ipv4(a2_ip, a1_ip, 17, &udp(68, 67, &marker)),
+    );
+    a1.run(&format!(
+        "(probe sniff eth0 {} 4 &) ; sleep 1",
+        hex_of(&marker)
+    ));
+    a2.run(&format!("probe send eth0 {} 5", hex_of(&dhcp_like)));
+    let out = a1.wait_for("PROBE sniffed", Duration::from_secs(30));
+    assert!(
+        out.contains("PROBE sniffed 0"),
+        "DHCP to a guest, past a2's egress rules:\n{out}"
+    );
+    put_network(&api, &network(vec![]));
     drop(consoles);
 
     // E5: the agent dies and comes back. Its rules stayed in the kernel meanwhile (nothing
