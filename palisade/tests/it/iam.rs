@@ -104,6 +104,9 @@ impl World {
                 },
             ))
             .unwrap();
+        // Running before the matrix starts: its state must not change under the A2 snapshots.
+        p.wait_state(ta, &wired.id, "running");
+        p.wait_state(ta, &instance, "running");
         let ports: Vec<api::Port> = p.block_on(ta.client.get("/v1/ports")).unwrap();
         let port = ports
             .iter()

@@ -414,7 +414,7 @@ fn security_groups_isolation_and_anti_spoofing_with_real_guests() {
     // E1: what a rule names is open; nothing else is; one-way rules give one-way traffic.
     a1.run("(probe serve 5001 &) ; (probe serve 5002 &) ; sleep 0.5");
     let talk = |from: &mut Console, to: &str, port: u16| {
-        from.run(&format!("probe talk {to} {port} 3 100"))
+        from.run(&format!("probe talk {to} {port} 3 300"))
     };
     let out = talk(a2, "10.11.1.4", 5001);
     assert!(
