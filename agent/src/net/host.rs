@@ -193,25 +193,7 @@ impl NetHost {
                 self.ip_ns(&["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"])
                     .await?;
             }
-            self.ip_ns(&["link", "set", &tap, "master", &bridge, "up"])
-                .await?;
-            // No learning and no flooding of unknown unicast: a frame reaches a port only
-            // when it is addressed to the MAC the platform gave it.
-            self.bridge(&[
-                "link",
-                "set",
-                "dev",
-                &tap,
-                "learning",
-                "off",
-                "flood",
-                "off",
-                "mcast_flood",
-                "off",
-            ])
-            .await?;
-            let mac = port.mac.to_string();
-            self.bridge(&["fdb", "replace", &mac, "dev", &tap, "master", "static"])
+            self.attach_to_bridge(&tap, &bridge, &port.mac.to_string())
                 .await?;
             self.limit_bandwidth(&tap, port.ingress_kbit).await?;
         }
@@ -465,6 +447,29 @@ impl NetHost {
         Ok(HostTraffic { ports })
     }
 
+    /// Puts `link` on `bridge` with no learning and no flooding of unknown unicast, and pins
+    /// `mac` to it: a frame reaches the link only when it is addressed to that MAC.
+    async fn attach_to_bridge(&self, link: &str, bridge: &str, mac: &str) -> Result<(), NetError> {
+        self.ip_ns(&["link", "set", link, "master", bridge, "up"])
+            .await?;
+        self.bridge(&[
+            "link",
+            "set",
+            "dev",
+            link,
+            "learning",
+            "off",
+            "flood",
+            "off",
+            "mcast_flood",
+            "off",
+        ])
+        .await?;
+        self.bridge(&["fdb", "replace", mac, "dev", link, "master", "static"])
+            .await?;
+        Ok(())
+    }
+
     /// `/run/netns/<agent namespace>-r<vni>`.
     fn router_path(&self, vni: u32) -> PathBuf {
         Path::new("/run/netns").join(self.router_name(vni))
@@ -561,23 +566,7 @@ impl NetHost {
             self.ip(&["-n", &ns, "addr", "add", missing, "dev", ROUTER_LINK])
                 .await?;
         }
-        self.ip_ns(&["link", "set", &outer, "master", &bridge, "up"])
-            .await?;
-        self.bridge(&[
-            "link",
-            "set",
-            "dev",
-            &outer,
-            "learning",
-            "off",
-            "flood",
-            "off",
-            "mcast_flood",
-            "off",
-        ])
-        .await?;
-        self.bridge(&["fdb", "replace", &mac, "dev", &outer, "master", "static"])
-            .await?;
+        self.attach_to_bridge(&outer, &bridge, &mac).await?;
         let script = format!(
             "table inet palisade_router
              delete table inet palisade_router

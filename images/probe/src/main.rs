@@ -85,6 +85,18 @@ fn packet_socket(iface: &str) -> Result<(i32, i32), String> {
         if rc != 0 {
             return Err(format!("bind: {}", std::io::Error::last_os_error()));
         }
+        // Reads give up after 200 ms, so a capture loop can watch its deadline.
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
         Ok((fd, index))
     }
 }
@@ -111,7 +123,7 @@ fn sniff(iface: &str, marker: &str, secs: u64) -> Result<(), String> {
         return Err("empty marker".into());
     }
     let (fd, index) = packet_socket(iface)?;
-    // SAFETY: setsockopt with a properly sized packet_mreq and timeval.
+    // SAFETY: setsockopt with a properly sized packet_mreq.
     unsafe {
         let mut mreq: libc::packet_mreq = std::mem::zeroed();
         mreq.mr_ifindex = index;
@@ -122,17 +134,6 @@ fn sniff(iface: &str, marker: &str, secs: u64) -> Result<(), String> {
             libc::PACKET_ADD_MEMBERSHIP,
             (&mreq as *const libc::packet_mreq).cast(),
             std::mem::size_of::<libc::packet_mreq>() as u32,
-        );
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
         );
     }
     println!("PROBE sniffing");
@@ -306,20 +307,6 @@ fn http(method: &str, addr: &str, port: &str, path: &str, headers: &[&str]) -> R
 fn ttl(iface: &str, src: &str, secs: u64) -> Result<(), String> {
     let src: std::net::Ipv4Addr = src.parse().map_err(|_| "SRC must be an IPv4 address")?;
     let (fd, _) = packet_socket(iface)?;
-    // SAFETY: setsockopt with a properly sized timeval.
-    unsafe {
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-    }
     println!("PROBE watching");
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut buf = vec![0u8; 65536];
